@@ -1,0 +1,5 @@
+import sys
+
+from medldm.cli import main
+
+sys.exit(main())

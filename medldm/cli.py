@@ -1,0 +1,148 @@
+"""The `medldm` command: parses arguments and calls one typed function per subcommand (imports are lazy)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {item!r}: expected key=value, e.g. {flag} age=70")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config (default: the tiny CPU config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=1000 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medldm", description="3D brain-MRI latent diffusion toolkit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantoms", help="write synthetic T1 head phantoms (ADNI-like tree or flat folder)")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--num", type=int, default=16)
+    p.add_argument("--layout", choices=("adni", "flat"), default="adni")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("preprocess", help="discover, preprocess and split scans into a dataset dir")
+    p.add_argument("input_dir", type=Path)
+    p.add_argument("output_dir", type=Path)
+    p.add_argument("--metadata", type=Path, help="IDA collection CSV or flat-layout CSV (default: found in INPUT_DIR)")
+    p.add_argument("--workers", type=int, default=1)
+    _add_config_args(p)
+
+    train = sub.add_parser("train", help="train a model").add_subparsers(dest="stage", required=True)
+    p = train.add_parser("autoencoder", help="stage 1: KL autoencoder")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--resume", action="store_true")
+    _add_config_args(p)
+    p = train.add_parser("diffusion", help="stage 2: latent diffusion UNet")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--autoencoder", type=Path, required=True)
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--resume", action="store_true")
+    _add_config_args(p)
+
+    p = sub.add_parser("encode", help="cache posterior means and the latent scale factor")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--autoencoder", type=Path, required=True)
+
+    p = sub.add_parser("sample", help="DDIM-sample synthetic volumes and export NIfTI + previews")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--num", type=int, default=4)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--condition", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. --condition age=75 --condition sex=F --condition diagnosis=AD")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+
+    p = sub.add_parser("evaluate", help="SSIM/MS-SSIM/PSNR of reconstructions and diversity of samples")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--autoencoder", type=Path)
+    p.add_argument("--samples", type=Path)
+    _add_config_args(p)
+
+    p = sub.add_parser("demo", help="the whole pipeline on generated phantoms with the tiny configs (CPU)")
+    p.add_argument("--out", type=Path, default=Path("demo_output"))
+    p.add_argument("--num", type=int, default=24, help="phantom subjects")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    from medldm.config import load_config
+
+    if args.command == "phantoms":
+        from medldm.data.phantoms import write_phantoms
+
+        csv_path = write_phantoms(args.out_dir, args.num, layout=args.layout, seed=args.seed)
+        print(f"wrote {args.num} phantoms to {args.out_dir} (labels: {csv_path})")
+    elif args.command == "preprocess":
+        from medldm.data.preprocess import preprocess_dataset
+
+        cfg = load_config("preprocess", args.config, args.overrides)
+        info = preprocess_dataset(args.input_dir, args.output_dir, cfg, metadata=args.metadata, workers=args.workers)
+        print(f"{info['num_scans']} scans of {info['num_subjects']} subjects -> {args.output_dir} "
+              f"(splits {info['splits']}, {len(info['failures'])} failed; QC: {args.output_dir / 'qc'})")
+    elif args.command == "train" and args.stage == "autoencoder":
+        from medldm.training.autoencoder import train_autoencoder
+
+        cfg = load_config("autoencoder", args.config, args.overrides)
+        print(f"checkpoint: {train_autoencoder(args.data, args.run, cfg, resume=args.resume)}")
+    elif args.command == "train" and args.stage == "diffusion":
+        from medldm.training.diffusion import train_diffusion
+
+        cfg = load_config("diffusion", args.config, args.overrides)
+        print(f"checkpoint: {train_diffusion(args.data, args.autoencoder, args.run, cfg, resume=args.resume)}")
+    elif args.command == "encode":
+        from medldm.inference.encode import encode_dataset
+
+        print(f"latents: {encode_dataset(args.data, args.autoencoder)}")
+    elif args.command == "sample":
+        from medldm.inference.sample import sample_run
+
+        paths = sample_run(args.run, args.out, args.num, steps=args.steps, eta=args.eta, seed=args.seed,
+                           conditions=_key_values(args.condition, "--condition"), guidance=args.guidance,
+                           batch_size=args.batch_size)
+        print(f"wrote {len(paths)} synthetic volumes to {args.out}")
+    elif args.command == "evaluate":
+        from medldm.evaluation.report import evaluate
+
+        cfg = load_config("evaluate", args.config, args.overrides)
+        evaluate(args.data, args.out, cfg, autoencoder=args.autoencoder, samples=args.samples)
+        print(f"report: {args.out / 'report.md'}")
+    elif args.command == "demo":
+        from medldm.demo import run_demo
+
+        run_demo(args.out, num=args.num)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # ConfigError is a ValueError
+        print(f"medldm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""Typed, strict configs: YAML files plus ``key=value`` overrides.
+
+An unknown key, a wrong type or an impossible value is a :class:`ConfigError` that names the key,
+raised before any work starts. The dataclass defaults are the tiny CPU settings and are identical to
+``configs/<stage>/tiny.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage configs
+
+
+@dataclass
+class SplitConfig:
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"{prefix}.{name}={v}: must be in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(f"{prefix}: val_fraction + test_fraction must leave scans for training")
+
+
+@dataclass
+class PreprocessConfig:
+    """Per-scan pipeline: orient, resample, normalise, crop/pad."""
+
+    orientation: str = "RAS"
+    spacing: tuple[float, float, float] = (6.0, 6.0, 6.0)
+    shape: tuple[int, int, int] = (32, 32, 32)
+    # robust intensity window (percentiles of the foreground) mapped to [0, 1]
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    # IDA / ADNIMERGE groups -> diagnosis used by medldm (CN, MCI, AD); unmapped groups become unknown
+    diagnosis_map: dict[str, str] = field(
+        default_factory=lambda: {"CN": "CN", "SMC": "CN", "EMCI": "MCI", "LMCI": "MCI", "MCI": "MCI", "AD": "AD"}
+    )
+    # scan descriptions kept from an ADNI download (case-insensitive substrings; empty keeps all)
+    description_patterns: list[str] = field(default_factory=lambda: ["MPRAGE", "MP-RAGE", "IR-SPGR", "T1"])
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+    def validate(self, prefix: str = "preprocess") -> None:
+        if len(self.orientation) != 3 or set(self.orientation.upper()) - set("RLAPSI"):
+            raise ConfigError(f"{prefix}.orientation={self.orientation!r}: use three axis codes such as 'RAS'")
+        if any(s <= 0 for s in self.spacing):
+            raise ConfigError(f"{prefix}.spacing={list(self.spacing)}: spacings must be positive (mm)")
+        if any(s < 8 for s in self.shape):
+            raise ConfigError(f"{prefix}.shape={list(self.shape)}: every side must be at least 8 voxels")
+        lo, hi = self.percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ConfigError(f"{prefix}.percentiles={list(self.percentiles)}: need 0 <= low < high <= 100")
+        bad = sorted(set(self.diagnosis_map.values()) - {"CN", "MCI", "AD"})
+        if bad:
+            raise ConfigError(f"{prefix}.diagnosis_map: targets {bad} are not CN, MCI or AD")
+        self.split.validate(f"{prefix}.split")
+
+
+@dataclass
+class AutoencoderModelConfig:
+    channels: tuple[int, ...] = (8, 16, 16)
+    num_res_blocks: int = 1
+    latent_channels: int = 3
+    attention_levels: tuple[bool, ...] = (False, False, False)
+    norm_num_groups: int = 8
+    with_nonlocal_attn: bool = False
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    def validate(self, prefix: str) -> None:
+        if len(self.attention_levels) != len(self.channels):
+            raise ConfigError(f"{prefix}.attention_levels needs one entry per channels entry ({len(self.channels)})")
+        for c in self.channels:
+            if c % self.norm_num_groups:
+                raise ConfigError(f"{prefix}.channels={list(self.channels)}: each must be divisible by "
+                                  f"norm_num_groups={self.norm_num_groups}")
+        if self.latent_channels < 1:
+            raise ConfigError(f"{prefix}.latent_channels must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 2
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    val_every: int = 100
+    checkpoint_every: int = 100
+    log_every: int = 10
+    num_workers: int = 0
+    seed: int = 0
+    # bf16 autocast is used on CUDA only; the CPU always runs float32
+    amp: bool = True
+
+    def validate(self, prefix: str) -> None:
+        for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name} must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"{prefix}.lr must be > 0")
+        if self.num_workers < 0:
+            raise ConfigError(f"{prefix}.num_workers must be >= 0")
+
+
+@dataclass
+class AutoencoderConfig:
+    model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=1e-3))
+    kl_weight: float = 1e-6
+
+    def validate(self, prefix: str = "autoencoder") -> None:
+        self.model.validate(f"{prefix}.model")
+        self.train.validate(f"{prefix}.train")
+        if self.kl_weight < 0:
+            raise ConfigError(f"{prefix}.kl_weight must be >= 0")
+
+
+@dataclass
+class UNetConfig:
+    channels: tuple[int, ...] = (32, 64)
+    attention_levels: tuple[bool, ...] = (False, True)
+    num_res_blocks: int = 1
+    num_head_channels: tuple[int, ...] = (0, 16)
+    norm_num_groups: int = 8
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    def validate(self, prefix: str) -> None:
+        n = len(self.channels)
+        if len(self.attention_levels) != n or len(self.num_head_channels) != n:
+            raise ConfigError(f"{prefix}: attention_levels and num_head_channels need {n} entries (one per channel)")
+        for c, a, h in zip(self.channels, self.attention_levels, self.num_head_channels):
+            if c % self.norm_num_groups:
+                raise ConfigError(f"{prefix}.channels={list(self.channels)}: each must be divisible by "
+                                  f"norm_num_groups={self.norm_num_groups}")
+            if a and (h <= 0 or c % h):
+                raise ConfigError(f"{prefix}.num_head_channels={list(self.num_head_channels)}: an attention level "
+                                  "needs a positive head size that divides its channels")
+
+
+@dataclass
+class SchedulerConfig:
+    num_train_timesteps: int = 1000
+    schedule: str = "scaled_linear_beta"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0205
+    prediction_type: str = "epsilon"
+
+    def validate(self, prefix: str) -> None:
+        if self.num_train_timesteps < 2:
+            raise ConfigError(f"{prefix}.num_train_timesteps must be >= 2")
+        if self.schedule not in ("linear_beta", "scaled_linear_beta"):
+            raise ConfigError(f"{prefix}.schedule={self.schedule!r}: use linear_beta or scaled_linear_beta")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ConfigError(f"{prefix}: need 0 < beta_start < beta_end < 1")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"{prefix}.prediction_type={self.prediction_type!r}: use epsilon or v_prediction")
+
+
+CONDITIONS = ("age", "sex", "diagnosis")
+
+
+@dataclass
+class ConditioningConfig:
+    # manifest columns the UNet is conditioned on (cross-attention); empty = unconditional
+    keys: list[str] = field(default_factory=lambda: ["age", "sex", "diagnosis"])
+    # probability of dropping each condition during training (classifier-free guidance)
+    drop_prob: float = 0.15
+
+    def validate(self, prefix: str) -> None:
+        bad = [k for k in self.keys if k not in CONDITIONS]
+        if bad:
+            raise ConfigError(f"{prefix}.keys: {bad} unknown; choose from {list(CONDITIONS)}")
+        if len(set(self.keys)) != len(self.keys):
+            raise ConfigError(f"{prefix}.keys lists a condition twice")
+        if not 0.0 <= self.drop_prob < 1.0:
+            raise ConfigError(f"{prefix}.drop_prob must be in [0, 1)")
+
+
+@dataclass
+class DiffusionConfig:
+    model: UNetConfig = field(default_factory=UNetConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=8, lr=1e-3))
+    ema_decay: float = 0.999
+
+    def validate(self, prefix: str = "diffusion") -> None:
+        self.model.validate(f"{prefix}.model")
+        self.scheduler.validate(f"{prefix}.scheduler")
+        self.conditioning.validate(f"{prefix}.conditioning")
+        self.train.validate(f"{prefix}.train")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"{prefix}.ema_decay must be in [0, 1)")
+
+
+@dataclass
+class EvaluateConfig:
+    # MS-SSIM Gaussian kernel; the number of scales is the most (up to 5) that the volume size allows
+    kernel_size: int = 3
+    kernel_sigma: float = 0.5
+    # random pairs for the diversity (pairwise MS-SSIM) estimate; all pairs when there are fewer
+    diversity_pairs: int = 1000
+    seed: int = 0
+
+    def validate(self, prefix: str = "evaluate") -> None:
+        if self.kernel_size < 3 or self.kernel_size % 2 == 0:
+            raise ConfigError(f"{prefix}.kernel_size={self.kernel_size}: must be odd and >= 3")
+        if self.kernel_sigma <= 0:
+            raise ConfigError(f"{prefix}.kernel_sigma must be > 0")
+        if self.diversity_pairs < 1:
+            raise ConfigError(f"{prefix}.diversity_pairs must be >= 1")
+
+
+STAGES: dict[str, type] = {
+    "preprocess": PreprocessConfig,
+    "autoencoder": AutoencoderConfig,
+    "diffusion": DiffusionConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            if not value:
+                raise ConfigError(f"{key}: must not be empty")
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({list(value)})")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], f"{key} key"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(f"unsupported config type {tp} at {key}")  # a bug in this module, not user input
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    return _apply(cls(), data, prefix)
+
+
+def _apply(obj: T, data: dict[str, Any], prefix: str) -> T:
+    # nested sections update the parent's own defaults (e.g. autoencoder.train.lr), not the section class's
+    cls = type(obj)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{prefix or cls.__name__}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+            _apply(current, value, key)
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key))
+    return obj
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain (YAML/JSON-safe) dict of a config; tuples become lists."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``["train.steps=10", "model.channels=[8,16]"]`` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        _set_path(out, key.strip(), value)
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(stage: str, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Load the config of ``stage`` from YAML ``path`` (tiny defaults when None) with overrides."""
+    cls = STAGES[stage]
+    data: dict[str, Any] = {}
+    if path is None:
+        log.info("no --config for %s: using the built-in tiny defaults (= configs/%s/tiny.yaml)", stage, stage)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of keys")
+    data = _merge(data, parse_overrides(overrides))
+    try:
+        cfg = from_dict(cls, data, stage)
+        cfg.validate(stage)
+    except ConfigError as e:
+        where = f" (in {path})" if path else ""
+        raise ConfigError(f"{e}{where}") from None
+    return cfg
+
+
+def config_from_dict(stage: str, data: dict[str, Any]) -> Any:
+    """Rebuild a stage config saved in a checkpoint or output dir."""
+    cfg = from_dict(STAGES[stage], data, stage)
+    cfg.validate(stage)
+    return cfg
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,55 @@
+"""The preprocessed dataset on disk: manifest.csv, preprocess.json and images/ (documented in the README)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import CacheDataset
+from monai.transforms import Compose, EnsureTyped, LoadImaged
+
+MANIFEST_COLUMNS = ("subject_id", "session", "image", "age", "sex", "diagnosis", "split", "source")
+
+
+def read_manifest(data_dir: str | Path) -> list[dict[str, Any]]:
+    """Rows of ``manifest.csv``; age becomes float or None, empty labels become None."""
+    path = Path(data_dir) / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {data_dir} the output of `medldm preprocess`?")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("subject_id", "image", "split") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}")
+        rows = []
+        for row in reader:
+            row = {k: (v if v != "" else None) for k, v in row.items()}
+            row["age"] = float(row["age"]) if row.get("age") is not None else None
+            rows.append(row)
+    return rows
+
+
+def read_dataset_info(data_dir: str | Path) -> dict[str, Any]:
+    """``preprocess.json``: the preprocessing config, versions and the reference space."""
+    path = Path(data_dir) / "preprocess.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {data_dir} the output of `medldm preprocess`?")
+    return json.loads(path.read_text())
+
+
+def split_rows(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+    return [r for r in rows if r["split"] == split]
+
+
+def volume_dataset(data_dir: str | Path, rows: list[dict[str, Any]]) -> CacheDataset:
+    """Dataset of ``{"image": (1, X, Y, Z) float32}`` for the given manifest rows, cached in memory."""
+    data_dir = Path(data_dir)
+    items = [{"image": str(data_dir / r["image"]), "index": i} for i, r in enumerate(rows)]
+    transform = Compose([
+        LoadImaged(keys="image", ensure_channel_first=True, image_only=True),
+        EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+    ])
+    return CacheDataset(items, transform=transform, progress=False)

@@ -1,0 +1,326 @@
+"""Procedural T1-weighted head phantoms, written as an ADNI-like download tree or a flat folder + CSV.
+
+Each head is drawn in world (RAS, mm) coordinates and sampled through a random, realistic affine (RAS,
+LPS, sagittal axis orders, small oblique tilts), so code that mishandles orientation puts the anatomy in
+the wrong place. Markers that break every mirror symmetry: the nose points anterior, the neck leaves
+inferiorly, the cerebellum sits posterior-inferior and a vitamin-E capsule is taped to the right temple.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import axcodes2ornt
+from scipy.spatial.transform import Rotation
+
+ADNI_GROUPS = ("CN", "SMC", "EMCI", "LMCI", "MCI", "AD")
+FLAT_DIAGNOSES = ("CN", "MCI", "AD")
+LAYOUTS = ("adni", "flat")
+SEXES = ("M", "F")
+TISSUE_LABELS = {0: "background", 1: "soft tissue", 2: "skull", 3: "CSF", 4: "grey matter", 5: "white matter",
+                 6: "ventricles"}
+
+# How far along the way to dementia each group is; drives ventricle growth and cortical thinning.
+_SEVERITY = {"CN": 0.0, "SMC": 0.1, "EMCI": 0.35, "MCI": 0.5, "LMCI": 0.65, "AD": 1.0}
+_GROUP_P = (0.3, 0.07, 0.15, 0.15, 0.13, 0.2)
+# Axis codes seen in real downloads: axial RAS/LPS/LAS and sagittal acquisitions (ADNI MPRAGE is sagittal).
+_AXCODES = (("R", "A", "S"), ("L", "P", "S"), ("L", "A", "S"), ("P", "S", "R"), ("A", "S", "L"), ("P", "I", "R"))
+# T1 intensities relative to white matter ~0.9 before the per-scan +-10% and the global scale.
+_INTENSITY = {"skin": 0.8, "muscle": 0.35, "skull": 0.07, "csf": 0.15, "gm": 0.55, "wm": 0.9, "capsule": 1.2}
+_SITES = ("002", "005", "011", "023", "035", "067", "098", "127", "130", "941")
+# IDA series descriptions; the download folder is the description with spaces replaced by '_'
+_DESCRIPTIONS = ("MPRAGE", "MP-RAGE", "IR-SPGR", "Accelerated Sagittal MPRAGE")
+_DESCRIPTION_P = (0.7, 0.12, 0.1, 0.08)
+_COLLECTION_HEADER = ("Image Data ID", "Subject", "Group", "Sex", "Age", "Visit", "Modality", "Description", "Type",
+                      "Acq Date", "Format", "Downloaded")
+
+
+@dataclass(frozen=True)
+class _Waves:
+    """A smooth random field: a sum of a few plane sine waves, scaled to unit variance."""
+
+    k: np.ndarray  # (n, 3) wave vectors, rad/mm
+    phase: np.ndarray  # (n,)
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        total = np.zeros_like(x)
+        for (kx, ky, kz), phase in zip(self.k, self.phase):
+            total += np.sin(kx * x + ky * y + kz * z + phase)
+        return total * np.float32(np.sqrt(2 / len(self.phase)))
+
+
+@dataclass(frozen=True)
+class _Subject:
+    """What stays the same between two visits of one person."""
+
+    semi_axes: np.ndarray  # outer scalp, LR/AP/SI, mm
+    scalp: float  # layer thicknesses in mm at age 40, cognitively normal
+    skull: float
+    csf: float
+    gm: float
+    ventricles: float  # ventricle volume factor at age 40, cognitively normal
+    warp: _Waves
+    folds: _Waves
+
+
+def _waves(rng: np.random.Generator, count: int, wavelength_mm: tuple[float, float]) -> _Waves:
+    directions = rng.normal(size=(count, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    k = directions * (2 * np.pi / rng.uniform(*wavelength_mm, size=(count, 1)))
+    return _Waves(k.astype(np.float32), rng.uniform(0, 2 * np.pi, count).astype(np.float32))
+
+
+def _draw_subject(rng: np.random.Generator, sex: str | None) -> _Subject:
+    if sex not in (*SEXES, None):
+        raise ValueError(f"sex must be one of {SEXES} or None, got {sex!r}")
+    size = {"M": 1.03, "F": 0.97, None: 1.0}[sex]
+    semi_axes = rng.uniform((65.0, 85.0, 70.0), (80.0, 100.0, 85.0)) * size
+    return _Subject(semi_axes=semi_axes, scalp=rng.uniform(4.0, 6.0), skull=rng.uniform(5.0, 7.0),
+                    csf=rng.uniform(1.5, 2.5), gm=rng.uniform(4.0, 5.0), ventricles=rng.uniform(0.75, 1.25),
+                    warp=_waves(rng, 6, (80.0, 160.0)), folds=_waves(rng, 8, (14.0, 24.0)))
+
+
+def _ellipsoid_depth(x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: tuple[float, float, float],
+                     semi: tuple[float, float, float]) -> np.ndarray:
+    """Signed depth in mm (positive inside) below an axis-aligned ellipsoid; an infinite semi-axis makes a cylinder."""
+    offsets = [(c - c0) for c, c0, s in zip((x, y, z), centre, semi) if np.isfinite(s)]
+    finite = [s for s in semi if np.isfinite(s)]
+    radius = np.sqrt(sum((d / s) ** 2 for d, s in zip(offsets, finite)))
+    length = np.sqrt(sum(d**2 for d in offsets))
+    # distance to the surface along the ray from the centre; exact on a sphere, close enough for a phantom
+    to_surface = np.divide(length, radius, out=np.full_like(length, min(finite)), where=radius > 1e-6)
+    return to_surface - length
+
+
+class _Canvas:
+    """Paints tissues in order, later ones over earlier ones, with one voxel of partial volume at each edge."""
+
+    def __init__(self, shape: tuple[int, ...], edge_mm: float) -> None:
+        self.image = np.zeros(shape, np.float32)
+        self.labels = np.zeros(shape, np.uint8)
+        self.edge_mm = edge_mm
+
+    def paint(self, depth: np.ndarray, value: float, label: int) -> None:
+        alpha = np.clip(0.5 + depth / self.edge_mm, 0.0, 1.0)
+        self.image += alpha * (value - self.image)
+        self.labels[alpha > 0.5] = label
+
+
+def _geometry(rng: np.random.Generator, semi_axes: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray]:
+    """Random scanner geometry around a head: (affine, shape, head centre in world mm)."""
+    directions = np.zeros((3, 3))
+    for axis, (world_axis, sign) in enumerate(axcodes2ornt(_AXCODES[rng.integers(len(_AXCODES))])):
+        directions[int(world_axis), axis] = sign
+    if rng.random() < 0.4:
+        tilt = rng.normal(size=3)
+        tilt *= np.deg2rad(rng.uniform(3, 15)) / np.linalg.norm(tilt)
+        directions = Rotation.from_rotvec(tilt).as_matrix() @ directions
+    spacing = np.full(3, rng.uniform(1.8, 2.2))
+    if rng.random() < 0.4:  # thick-slice acquisitions: one axis coarser
+        spacing[rng.integers(3)] = rng.uniform(2.2, 2.6)
+    # room for the nose, the capsule and the warp, so none of them is cut off by the field of view
+    reach = (semi_axes + (18.0, 22.0, 6.0)) * 1.08
+    half_extent = np.sqrt(((reach[:, None] * directions) ** 2).sum(axis=0))
+    fov = np.maximum(rng.uniform(220, 240, 3), 2 * half_extent + 4)
+    shape = np.ceil(fov / spacing).astype(int)
+    slack = np.minimum(fov / 2 - half_extent, 15.0)
+    head_centre = rng.uniform(-10, 10, 3)
+    grid_centre = head_centre + directions @ rng.uniform(-slack, slack)
+    affine = np.eye(4)
+    affine[:3, :3] = directions * spacing
+    affine[:3, 3] = grid_centre - affine[:3, :3] @ ((shape - 1) / 2)
+    return affine, (int(shape[0]), int(shape[1]), int(shape[2])), head_centre
+
+
+def _world_grid(affine: np.ndarray, shape: tuple[int, int, int], origin: np.ndarray) -> list[np.ndarray]:
+    """World x, y, z (mm, relative to origin) of every voxel, built by broadcasting instead of index arrays."""
+    index = [np.arange(n, dtype=np.float32) for n in shape]
+    coords = []
+    for row in range(3):
+        coord = (np.float32(affine[row, 0]) * index[0])[:, None, None] \
+            + (np.float32(affine[row, 1]) * index[1])[None, :, None] \
+            + (np.float32(affine[row, 2]) * index[2])[None, None, :]
+        coords.append(coord + np.float32(affine[row, 3] - origin[row]))
+    return coords
+
+
+def _scan(rng: np.random.Generator, subject: _Subject, age: float, diagnosis: str | None,
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One acquisition of a subject at an age: (float32 volume, affine, uint8 tissue labels)."""
+    if diagnosis not in (*ADNI_GROUPS, None):
+        raise ValueError(f"diagnosis must be one of {ADNI_GROUPS} or None, got {diagnosis!r}")
+    severity = _SEVERITY.get(diagnosis, 0.0)
+    years = age - 40.0
+    affine, shape, centre = _geometry(rng, subject.semi_axes)
+    x, y, z = _world_grid(affine, shape, centre)
+    # coil sensitivity: smooth, +-20%, fixed to the scanner rather than the head, so it changes between visits
+    bias = _waves(rng, 3, (250.0, 500.0))(x, y, z)
+    bias = 1 + 0.2 * bias / np.abs(bias).max()
+    stretch = 1 + 0.025 * subject.warp(x, y, z)  # same warp at every visit: it is the person's head shape
+    x, y, z = x * stretch, y * stretch, z * stretch
+    ax, ay, az = (float(a) for a in subject.semi_axes)
+    tone = {name: value * rng.uniform(0.9, 1.1) for name, value in _INTENSITY.items()}
+    canvas = _Canvas(shape, edge_mm=float(np.mean(np.linalg.norm(affine[:3, :3], axis=0))))
+
+    neck = np.minimum(_ellipsoid_depth(x, y, z, (0, -0.1 * ay, 0), (0.65 * ax, 0.55 * ay, np.inf)), -0.5 * az - z)
+    canvas.paint(neck, tone["skin"], 1)
+    canvas.paint(neck - subject.scalp, tone["muscle"], 1)
+    canvas.paint(_ellipsoid_depth(x, y, z, (0, 0.97 * ay, -0.3 * az), (11, 18, 20)), tone["skin"], 1)
+    canvas.paint(_ellipsoid_depth(x, y, z, (ax + 10, 0.25 * ay, 0.15 * az), (5, 5, 5)), tone["capsule"], 1)
+
+    head = _ellipsoid_depth(x, y, z, (0, 0, 0), (ax, ay, az))
+    csf = subject.csf + 0.05 * years + 1.5 * severity  # atrophy: the brain shrinks away from the skull
+    # sulci: CSF-filled dips of the brain surface, deeper (wider) with age and disease
+    sulci = (8.0 + 0.08 * years + 4.0 * severity) * np.clip(-subject.folds(x, y, z) - 0.8, 0.0, 0.6) / 0.6
+    brain = head - subject.scalp - subject.skull - csf - sulci
+    gm = subject.gm * (1 - 0.004 * years) * (1 - 0.12 * severity)
+    canvas.paint(head, tone["skin"], 1)
+    canvas.paint(head - subject.scalp, tone["skull"], 2)
+    canvas.paint(head - subject.scalp - subject.skull, tone["csf"], 3)
+    canvas.paint(brain, tone["gm"], 4)
+    canvas.paint(brain - gm, tone["wm"], 5)
+    nuclei = np.maximum(_ellipsoid_depth(x, y, z, (16, 2, 2), (9, 14, 9)),
+                        _ellipsoid_depth(x, y, z, (-16, 2, 2), (9, 14, 9)))
+    canvas.paint(nuclei, tone["gm"] * 1.15, 4)  # thalamus and basal ganglia
+
+    cerebellum = np.minimum(_ellipsoid_depth(x, y, z, (0, -0.58 * ay, -0.5 * az), (0.6 * ax, 0.28 * ay, 0.25 * az)),
+                            brain)
+    canvas.paint(cerebellum + 1.5, tone["csf"], 3)  # tentorium / cisterns around it
+    canvas.paint(cerebellum, tone["gm"] * 1.1, 4)
+    canvas.paint(cerebellum - 0.12 * ay, tone["wm"] * 0.95, 5)
+    brainstem = np.minimum(_ellipsoid_depth(x, y, z, (0, -0.12 * ay, 0), (10, 12, np.inf)), -0.05 * az - z)
+    canvas.paint(brainstem, tone["wm"] * 0.9, 5)
+
+    # lateral ventricles: curved (C-shaped) ellipsoids; volume doubles from 40 to 90 years and grows with disease
+    scale = (subject.ventricles * 2 ** (years / 50) * (1 + 0.8 * severity)) ** (1 / 3)
+    semi = (5.0 * scale, 22.0 * scale, 8.0 * scale)
+    bent_z = z + 0.012 * (y - 4) ** 2
+    ventricles = np.maximum(_ellipsoid_depth(x, y, bent_z, (1.5 + semi[0], 4, 12), semi),
+                            _ellipsoid_depth(x, y, bent_z, (-1.5 - semi[0], 4, 12), semi))
+    canvas.paint(ventricles, tone["csf"], 6)
+
+    # magnitude of complex Gaussian noise: Rician, and so never negative in the background
+    image = canvas.image * bias
+    sigma = np.float32(rng.uniform(0.01, 0.03))
+    real = image + sigma * rng.standard_normal(shape, dtype=np.float32)
+    imag = sigma * rng.standard_normal(shape, dtype=np.float32)
+    image = np.sqrt(real**2 + imag**2) * np.float32(rng.uniform(200, 1500))
+    return image.astype(np.float32), affine, canvas.labels
+
+
+def make_phantom_with_labels(rng: np.random.Generator, age: float, diagnosis: str | None, sex: str | None,
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One T1-like head with its ground truth: (float32 volume, 4x4 affine, uint8 labels, see TISSUE_LABELS)."""
+    return _scan(rng, _draw_subject(rng, sex), age, diagnosis)
+
+
+def make_phantom(rng: np.random.Generator, age: float, diagnosis: str | None, sex: str | None,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """One T1-like head: (float32 volume, 4x4 affine)."""
+    volume, affine, _ = make_phantom_with_labels(rng, age, diagnosis, sex)
+    return volume, affine
+
+
+def _save(path: Path, volume: np.ndarray, affine: np.ndarray) -> None:
+    # int16 like scanner exports; the global intensity scale keeps rounding below 1% of white matter
+    data = np.clip(np.rint(volume), 0, np.iinfo(np.int16).max).astype(np.int16)
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    image.header["descrip"] = b"medldm synthetic phantom"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, path)
+
+
+def _ida_date(day: dt.date) -> str:
+    return f"{day.month}/{day.day:02d}/{day.year}"
+
+
+def _write_adni(out_dir: Path, num: int, rng: np.random.Generator) -> Path:
+    rids = rng.choice(np.arange(1, 10000), size=num, replace=False)
+    image_number = int(rng.integers(10000, 20000))
+    series_number = int(rng.integers(8000, image_number))
+    start = dt.datetime(2005, 9, 1)
+    last_acquired = start.date()
+    rows = []
+    for rid, subject_rng in zip(rids, rng.spawn(num)):
+        ptid = f"{_SITES[subject_rng.integers(len(_SITES))]}_S_{rid:04d}"
+        group = str(subject_rng.choice(ADNI_GROUPS, p=_GROUP_P))
+        sex = str(subject_rng.choice(SEXES))
+        age = round(float(subject_rng.uniform(55, 90)), 1)
+        subject = _draw_subject(subject_rng, sex)
+        baseline = start + dt.timedelta(days=int(subject_rng.integers(0, 2500)),
+                                         seconds=int(subject_rng.integers(7 * 3600, 19 * 3600)))
+        visits = [("bl", baseline)]
+        if subject_rng.random() < 0.3:
+            months = int(subject_rng.choice((12, 24)))
+            days = months * 365 // 12 + int(subject_rng.integers(-20, 21))
+            visits.append((f"m{months}", baseline + dt.timedelta(days=days)))
+        for visit, acquired in visits:
+            image_number += int(subject_rng.integers(1, 500))
+            series_number += int(subject_rng.integers(1, 400))
+            image_id = f"I{image_number}"
+            description = str(subject_rng.choice(_DESCRIPTIONS, p=_DESCRIPTION_P))
+            folder = description.replace(" ", "_")
+            visit_age = round(age + (acquired - baseline).days / 365.25, 1)
+            converted = acquired + dt.timedelta(days=int(subject_rng.integers(30, 200)),
+                                                milliseconds=int(subject_rng.integers(0, 86_400_000)))
+            stamp = converted.strftime("%Y%m%d%H%M%S") + f"{converted.microsecond // 1000:03d}"
+            name = f"ADNI_{ptid}_MR_{folder}_br_raw_{stamp}_1_S{series_number}_{image_id}.nii"
+            path = out_dir / "ADNI" / ptid / folder / f"{acquired:%Y-%m-%d_%H_%M_%S}.0" / image_id / name
+            volume, affine, _ = _scan(subject_rng, subject, visit_age, group)
+            _save(path, volume, affine)
+            rows.append([image_id, ptid, group, sex, f"{visit_age:.1f}", visit, "MRI", description, "Original",
+                         _ida_date(acquired.date())])
+            last_acquired = max(last_acquired, acquired.date())
+    # from the seed, not the clock, so that the same seed writes the same CSV
+    downloaded = _ida_date(last_acquired + dt.timedelta(days=int(rng.integers(30, 400))))
+    csv_path = out_dir / "ADNI_phantoms_collection.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(_COLLECTION_HEADER)
+        writer.writerows(row + ["NiFTI", downloaded] for row in rows)
+    return csv_path
+
+
+def _write_flat(out_dir: Path, num: int, rng: np.random.Generator) -> Path:
+    rows = []
+    for index, subject_rng in enumerate(rng.spawn(num), start=1):
+        diagnosis = str(subject_rng.choice(FLAT_DIAGNOSES, p=(0.45, 0.3, 0.25)))
+        sex = str(subject_rng.choice(SEXES))
+        age = round(float(subject_rng.uniform(55, 90)), 1)
+        volume, affine = make_phantom(subject_rng, age, diagnosis, sex)
+        subject_id = f"sub-{index:04d}"
+        file = f"images/{subject_id}.nii.gz"
+        _save(out_dir / file, volume, affine)
+        # public cohorts have holes in their demographics (IXI: ~5% without age or sex)
+        rows.append([subject_id, file, "" if subject_rng.random() < 0.1 else f"{age:.1f}",
+                     "" if subject_rng.random() < 0.05 else sex, diagnosis])
+    csv_path = out_dir / "participants.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("subject_id", "file", "age", "sex", "diagnosis"))
+        writer.writerows(rows)
+    return csv_path
+
+
+def write_phantoms(out_dir: str | Path, num: int, layout: str = "adni", seed: int = 0) -> Path:
+    """Write `num` phantom heads as an ADNI-like download tree or a flat folder; return the label CSV path.
+
+    In the ADNI layout about 30% of subjects get a second visit 12 or 24 months later, so there are more
+    scans than heads.
+    """
+    if num < 1:
+        raise ValueError(f"num must be a positive integer (>= 1), got {num}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    return _write_adni(out_dir, num, rng) if layout == "adni" else _write_flat(out_dir, num, rng)

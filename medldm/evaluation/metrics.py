@@ -1,0 +1,75 @@
+"""Image-similarity metrics on 3D volumes (MONAI SSIM, MS-SSIM, PSNR) and pairwise diversity."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
+
+# the standard five-scale MS-SSIM weights (Wang et al. 2003)
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def ms_ssim_scales(shape: Sequence[int], kernel_size: int) -> int:
+    """The most scales (<= 5) that MS-SSIM can use on volumes of ``shape`` with this kernel."""
+    n = 0
+    for k in range(1, len(MS_SSIM_WEIGHTS) + 1):
+        if all(s // 2 ** (k - 1) > kernel_size - 1 for s in shape):
+            n = k
+    if n == 0:
+        raise ValueError(f"volumes of shape {list(shape)} are too small for MS-SSIM with kernel_size={kernel_size}")
+    return n
+
+
+class VolumeMetrics:
+    """SSIM, MS-SSIM and PSNR between (1, X, Y, Z) volumes in [0, data_range]."""
+
+    def __init__(self, shape: Sequence[int], kernel_size: int = 11, kernel_sigma: float = 1.5,
+                 data_range: float = 1.0) -> None:
+        self.scales = ms_ssim_scales(shape, kernel_size)
+        w = np.array(MS_SSIM_WEIGHTS[: self.scales])
+        self.ssim = SSIMMetric(spatial_dims=3, data_range=data_range, win_size=kernel_size, kernel_sigma=kernel_sigma)
+        self.ms_ssim = MultiScaleSSIMMetric(spatial_dims=3, data_range=data_range, kernel_size=kernel_size,
+                                            kernel_sigma=kernel_sigma, weights=tuple((w / w.sum()).tolist()))
+        self.psnr = PSNRMetric(max_val=data_range)
+
+    @torch.no_grad()
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+        a, b = a[None].float(), b[None].float()
+        return {
+            "ssim": float(self.ssim(a, b).mean()),
+            "ms_ssim": float(self.ms_ssim(a, b).mean()),
+            "psnr": float(self.psnr(a, b).mean()),
+            "mae": float((a - b).abs().mean()),
+        }
+
+
+def random_pairs(n: int, max_pairs: int, seed: int) -> list[tuple[int, int]]:
+    """All pairs when there are at most ``max_pairs``, else that many distinct random pairs."""
+    total = n * (n - 1) // 2
+    if total <= max_pairs:
+        return list(itertools.combinations(range(n), 2))
+    rng = np.random.default_rng(seed)
+    chosen: set[tuple[int, int]] = set()
+    while len(chosen) < max_pairs:
+        i, j = sorted(rng.choice(n, size=2, replace=False).tolist())
+        chosen.add((i, j))
+    return sorted(chosen)
+
+
+def pairwise_similarity(volumes: Sequence[torch.Tensor], metrics: VolumeMetrics, max_pairs: int,
+                        seed: int) -> dict[str, float]:
+    """Mean pairwise MS-SSIM and SSIM of a set of volumes (lower = more diverse)."""
+    pairs = random_pairs(len(volumes), max_pairs, seed)
+    if not pairs:
+        raise ValueError("diversity needs at least two volumes")
+    ms, ss = [], []
+    for i, j in pairs:
+        m = metrics(volumes[i], volumes[j])
+        ms.append(m["ms_ssim"])
+        ss.append(m["ssim"])
+    return {"pairs": len(pairs), "ms_ssim_mean": float(np.mean(ms)), "ms_ssim_std": float(np.std(ms)),
+            "ssim_mean": float(np.mean(ss))}

@@ -1,0 +1,51 @@
+"""Builders for the MONAI networks and noise schedulers, from configs. No training logic here."""
+
+from __future__ import annotations
+
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from medldm.config import AutoencoderModelConfig, SchedulerConfig, UNetConfig
+
+
+def build_autoencoder(cfg: AutoencoderModelConfig) -> AutoencoderKL:
+    """3D KL autoencoder, one input/output channel."""
+    return AutoencoderKL(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=tuple(cfg.channels),
+        num_res_blocks=cfg.num_res_blocks,
+        latent_channels=cfg.latent_channels,
+        attention_levels=tuple(cfg.attention_levels),
+        norm_num_groups=cfg.norm_num_groups,
+        with_encoder_nonlocal_attn=cfg.with_nonlocal_attn,
+        with_decoder_nonlocal_attn=cfg.with_nonlocal_attn,
+    )
+
+
+def build_unet(cfg: UNetConfig, latent_channels: int, context_dim: int | None) -> DiffusionModelUNet:
+    """3D diffusion UNet on latents; ``context_dim`` switches cross-attention conditioning on."""
+    return DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        channels=tuple(cfg.channels),
+        attention_levels=tuple(cfg.attention_levels),
+        num_res_blocks=cfg.num_res_blocks,
+        num_head_channels=tuple(cfg.num_head_channels),
+        norm_num_groups=cfg.norm_num_groups,
+        with_conditioning=context_dim is not None,
+        cross_attention_dim=context_dim,
+    )
+
+
+def build_scheduler(cfg: SchedulerConfig, kind: str = "ddpm") -> DDPMScheduler | DDIMScheduler:
+    """The training (DDPM) or sampling (DDIM) scheduler with the configured noise schedule."""
+    common = dict(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule, beta_start=cfg.beta_start,
+                  beta_end=cfg.beta_end, prediction_type=cfg.prediction_type, clip_sample=False)
+    if kind == "ddpm":
+        return DDPMScheduler(**common)
+    if kind == "ddim":
+        return DDIMScheduler(**common)
+    raise ValueError(f"scheduler kind {kind!r}: use 'ddpm' or 'ddim'")

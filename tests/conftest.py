@@ -1,0 +1,55 @@
+"""Shared fixtures: a small phantom dataset and tiny trained runs, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medldm.config import load_config
+
+torch.set_num_threads(2)
+
+# very short runs: the tests check plumbing and contracts, not image quality
+AE_FAST = ["train.steps=6", "train.val_every=3", "train.checkpoint_every=3"]
+LDM_FAST = ["train.steps=6", "train.val_every=3", "train.checkpoint_every=3", "train.batch_size=4"]
+
+
+@pytest.fixture(scope="session")
+def raw_adni(tmp_path_factory) -> Path:
+    from medldm.data.phantoms import write_phantoms
+
+    root = tmp_path_factory.mktemp("raw_adni")
+    write_phantoms(root, 8, layout="adni", seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def dataset(raw_adni, tmp_path_factory) -> Path:
+    from medldm.data.preprocess import preprocess_dataset
+
+    out = tmp_path_factory.mktemp("dataset")
+    cfg = load_config("preprocess", None, ["split.val_fraction=0.2", "split.test_fraction=0.3"])
+    preprocess_dataset(raw_adni, out, cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ae_run(dataset, tmp_path_factory) -> Path:
+    from medldm.inference.encode import encode_dataset
+    from medldm.training.autoencoder import train_autoencoder
+
+    run = tmp_path_factory.mktemp("runs") / "ae"
+    train_autoencoder(dataset, run, load_config("autoencoder", None, AE_FAST))
+    encode_dataset(dataset, run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def ldm_run(dataset, ae_run, tmp_path_factory) -> Path:
+    from medldm.training.diffusion import train_diffusion
+
+    run = tmp_path_factory.mktemp("runs") / "ldm"
+    train_diffusion(dataset, ae_run, run, load_config("diffusion", None, LDM_FAST))
+    return run
