@@ -129,7 +129,8 @@ class TrainConfig:
 @dataclass
 class AutoencoderConfig:
     model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=1e-3))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=800, lr=1e-3, val_every=200,
+                                                                   checkpoint_every=200))
     kl_weight: float = 1e-6
 
     def validate(self, prefix: str = "autoencoder") -> None:
@@ -208,7 +209,8 @@ class DiffusionConfig:
     model: UNetConfig = field(default_factory=UNetConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=8, lr=1e-3))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, batch_size=8, lr=1e-3, val_every=250,
+                                                                   checkpoint_every=250))
     ema_decay: float = 0.999
 
     def validate(self, prefix: str = "diffusion") -> None:
@@ -271,6 +273,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads 1e-4 (no dot) as a string; users write it that way, so accept it
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

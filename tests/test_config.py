@@ -45,6 +45,7 @@ def test_overrides_change_nested_values_and_keep_stage_defaults():
     assert cfg.train.steps == 7
     assert cfg.model.channels == (8, 16)
     assert cfg.train.lr == STAGES["autoencoder"]().train.lr  # the stage's default, not TrainConfig's
+    assert load_config("autoencoder", None, ["train.lr=3e-4"]).train.lr == 3e-4  # YAML reads this as a string
 
 
 def test_missing_config_file_is_named():
