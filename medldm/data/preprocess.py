@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -131,10 +132,9 @@ def preprocess_dataset(
     if failures:
         _write_failures(output_dir / "failures.csv", failures)
 
-    reference = next(r for r in rows if r["split"] == "train") if any(r["split"] == "train" for r in rows) else rows[0]
-    import nibabel as nib
-
-    ref_img = nib.load(str(output_dir / reference["image"]))
+    # synthetic volumes are written on the grid of the first training volume
+    reference = next((r for r in rows if r["split"] == "train"), rows[0])
+    ref_affine = nib.load(str(output_dir / reference["image"])).affine
     counts = {k: sum(r["split"] == k for r in rows) for k in ("train", "val", "test")}
     info = {
         "config": to_dict(cfg),
@@ -146,8 +146,7 @@ def preprocess_dataset(
         "splits": counts,
         "failures": [{"path": p, "error": e} for p, e in failures],
         "skipped": [{"path": p, "reason": r} for p, r in found.skipped],
-        # synthetic volumes are written in this space (a training volume's grid)
-        "reference": {"image": reference["image"], "affine": ref_img.affine.tolist(), "shape": list(cfg.shape),
+        "reference": {"image": reference["image"], "affine": ref_affine.tolist(), "shape": list(cfg.shape),
                       "spacing": list(cfg.spacing)},
     }
     write_json(output_dir / "preprocess.json", info)
@@ -176,7 +175,5 @@ def _write_failures(path: Path, failures: list[tuple[str, str]]) -> None:
 
 def _write_qc(output_dir: Path, rows: list[dict[str, Any]], limit: int = 48) -> None:
     """qc/overview.png: three mid-planes of (up to ``limit``) preprocessed volumes, manifest order."""
-    from medldm.data.io import load_volume
-
     tiles = [three_plane(load_volume(output_dir / r["image"])[0]) for r in rows[:limit]]
     save_png(output_dir / "qc" / "overview.png", grid(tiles, columns=4))

@@ -73,8 +73,8 @@ class ConditionEncoder:
         start = 0
         for key in self.keys:
             width = WIDTHS[key]
-            keep = torch.rand(out.shape[0], generator=generator, device=generator.device if generator else "cpu")
-            out[keep.to(out.device) < prob, :, start : start + width] = 0.0
+            u = torch.rand(out.shape[0], generator=generator, device=generator.device if generator else "cpu")
+            out[u.to(out.device) < prob, :, start : start + width] = 0.0
             start += width
         return out
 

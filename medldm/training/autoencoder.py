@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
-
 import torch
 from monai.metrics import SSIMMetric
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -55,7 +53,7 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
     train_rows, val_rows = split_rows(rows, "train"), split_rows(rows, "val")
     if not train_rows:
         raise ValueError(f"{data_dir}/manifest.csv has no train-split volumes")
-    val_rows = val_rows or train_rows[:2]
+    val_ds = volume_dataset(data_dir, val_rows or train_rows[:2])
 
     ctx = init_distributed()
     tc = cfg.train
@@ -117,7 +115,7 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
             progress.set_postfix(l1=f"{l1.item():.4f}")
         if step % tc.val_every == 0 or step == tc.steps:
             if ctx.is_main:
-                val = validate(model, data_dir, val_rows, ctx.device)
+                val = validate(model, val_ds, ctx.device)
                 writer.add_scalar("val/l1", val["l1"], step)
                 writer.add_scalar("val/ssim", val["ssim"], step)
                 log.info("step %d: val L1 %.4f, SSIM %.4f", step, val["l1"], val["ssim"])
@@ -137,12 +135,12 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, data_dir: Path, rows: list[dict[str, Any]], device: torch.device) -> dict[str, float]:
+def validate(model: torch.nn.Module, dataset: Dataset, device: torch.device) -> dict[str, float]:
     """Mean L1 and SSIM of full-volume reconstructions."""
     model.eval()
     metric = SSIMMetric(spatial_dims=3, data_range=1.0)
     l1s, ssims = [], []
-    for item in volume_dataset(data_dir, rows):
+    for item in dataset:
         x = item["image"][None].to(device)
         recon = reconstruct(model, x).clamp(0, 1)
         l1s.append((recon - x).abs().mean().item())

@@ -1,0 +1,66 @@
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medldm.data.io import load_volume, save_volume
+
+
+def _write_dicom_series(folder, volume_zyx, spacing, origin):
+    """One axial DICOM file per slice, as a scanner would write them (LPS patient coordinates)."""
+    import SimpleITK as sitk
+
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series_uid = "1.2.826.0.1.3680043.2.1125.1"
+    for k, plane in enumerate(volume_zyx):
+        img = sitk.GetImageFromArray(plane[None].astype(np.int16))
+        pos = [origin[0], origin[1], origin[2] + k * spacing[2]]
+        img.SetSpacing(spacing)  # the writer derives PixelSpacing/ImagePositionPatient from the image
+        img.SetOrigin(pos)
+        for tag, value in {
+            "0008|0060": "MR", "0020|000e": series_uid, "0020|000d": "1.2.3", "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(map(str, pos)), "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
+            "0008|0018": f"{series_uid}.{k + 1}",
+        }.items():
+            img.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(img)
+
+
+def test_dicom_series_loads_with_a_ras_affine_that_matches_its_positions(tmp_path):
+    rng = np.random.default_rng(0)
+    vol = rng.integers(0, 1000, size=(6, 10, 12))  # (slices, rows, columns)
+    _write_dicom_series(tmp_path / "I123", vol, spacing=(0.9, 0.8, 2.0), origin=(-50.0, -60.0, -10.0))
+    data, affine = load_volume(tmp_path / "I123")
+    assert data.shape == (12, 10, 6)  # (columns=x, rows=y, slices=z)
+    np.testing.assert_allclose(data[3, 4, 5], vol[5, 4, 3])
+    # voxel (0,0,0) sits at the first slice's ImagePositionPatient, LPS -> RAS flips x and y
+    np.testing.assert_allclose(affine[:3, 3], [50.0, 60.0, -10.0], atol=1e-4)
+    np.testing.assert_allclose(affine[:3, :3], np.diag([-0.9, -0.8, 2.0]), atol=1e-4)
+    assert nib.aff2axcodes(affine) == ("L", "P", "S")
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(ValueError, match="broken.nii.gz: cannot be read as NIfTI"):
+        load_volume(bad)
+    empty = tmp_path / "I1"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no DICOM series found"):
+        load_volume(empty)
+    with pytest.raises(ValueError, match="not a NIfTI file"):
+        load_volume(tmp_path / "scan.mha")
+
+
+def test_saved_volume_keeps_its_affine_and_refuses_a_broken_one(tmp_path):
+    affine = np.array([[0, 0, 2.0, -90], [-2.0, 0, 0, 110], [0, 2.0, 0, -130], [0, 0, 0, 1]])
+    save_volume(tmp_path / "v.nii.gz", np.ones((4, 5, 6)), affine, descrip="x")
+    img = nib.load(tmp_path / "v.nii.gz")
+    np.testing.assert_allclose(img.affine, affine)
+    assert int(img.header["sform_code"]) == 1
+    with pytest.raises(ValueError, match="invalid affine"):
+        save_volume(tmp_path / "w.nii.gz", np.ones((4, 5, 6)), np.zeros((4, 4)))
+    assert not (tmp_path / "w.nii.gz").exists()
