@@ -17,7 +17,9 @@ $(BIN)/medldm: pyproject.toml
 
 install: $(BIN)/medldm
 
+# the demo always starts from an empty output folder
 demo: install
+	rm -rf $(DEMO_OUT)
 	$(BIN)/medldm demo --out $(DEMO_OUT)
 
 test: install

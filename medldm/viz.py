@@ -34,8 +34,8 @@ def grid(tiles: list[np.ndarray], columns: int = 4) -> np.ndarray:
 
 
 def save_png(path: str | Path, image: np.ndarray, min_size: int = 256) -> None:
-    """Save a uint8 image, upscaled by an integer factor so small volumes stay visible."""
-    k = max(1, int(np.ceil(min_size / max(image.shape[:2]))))
+    """Save a uint8 image, upscaled by an integer factor (at most 8) so small volumes stay visible."""
+    k = min(8, max(1, int(np.ceil(min_size / min(image.shape[:2])))))
     if k > 1:
         image = np.kron(image, np.ones((k, k), dtype=np.uint8))
     Path(path).parent.mkdir(parents=True, exist_ok=True)

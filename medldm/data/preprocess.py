@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +94,14 @@ def preprocess_dataset(
     images_dir = output_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
 
+    visits = Counter((s.subject_id, s.session) for s in found.scans)
     jobs = []
     for scan in found.scans:
-        name = _safe_name(f"{scan.subject_id}_{scan.session}_{scan.image_id}") + ".nii.gz"
+        # subject_session names the file; the image id is added only where a visit has several scans
+        stem = f"{scan.subject_id}_{scan.session}"
+        if visits[(scan.subject_id, scan.session)] > 1:
+            stem += f"_{scan.image_id}"
+        name = _safe_name(stem) + ".nii.gz"
         jobs.append(_Job(scan, images_dir / name, cfg))
     log.info("preprocessing %d scans with %d worker(s)", len(jobs), workers)
     if workers > 1:

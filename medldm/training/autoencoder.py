@@ -15,8 +15,8 @@ from medldm.config import AutoencoderConfig, ConfigError, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest, split_rows, volume_dataset
 from medldm.models.networks import build_autoencoder
 from medldm.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from medldm.training.dist import barrier, cleanup, init_distributed
-from medldm.training.loop import NonFiniteGuard, autocast, infinite_batches, prepare_run_dir, seed_everything
+from medldm.training.dist import barrier, init_distributed
+from medldm.training.loop import NonFiniteGuard, autocast, finish_run, infinite_batches, prepare_run_dir, seed_everything
 from medldm.versions import versions
 
 log = logging.getLogger(__name__)
@@ -125,12 +125,7 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
             net.train()
         if ctx.is_main and (step % tc.checkpoint_every == 0 or step == tc.steps):
             checkpoint("latest.pt")
-    progress.close()
-    if writer:
-        writer.add_scalar("train/skipped_nonfinite", guard.skipped, step)
-        writer.close()
-    barrier(ctx)
-    cleanup(ctx)
+    finish_run(ctx, progress, writer, guard, step)
     return latest
 
 

@@ -18,8 +18,8 @@ from medldm.inference.encode import latents_path
 from medldm.models.conditioning import ConditionEncoder
 from medldm.models.networks import build_scheduler, build_unet
 from medldm.training.checkpoint import autoencoder_checkpoint, file_sha256, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from medldm.training.dist import barrier, cleanup, init_distributed
-from medldm.training.loop import NonFiniteGuard, autocast, make_ema, prepare_run_dir, seed_everything
+from medldm.training.dist import barrier, init_distributed
+from medldm.training.loop import NonFiniteGuard, autocast, finish_run, make_ema, prepare_run_dir, seed_everything
 from medldm.versions import versions
 
 log = logging.getLogger(__name__)
@@ -148,12 +148,7 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
             net.train()
         if ctx.is_main and (step % tc.checkpoint_every == 0 or step == tc.steps):
             checkpoint("latest.pt")
-    progress.close()
-    if writer:
-        writer.add_scalar("train/skipped_nonfinite", guard.skipped, step)
-        writer.close()
-    barrier(ctx)
-    cleanup(ctx)
+    finish_run(ctx, progress, writer, guard, step)
     return latest
 
 

@@ -13,6 +13,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from medldm.config import save_config
+from medldm.training.dist import DistContext, barrier, cleanup
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +89,13 @@ def infinite_batches(loader: torch.utils.data.DataLoader, sampler: Any = None):
             sampler.set_epoch(epoch)
         yield from loader
         epoch += 1
+
+
+def finish_run(ctx: DistContext, progress: Any, writer: Any, guard: NonFiniteGuard, step: int) -> None:
+    """Close the progress bar and TensorBoard writer, then leave the process group together."""
+    progress.close()
+    if writer:
+        writer.add_scalar("train/skipped_nonfinite", guard.skipped, step)
+        writer.close()
+    barrier(ctx)
+    cleanup(ctx)
