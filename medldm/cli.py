@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input_dir", type=Path)
     p.add_argument("output_dir", type=Path)
     p.add_argument("--metadata", type=Path, help="IDA collection CSV or flat-layout CSV (default: found in INPUT_DIR)")
+    p.add_argument("--adnimerge", type=Path, help="ADNIMERGE.csv for age at scan, sex and diagnosis per visit")
     p.add_argument("--workers", type=int, default=1)
     _add_config_args(p)
 
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
+    """Run one subcommand; returns the exit code (1 when a batch finished with failures)."""
     from medldm.config import load_config
 
     if args.command == "phantoms":
@@ -96,9 +98,14 @@ def run(args: argparse.Namespace) -> None:
         from medldm.data.preprocess import preprocess_dataset
 
         cfg = load_config("preprocess", args.config, args.overrides)
-        info = preprocess_dataset(args.input_dir, args.output_dir, cfg, metadata=args.metadata, workers=args.workers)
+        info = preprocess_dataset(args.input_dir, args.output_dir, cfg, metadata=args.metadata,
+                                  adnimerge=args.adnimerge, workers=args.workers)
         print(f"{info['num_scans']} scans of {info['num_subjects']} subjects -> {args.output_dir} "
-              f"(splits {info['splits']}, {len(info['failures'])} failed; QC: {args.output_dir / 'qc'})")
+              f"(splits {info['splits']}; {info['resumed']} kept from an earlier run; "
+              f"{len(info['outliers'])} flagged in {args.output_dir / 'qc' / 'index.html'})")
+        if info["failures"]:
+            print(f"{len(info['failures'])} scan(s) failed: see {args.output_dir / 'failures.csv'}", file=sys.stderr)
+            return 1
     elif args.command == "train" and args.stage == "autoencoder":
         from medldm.training.autoencoder import train_autoencoder
 
@@ -130,6 +137,7 @@ def run(args: argparse.Namespace) -> None:
         from medldm.demo import run_demo
 
         run_demo(args.out, num=args.num)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,11 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        run(args)
+        return run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # ConfigError is a ValueError
         print(f"medldm {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ class SplitConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
+    # keep the diagnosis mix of every split close to the cohort's (subject-level)
+    stratify: bool = True
 
     def validate(self, prefix: str) -> None:
         for name in ("val_fraction", "test_fraction"):
@@ -45,20 +47,79 @@ class SplitConfig:
 
 
 @dataclass
+class N4Config:
+    """N4 bias-field correction (SimpleITK): fitted on a shrunk image, applied at full resolution."""
+
+    enabled: bool = True
+    shrink_factor: int = 2
+    iterations: tuple[int, ...] = (50, 50, 30)
+    convergence_threshold: float = 1e-4
+
+    def validate(self, prefix: str) -> None:
+        if self.shrink_factor < 1:
+            raise ConfigError(f"{prefix}.shrink_factor must be >= 1")
+        if any(i < 1 for i in self.iterations):
+            raise ConfigError(f"{prefix}.iterations: every fitting level needs >= 1 iteration")
+
+
+@dataclass
+class RegistrationConfig:
+    """Affine registration to a template (SimpleITK, Mattes mutual information, multi-resolution)."""
+
+    enabled: bool = False
+    # "mni152": the ICBM152 2009 template that the optional nilearn package ships (pip install "medldm[mni]");
+    # or a path to any T1 template NIfTI
+    template: str = "mni152"
+    # brain mask in the template's space: "" = the mni152 GM+WM+CSF mask, or a path (needed for a custom template)
+    template_mask: str = ""
+    shrink_factors: tuple[int, ...] = (4, 2, 1)
+    smoothing_sigmas: tuple[float, ...] = (2.0, 1.0, 0.0)
+    iterations: int = 100
+    sampling_fraction: float = 0.02
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        if len(self.shrink_factors) != len(self.smoothing_sigmas):
+            raise ConfigError(f"{prefix}: shrink_factors and smoothing_sigmas need one entry per level")
+        if any(f < 1 for f in self.shrink_factors) or any(s < 0 for s in self.smoothing_sigmas):
+            raise ConfigError(f"{prefix}: shrink factors must be >= 1 and smoothing sigmas >= 0")
+        if self.iterations < 1 or not 0.0 < self.sampling_fraction <= 1.0:
+            raise ConfigError(f"{prefix}: iterations >= 1 and 0 < sampling_fraction <= 1 are required")
+        if not self.template:
+            raise ConfigError(f"{prefix}.template: give 'mni152' or a path to a template NIfTI")
+
+
+@dataclass
 class PreprocessConfig:
-    """Per-scan pipeline: orient, resample, normalise, crop/pad."""
+    """Per-scan pipeline: check, orient, resample, N4, register, mask, normalise, crop/pad."""
 
     orientation: str = "RAS"
     spacing: tuple[float, float, float] = (6.0, 6.0, 6.0)
     shape: tuple[int, int, int] = (32, 32, 32)
-    # robust intensity window (percentiles of the foreground) mapped to [0, 1]
+    # the models halve the volume this many times: shape must be a multiple of it
+    shape_multiple: int = 8
+    n4: N4Config = field(default_factory=N4Config)
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+    # skull strip with the template's brain mask (needs registration)
+    brain_mask: bool = False
+    # robust intensity window (percentiles inside the head, or the brain when masked) mapped to [0, 1]
     percentiles: tuple[float, float] = (0.5, 99.5)
+    output_dtype: str = "float32"
+    # input checks: a scan coarser than this (any axis, mm) is refused as too low-resolution
+    max_input_spacing: float = 3.0
+    # a 4D input: use its first volume (true) or refuse it (false)
+    use_first_volume_of_4d: bool = False
     # IDA / ADNIMERGE groups -> diagnosis used by medldm (CN, MCI, AD); unmapped groups become unknown
     diagnosis_map: dict[str, str] = field(
-        default_factory=lambda: {"CN": "CN", "SMC": "CN", "EMCI": "MCI", "LMCI": "MCI", "MCI": "MCI", "AD": "AD"}
+        default_factory=lambda: {"CN": "CN", "SMC": "CN", "EMCI": "MCI", "LMCI": "MCI", "MCI": "MCI", "AD": "AD",
+                                 "DEMENTIA": "AD"}
     )
-    # scan descriptions kept from an ADNI download (case-insensitive substrings; empty keeps all)
+    # scan descriptions kept from an ADNI download (case-insensitive substrings, in order of preference;
+    # empty keeps all)
     description_patterns: list[str] = field(default_factory=lambda: ["MPRAGE", "MP-RAGE", "IR-SPGR", "T1"])
+    # IDA image types in order of preference when a visit has several scans (empty: no preference)
+    preferred_types: list[str] = field(default_factory=lambda: ["Original"])
+    one_scan_per_visit: bool = True
     split: SplitConfig = field(default_factory=SplitConfig)
 
     def validate(self, prefix: str = "preprocess") -> None:
@@ -66,14 +127,25 @@ class PreprocessConfig:
             raise ConfigError(f"{prefix}.orientation={self.orientation!r}: use three axis codes such as 'RAS'")
         if any(s <= 0 for s in self.spacing):
             raise ConfigError(f"{prefix}.spacing={list(self.spacing)}: spacings must be positive (mm)")
-        if any(s < 8 for s in self.shape):
-            raise ConfigError(f"{prefix}.shape={list(self.shape)}: every side must be at least 8 voxels")
+        if self.shape_multiple < 1 or any(s < 8 or s % self.shape_multiple for s in self.shape):
+            raise ConfigError(f"{prefix}.shape={list(self.shape)}: every side must be >= 8 and a multiple of "
+                              f"shape_multiple={self.shape_multiple} (the models' downsampling)")
         lo, hi = self.percentiles
         if not 0.0 <= lo < hi <= 100.0:
             raise ConfigError(f"{prefix}.percentiles={list(self.percentiles)}: need 0 <= low < high <= 100")
+        if self.output_dtype not in ("float32", "uint8"):
+            raise ConfigError(f"{prefix}.output_dtype={self.output_dtype!r}: use float32 or uint8")
+        if self.max_input_spacing <= 0:
+            raise ConfigError(f"{prefix}.max_input_spacing must be > 0 (mm)")
+        if self.brain_mask and not self.registration.enabled:
+            raise ConfigError(f"{prefix}.brain_mask needs registration.enabled=true (the mask lives in template space)")
+        if self.brain_mask and self.registration.template != "mni152" and not self.registration.template_mask:
+            raise ConfigError(f"{prefix}.brain_mask with a custom registration.template needs registration.template_mask")
         bad = sorted(set(self.diagnosis_map.values()) - {"CN", "MCI", "AD"})
         if bad:
             raise ConfigError(f"{prefix}.diagnosis_map: targets {bad} are not CN, MCI or AD")
+        self.n4.validate(f"{prefix}.n4")
+        self.registration.validate(f"{prefix}.registration")
         self.split.validate(f"{prefix}.split")
 
 

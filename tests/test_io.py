@@ -64,3 +64,24 @@ def test_saved_volume_keeps_its_affine_and_refuses_a_broken_one(tmp_path):
     with pytest.raises(ValueError, match="invalid affine"):
         save_volume(tmp_path / "w.nii.gz", np.ones((4, 5, 6)), np.zeros((4, 4)))
     assert not (tmp_path / "w.nii.gz").exists()
+
+
+def test_dicom_series_with_a_missing_slice_or_two_series_is_refused(tmp_path):
+    vol = np.random.default_rng(1).integers(0, 1000, size=(8, 6, 6))
+    _write_dicom_series(tmp_path / "gap", vol, spacing=(1.0, 1.0, 1.5), origin=(0.0, 0.0, 0.0))
+    (tmp_path / "gap" / "slice004.dcm").unlink()
+    with pytest.raises(ValueError, match="gap: inconsistent slice spacing .* a slice is missing"):
+        load_volume(tmp_path / "gap")
+
+    import SimpleITK as sitk
+
+    _write_dicom_series(tmp_path / "mixed", vol, spacing=(1.0, 1.0, 1.5), origin=(0.0, 0.0, 0.0))
+    stray = sitk.ReadImage(str(tmp_path / "mixed" / "slice000.dcm"))
+    stray.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.99")
+    stray.SetMetaData("0008|0018", "1.2.826.0.1.3680043.2.1125.99.1")
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(tmp_path / "mixed" / "other.dcm"))
+    writer.Execute(stray)
+    with pytest.raises(ValueError, match="mixed series"):
+        load_volume(tmp_path / "mixed")

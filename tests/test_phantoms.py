@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medldm.data.phantoms import ADNI_GROUPS, TISSUE_LABELS, make_phantom, make_phantom_with_labels, write_phantoms
+from medldm.data.io import load_volume
+from medldm.data.phantoms import (ADNI_GROUPS, ADNIMERGE_HEADER, TISSUE_LABELS, make_phantom, make_phantom_with_labels,
+                                  write_phantoms)
 
 LABEL = {name: index for index, name in TISSUE_LABELS.items()}
 ADNI_FILE = re.compile(
@@ -24,21 +26,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def adni(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_phantoms(tmp_path_factory.mktemp("adni"), num=8, layout="adni", seed=3)
-
-
-def test_same_seed_same_files(tmp_path: Path) -> None:
-    first = write_phantoms(tmp_path / "a", num=2, layout="adni", seed=11)
-    second = write_phantoms(tmp_path / "b", num=2, layout="adni", seed=11)
-    assert first.read_bytes() == second.read_bytes()
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.nii"))
-    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.nii"))
-    for rel in files:
-        a, b = nib.load(tmp_path / "a" / rel), nib.load(tmp_path / "b" / rel)
-        assert np.asarray(a.dataobj).tobytes() == np.asarray(b.dataobj).tobytes()
-        np.testing.assert_array_equal(a.affine, b.affine)
-    other = write_phantoms(tmp_path / "c", num=2, layout="adni", seed=12)
-    assert other.read_bytes() != first.read_bytes()
+    return write_phantoms(tmp_path_factory.mktemp("adni"), num=5, layout="adni", seed=3)
 
 
 def test_make_phantom_is_deterministic_and_float32() -> None:
@@ -117,7 +105,7 @@ def test_adni_tree_and_collection_csv(adni: Path) -> None:
     visits: dict[str, list[str]] = {}
     for row in rows:
         visits.setdefault(row["Subject"], []).append(row["Visit"])
-    assert len(visits) == 8 and any(v == ["bl", "m12"] or v == ["bl", "m24"] for v in visits.values())
+    assert len(visits) == 5 and any(v == ["bl", "m12"] or v == ["bl", "m24"] for v in visits.values())
 
 
 def test_flat_layout(tmp_path: Path) -> None:
@@ -134,6 +122,9 @@ def test_flat_layout(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"num": 0}, "num"),
     ({"num": 2, "layout": "bids"}, "layout must be one of \\('adni', 'flat'\\)"),
+    ({"num": 2, "dicom_fraction": 1.5}, "dicom_fraction must be between 0 and 1"),
+    ({"num": 2, "layout": "flat", "adnimerge": True}, "ADNI layout only"),
+    ({"num": 2, "layout": "flat", "dicom_fraction": 0.5}, "ADNI layout only"),
 ])
 def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -145,3 +136,78 @@ def test_bad_labels() -> None:
         make_phantom(np.random.default_rng(0), 70.0, "Dementia", "M")
     with pytest.raises(ValueError, match="sex must be one of"):
         make_phantom(np.random.default_rng(0), 70.0, "CN", "X")
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One download written twice with ADNIMERGE: all NIfTI, and every axis-aligned scan as DICOM."""
+    # seed 9: one subject with bl and m12 scans, m12 scanned twice, two of the three scans axis-aligned
+    kwargs = {"num": 1, "layout": "adni", "seed": 9, "adnimerge": True}
+    return (write_phantoms(tmp_path_factory.mktemp("nifti"), **kwargs).parent,
+            write_phantoms(tmp_path_factory.mktemp("dicom"), dicom_fraction=1.0, **kwargs).parent)
+
+
+def test_adnimerge_csv(merged: tuple[Path, Path]) -> None:
+    root = merged[0]
+    with open(root / "ADNIMERGE.csv", newline="") as f:
+        assert next(csv.reader(f)) == list(ADNIMERGE_HEADER) == ["RID", "PTID", "VISCODE", "EXAMDATE", "AGE",
+                                                                 "PTGENDER", "DX", "DX_bl"]
+    merge, ida = read_rows(root / "ADNIMERGE.csv"), read_rows(root / "ADNI_phantoms_collection.csv")
+    scanned = {(r["Subject"], r["Visit"]) for r in ida}
+    visits = [(r["PTID"], r["VISCODE"]) for r in merge]
+    # one row per visit, and one clinical visit that has no scan
+    assert len(set(visits)) == len(visits) and set(visits) - scanned == {(ida[0]["Subject"], "m06")}
+    assert scanned <= set(visits)
+    baseline = {r["Subject"]: r for r in ida if r["Visit"] == "bl"}
+    for row in merge:
+        scan = baseline[row["PTID"]]
+        assert row["PTID"].endswith(f"_S_{int(row['RID']):04d}") and row["AGE"] == scan["Age"]
+        assert row["PTGENDER"] == {"M": "Male", "F": "Female"}[scan["Sex"]]
+        assert row["DX_bl"] == {"MCI": "LMCI"}.get(scan["Group"], scan["Group"])
+        assert row["DX"] in ("", {"CN": "CN", "SMC": "CN", "AD": "Dementia"}.get(scan["Group"], "MCI"))
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", row["EXAMDATE"])
+    # a visit scanned twice: the second scan is another image, listed as processed
+    twice = [r for r in ida if (r["Subject"], r["Visit"]) == (ida[-1]["Subject"], ida[-1]["Visit"])]
+    assert [r["Type"] for r in twice] == ["Original", "Processed"] and twice[0]["Image Data ID"] != twice[1]["Image Data ID"]
+
+
+def test_dicom_series_hold_the_same_head(merged: tuple[Path, Path]) -> None:
+    import SimpleITK as sitk
+
+    nifti_root, dicom_root = merged
+    rows = read_rows(dicom_root / "ADNI_phantoms_collection.csv")
+    assert [r["Format"] for r in rows].count("DCM") == 2
+    for row in (r for r in rows if r["Format"] == "DCM"):
+        folder = next(dicom_root.rglob(row["Image Data ID"]))
+        files = sorted(folder.iterdir())
+        nifti = nib.load(next(nifti_root.rglob(f"{row['Image Data ID']}/*.nii")))
+        assert len(files) == nifti.shape[2] and all(p.suffix == ".dcm" for p in files)
+        # the same voxels in the same place: compared in RAS order, so slice order and axis flips do not matter
+        data, affine = load_volume(folder)
+        expected, found = nib.as_closest_canonical(nifti), nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+        np.testing.assert_array_equal(found.get_fdata(), expected.get_fdata())
+        np.testing.assert_allclose(found.affine, expected.affine, atol=1e-3)
+        reader = sitk.ImageFileReader()
+        tags = []
+        for path in files:
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            tags.append({key: reader.GetMetaData(key).strip() for key in reader.GetMetaDataKeys()})
+        assert len({t["0020|000e"] for t in tags}) == 1 and len({t["0020|0032"] for t in tags}) == len(files)
+        assert sorted(int(t["0020|0013"]) for t in tags) == list(range(1, len(files) + 1))
+        zooms = nifti.header.get_zooms()
+        assert float(tags[0]["0018|0050"]) == pytest.approx(zooms[2], abs=1e-4)
+        np.testing.assert_allclose([float(v) for v in tags[0]["0028|0030"].split("\\")], zooms[1::-1], atol=1e-4)
+        assert len(tags[0]["0020|0037"].split("\\")) == 6 and tags[0]["0008|0060"] == "MR"
+
+
+def test_same_seed_same_files(merged: tuple[Path, Path], tmp_path: Path) -> None:
+    first = merged[1]
+    again = write_phantoms(tmp_path / "again", num=1, layout="adni", seed=9, adnimerge=True, dicom_fraction=1.0)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again.parent) for p in again.parent.rglob("*") if p.is_file())
+    # every byte, DICOM UIDs and dates included: nothing comes from the clock or a random UID generator
+    for rel in files:
+        assert (first / rel).read_bytes() == (again.parent / rel).read_bytes(), rel
+    other = write_phantoms(tmp_path / "other", num=1, layout="adni", seed=10)
+    assert other.read_bytes() != (first / again.name).read_bytes()

@@ -22,10 +22,11 @@ def test_volume_is_ras_resampled_cropped_normalised_and_stays_in_place():
     data += np.random.default_rng(0).normal(0, 5, data.shape).astype(np.float32)
     affine = np.diag([-1.5, -1.5, 1.5, 1.0])
     affine[:3, 3] = [70.0, 60.0, -50.0]
-    cfg = load_config("preprocess", None, ["spacing=[3.0,3.0,3.0]", "shape=[48,48,48]"])
-    out, out_affine = preprocess_volume(data, affine, cfg)
+    cfg = load_config("preprocess", None, ["spacing=[3.0,3.0,3.0]", "shape=[48,48,48]", "n4.enabled=false"])
+    out, out_affine, stats = preprocess_volume(data, affine, cfg)
 
     assert out.shape == (48, 48, 48) and out.dtype == np.float32
+    assert stats["input_axcodes"] == "LPS" and stats["input_spacing"] == [1.5, 1.5, 1.5]
     assert nib.aff2axcodes(out_affine) == ("R", "A", "S")
     np.testing.assert_allclose(np.abs(np.diag(out_affine)[:3]), 3.0)
     assert out.min() >= 0.0 and out.max() <= 1.0 and out.max() > 0.9
@@ -69,6 +70,7 @@ def test_corrupt_scan_is_reported_and_the_batch_goes_on(raw_adni, tmp_path):
 
 
 def test_no_scans_is_a_clear_error(tmp_path):
-    (tmp_path / "participants.csv").write_text("subject_id,file\n")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "participants.csv").write_text("subject_id,file\n")
     with pytest.raises(ValueError, match="no usable scans"):
-        preprocess_dataset(tmp_path, tmp_path / "out", load_config("preprocess"))
+        preprocess_dataset(tmp_path / "in", tmp_path / "out", load_config("preprocess"))

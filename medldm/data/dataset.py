@@ -11,7 +11,7 @@ import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose, EnsureTyped, LoadImaged
 
-MANIFEST_COLUMNS = ("subject_id", "session", "image", "age", "sex", "diagnosis", "split", "source")
+MANIFEST_COLUMNS = ("subject_id", "session", "image", "age", "sex", "diagnosis", "split", "source", "source_sha256")
 
 
 def read_manifest(data_dir: str | Path) -> list[dict[str, Any]]:

@@ -18,24 +18,38 @@ def is_nifti(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES)
 
 
-def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Load a 3D scan as (float32 array, 4x4 RAS+ world affine); a folder is read as one DICOM series."""
+def load_volume(path: str | Path, first_volume_of_4d: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3D scan as (float32 array, 4x4 RAS+ world affine); a folder is read as one DICOM series.
+
+    Refuses, naming the file: unreadable files, 2D images, 4D images (unless ``first_volume_of_4d``),
+    NaN/infinite voxels and all-zero images.
+    """
     path = Path(path)
     if path.is_dir():
-        return _load_dicom_series(path)
-    if not is_nifti(path):
+        data, affine = _load_dicom_series(path)
+    elif not is_nifti(path):
         raise ValueError(f"{path}: not a NIfTI file (.nii/.nii.gz) or a DICOM series folder")
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj, dtype=np.float32)
-    except Exception as e:  # nibabel raises many types for truncated or corrupt files
-        raise ValueError(f"{path}: cannot be read as NIfTI ({type(e).__name__}: {e})") from None
-    data = np.squeeze(data)
-    if data.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    else:
+        try:
+            img = nib.load(str(path))
+            data = np.asanyarray(img.dataobj, dtype=np.float32)
+        except Exception as e:  # nibabel raises many types for truncated or corrupt files
+            raise ValueError(f"{path}: cannot be read as NIfTI ({type(e).__name__}: {e})") from None
+        affine = img.affine.astype(np.float64)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 4:
+        if not first_volume_of_4d:
+            raise ValueError(f"{path}: a 4D image with {data.shape[-1]} volumes; set "
+                             "preprocess.use_first_volume_of_4d=true to use its first volume")
+        data = data[..., 0]
+    if data.ndim != 3 or min(data.shape) < 2:
+        raise ValueError(f"{path}: expected a 3D volume, got shape {list(data.shape)} (a 2D image?)")
     if not np.isfinite(data).all():
         raise ValueError(f"{path}: contains NaN or infinite voxels")
-    return data, img.affine.astype(np.float64)
+    if not data.any():
+        raise ValueError(f"{path}: every voxel is zero")
+    return data, affine
 
 
 def _load_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -46,23 +60,65 @@ def _load_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     if not series:
         raise ValueError(f"{folder}: no DICOM series found (expected .dcm files of one image)")
     if len(series) > 1:
-        raise ValueError(f"{folder}: holds {len(series)} DICOM series; expected exactly one")
+        raise ValueError(f"{folder}: holds {len(series)} DICOM series (mixed series); expected exactly one")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])  # sorted by slice position
     if len(files) < 2:
         raise ValueError(f"{folder}: DICOM series has {len(files)} slice(s); a 3D scan needs more")
+    _check_slice_positions(folder, files)
     reader.SetFileNames(files)
     try:
         image = reader.Execute()
     except RuntimeError as e:
         raise ValueError(f"{folder}: DICOM series cannot be read ({e})") from None
-    # SimpleITK is (x, y, z) in LPS; nibabel wants the array in (i, j, k) order with a RAS affine
+    return from_sitk(image)
+
+
+def _check_slice_positions(folder: Path, files: tuple[str, ...]) -> None:
+    """Refuse a series whose slices are not evenly spaced (a missing or duplicated slice)."""
+    import SimpleITK as sitk
+
+    positions = []
+    for name in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(name)
+        header.ReadImageInformation()
+        if not header.HasMetaDataKey("0020|0032"):
+            raise ValueError(f"{folder}: {Path(name).name} has no ImagePositionPatient; cannot order the slices")
+        positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
+    steps = np.linalg.norm(np.diff(np.array(positions), axis=0), axis=1)
+    if steps.min() < 1e-3 or steps.max() > 1.5 * np.median(steps):
+        where = int(np.argmax(steps)) if steps.max() > 1.5 * np.median(steps) else int(np.argmin(steps))
+        raise ValueError(f"{folder}: inconsistent slice spacing (slices {where} to {where + 1} are "
+                         f"{steps[where]:.2f} mm apart, median {np.median(steps):.2f} mm): a slice is missing or "
+                         "duplicated")
+
+
+def from_sitk(image: Any) -> tuple[np.ndarray, np.ndarray]:
+    """SimpleITK image (x, y, z in LPS) -> (array in i, j, k order, RAS+ affine) as nibabel uses."""
+    import SimpleITK as sitk
+
     data = sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0)
     direction = np.array(image.GetDirection()).reshape(3, 3)
     lps = np.eye(4)
     lps[:3, :3] = direction * np.array(image.GetSpacing())
     lps[:3, 3] = image.GetOrigin()
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    return data, affine
+    return data, _LPS_TO_RAS @ lps
+
+
+def to_sitk(data: np.ndarray, affine: np.ndarray) -> Any:
+    """(array in i, j, k order, RAS+ affine) -> SimpleITK float32 image with the same world geometry."""
+    import SimpleITK as sitk
+
+    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(data, dtype=np.float32).transpose(2, 1, 0)))
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+    return image
+
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def atomic_path(final: Path) -> Path:
@@ -73,13 +129,22 @@ def atomic_path(final: Path) -> Path:
     return Path(tmp)
 
 
-def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, descrip: str | None = None) -> None:
-    """Write a float32 NIfTI with ``affine`` as both qform and sform (scanner space), atomically."""
+def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, descrip: str | None = None,
+                dtype: str = "float32") -> None:
+    """Write a NIfTI with ``affine`` as both qform and sform (scanner space), atomically, with a fresh header
+    (nothing from the source carried over). ``dtype="uint8"`` stores [0, 1] data as 0..255 with scl_slope 1/255,
+    which readers turn back into [0, 1]."""
     path = Path(path)
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise ValueError(f"{path}: refusing to write an invalid affine {affine.tolist()}")
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+    if dtype == "uint8":
+        img = nib.Nifti1Image(np.round(np.clip(data, 0, 1) * 255).astype(np.uint8), affine)
+        img.header.set_slope_inter(1 / 255, 0.0)
+    elif dtype == "float32":
+        img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+    else:
+        raise ValueError(f"{path}: unsupported dtype {dtype!r} (float32 or uint8)")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")

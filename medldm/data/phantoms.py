@@ -1,4 +1,5 @@
-"""Procedural T1-weighted head phantoms, written as an ADNI-like download tree or a flat folder + CSV.
+"""Procedural T1-weighted head phantoms, written as an ADNI-like download tree (NIfTI or DICOM series, with
+ADNIMERGE.csv if asked) or a flat folder + CSV.
 
 Each head is drawn in world (RAS, mm) coordinates and sampled through a random, realistic affine (RAS,
 LPS, sagittal axis orders, small oblique tilts), so code that mishandles orientation puts the anatomy in
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ _DESCRIPTIONS = ("MPRAGE", "MP-RAGE", "IR-SPGR", "Accelerated Sagittal MPRAGE")
 _DESCRIPTION_P = (0.7, 0.12, 0.1, 0.08)
 _COLLECTION_HEADER = ("Image Data ID", "Subject", "Group", "Sex", "Age", "Visit", "Modality", "Description", "Type",
                       "Acq Date", "Format", "Downloaded")
+ADNIMERGE_HEADER = ("RID", "PTID", "VISCODE", "EXAMDATE", "AGE", "PTGENDER", "DX", "DX_bl")
 
 
 @dataclass(frozen=True)
@@ -242,14 +245,80 @@ def _ida_date(day: dt.date) -> str:
     return f"{day.month}/{day.day:02d}/{day.year}"
 
 
-def _write_adni(out_dir: Path, num: int, rng: np.random.Generator) -> Path:
+def _uid(name: str) -> str:
+    # a UUID-derived DICOM UID (the 2.25 root) that depends only on the name, so a seed writes the same files
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
+
+
+@dataclass(frozen=True)
+class _WrittenScan:
+    """An ADNI phantom scan already saved as NIfTI: what rewriting it as a DICOM series needs."""
+
+    path: Path
+    name_head: str  # file names are <name_head>_<slice number>_<name_tail>.<suffix>, slice 1 for the NIfTI
+    name_tail: str
+    ptid: str
+    description: str
+    acquired: dt.datetime
+    row: int  # its row in the collection CSV
+
+
+def _is_axis_aligned(affine: np.ndarray) -> bool:
+    return bool((np.count_nonzero(np.abs(affine[:3, :3]) > 1e-9, axis=0) == 1).all())
+
+
+def _save_dicom(scan: _WrittenScan) -> None:
+    """Rewrite a saved NIfTI as a DICOM series, one int16 file per slice along its third axis, and delete it."""
+    import SimpleITK as sitk  # heavy; only DICOM phantoms need it
+
+    nifti = nib.load(scan.path)
+    # SimpleITK wants the array as (z, y, x) and geometry in LPS, where NIfTI has (i, j, k) and RAS
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ nifti.affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    volume = sitk.GetImageFromArray(np.asarray(nifti.dataobj, dtype=np.int16).transpose(2, 1, 0))
+    volume.SetSpacing(spacing.tolist())
+    volume.SetOrigin(lps[:3, 3].tolist())
+    volume.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
+    day, time = f"{scan.acquired:%Y%m%d}", f"{scan.acquired:%H%M%S}"
+    series_uid = _uid(f"{scan.ptid}/{scan.path.parent.name}")  # the folder is the image id
+    # the writer takes pixel spacing, position and orientation from each slice's geometry; the rest it would
+    # leave out, or fill from the clock, a random UID generator or (the rescale tags) what it last read
+    tags = {"0008|0060": "MR", "0010|0010": scan.ptid, "0010|0020": scan.ptid, "0008|103e": scan.description,
+            "0020|000d": _uid(f"{scan.ptid}/{day}"), "0020|000e": series_uid, "0018|0050": f"{spacing[2]:.6g}",
+            "0028|1052": "0", "0028|1053": "1", "0028|1054": "US",
+            **{f"0008|00{code}": day for code in ("12", "20", "21", "23")},
+            **{f"0008|00{code}": time for code in ("13", "30", "31", "33")}}
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(volume.GetSize()[2]):
+        piece = volume[:, :, k:k + 1]  # a one-slice 3D image keeps the full 3D origin and direction
+        for key, value in {**tags, "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1)}.items():
+            piece.SetMetaData(key, value)
+        writer.SetFileName(str(scan.path.with_name(f"{scan.name_head}_{k + 1}_{scan.name_tail}.dcm")))
+        writer.Execute(piece)
+    scan.path.unlink()
+
+
+def _adnimerge_diagnoses(group: str) -> tuple[str, str]:
+    """(DX, DX_bl) as ADNIMERGE writes them for a subject of an IDA group."""
+    dx = "CN" if group in ("CN", "SMC") else "Dementia" if group == "AD" else "MCI"
+    # ADNIMERGE's DX_bl knows no plain MCI: ADNI-1 MCI subjects are late MCI there
+    return dx, "LMCI" if group == "MCI" else group
+
+
+def _write_adni(out_dir: Path, num: int, rng: np.random.Generator, adnimerge: bool, dicom_fraction: float) -> Path:
     rids = rng.choice(np.arange(1, 10000), size=num, replace=False)
     image_number = int(rng.integers(10000, 20000))
     series_number = int(rng.integers(8000, image_number))
     start = dt.datetime(2005, 9, 1)
     last_acquired = start.date()
-    rows = []
-    for rid, subject_rng in zip(rids, rng.spawn(num)):
+    rows: list[list[str]] = []
+    merge_rows: list[list[str]] = []
+    written: list[_WrittenScan] = []
+    for index, (rid, subject_rng) in enumerate(zip(rids, rng.spawn(num))):
+        # ADNIMERGE rows and second scans draw from a child stream, so every scan that adnimerge=False would
+        # write comes out the same (only the image and series numbers after a second scan shift)
+        extra = subject_rng.spawn(1)[0]
         ptid = f"{_SITES[subject_rng.integers(len(_SITES))]}_S_{rid:04d}"
         group = str(subject_rng.choice(ADNI_GROUPS, p=_GROUP_P))
         sex = str(subject_rng.choice(SEXES))
@@ -262,30 +331,61 @@ def _write_adni(out_dir: Path, num: int, rng: np.random.Generator) -> Path:
             months = int(subject_rng.choice((12, 24)))
             days = months * 365 // 12 + int(subject_rng.integers(-20, 21))
             visits.append((f"m{months}", baseline + dt.timedelta(days=days)))
+        if adnimerge:
+            dx, dx_bl = _adnimerge_diagnoses(group)
+            # a clinical visit without an MRI, which discovery must not turn into a scan
+            clinic = (visits + [("m06", baseline + dt.timedelta(days=182))]) if index == 0 else visits
+            for visit, when in clinic:
+                # the exam is often a few days before the scan; DX is missing on about a fifth of rows
+                exam = when.date() - dt.timedelta(days=int(extra.integers(0, 15)))
+                merge_rows.append([str(rid), ptid, visit, f"{exam:%Y-%m-%d}", f"{age:.1f}",
+                                   {"M": "Male", "F": "Female"}[sex], "" if extra.random() < 0.2 else dx, dx_bl])
         for visit, acquired in visits:
-            image_number += int(subject_rng.integers(1, 500))
-            series_number += int(subject_rng.integers(1, 400))
-            image_id = f"I{image_number}"
-            description = str(subject_rng.choice(_DESCRIPTIONS, p=_DESCRIPTION_P))
-            folder = description.replace(" ", "_")
             visit_age = round(age + (acquired - baseline).days / 365.25, 1)
-            converted = acquired + dt.timedelta(days=int(subject_rng.integers(30, 200)),
-                                                milliseconds=int(subject_rng.integers(0, 86_400_000)))
-            stamp = converted.strftime("%Y%m%d%H%M%S") + f"{converted.microsecond // 1000:03d}"
-            name = f"ADNI_{ptid}_MR_{folder}_br_raw_{stamp}_1_S{series_number}_{image_id}.nii"
-            path = out_dir / "ADNI" / ptid / folder / f"{acquired:%Y-%m-%d_%H_%M_%S}.0" / image_id / name
-            volume, affine, _ = _scan(subject_rng, subject, visit_age, group)
-            _save(path, volume, affine)
-            rows.append([image_id, ptid, group, sex, f"{visit_age:.1f}", visit, "MRI", description, "Original",
-                         _ida_date(acquired.date())])
-            last_acquired = max(last_acquired, acquired.date())
+            scans = [(acquired, "Original", subject_rng)]
+            if adnimerge and extra.random() < 0.2:
+                # a second T1 series minutes later (a repeat, or ADNI-2's accelerated MPRAGE), listed as
+                # processed, so that one-scan-per-visit has a choice to make
+                scans.append((acquired + dt.timedelta(minutes=int(extra.integers(8, 16))), "Processed", extra))
+            for when, kind, scan_rng in scans:
+                image_number += int(scan_rng.integers(1, 500))
+                series_number += int(scan_rng.integers(1, 400))
+                image_id = f"I{image_number}"
+                description = str(scan_rng.choice(_DESCRIPTIONS, p=_DESCRIPTION_P))
+                folder = description.replace(" ", "_")
+                converted = when + dt.timedelta(days=int(scan_rng.integers(30, 200)),
+                                                milliseconds=int(scan_rng.integers(0, 86_400_000)))
+                stamp = converted.strftime("%Y%m%d%H%M%S") + f"{converted.microsecond // 1000:03d}"
+                name_head = f"ADNI_{ptid}_MR_{folder}_br_raw_{stamp}"
+                name_tail = f"S{series_number}_{image_id}"
+                path = out_dir / "ADNI" / ptid / folder / f"{when:%Y-%m-%d_%H_%M_%S}.0" / image_id / \
+                    f"{name_head}_1_{name_tail}.nii"
+                volume, affine, _ = _scan(scan_rng, subject, visit_age, group)
+                _save(path, volume, affine)
+                written.append(_WrittenScan(path, name_head, name_tail, ptid, description, when, len(rows)))
+                rows.append([image_id, ptid, group, sex, f"{visit_age:.1f}", visit, "MRI", description, kind,
+                             _ida_date(when.date()), "NiFTI"])
+                last_acquired = max(last_acquired, when.date())
     # from the seed, not the clock, so that the same seed writes the same CSV
     downloaded = _ida_date(last_acquired + dt.timedelta(days=int(rng.integers(30, 400))))
+    if dicom_fraction > 0:
+        # a DICOM slice stack cannot hold an oblique slab without resampling, so only axis-aligned scans qualify
+        aligned = [scan for scan in written if _is_axis_aligned(nib.load(scan.path).affine)]
+        count = min(len(aligned), round(dicom_fraction * len(written)))
+        for choice in sorted(rng.choice(len(aligned), size=count, replace=False)):
+            _save_dicom(aligned[choice])
+            rows[aligned[choice].row][-1] = "DCM"
     csv_path = out_dir / "ADNI_phantoms_collection.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(_COLLECTION_HEADER)
-        writer.writerows(row + ["NiFTI", downloaded] for row in rows)
+        writer.writerows(row + [downloaded] for row in rows)
+    if adnimerge:
+        merge_rows.sort(key=lambda row: (int(row[0]), row[3]))
+        with open(out_dir / "ADNIMERGE.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(ADNIMERGE_HEADER)
+            writer.writerows(merge_rows)
     return csv_path
 
 
@@ -310,17 +410,28 @@ def _write_flat(out_dir: Path, num: int, rng: np.random.Generator) -> Path:
     return csv_path
 
 
-def write_phantoms(out_dir: str | Path, num: int, layout: str = "adni", seed: int = 0) -> Path:
+def write_phantoms(out_dir: str | Path, num: int, layout: str = "adni", seed: int = 0, adnimerge: bool = False,
+                   dicom_fraction: float = 0.0) -> Path:
     """Write `num` phantom heads as an ADNI-like download tree or a flat folder; return the label CSV path.
 
     In the ADNI layout about 30% of subjects get a second visit 12 or 24 months later, so there are more
     scans than heads.
+    adnimerge: also write ADNIMERGE.csv (one row per subject-visit, plus one clinical visit without a scan)
+        and give about 20% of visits a second T1 series (IDA Type "Processed"); ADNI layout only.
+    dicom_fraction: write this fraction of the scans as DICOM series (one .dcm per slice, IDA Format "DCM")
+        instead of NIfTI; only axis-aligned scans qualify, so fewer may come out; ADNI layout only.
     """
     if num < 1:
         raise ValueError(f"num must be a positive integer (>= 1), got {num}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not 0.0 <= dicom_fraction <= 1.0:
+        raise ValueError(f"dicom_fraction must be between 0 and 1, got {dicom_fraction}")
+    if layout != "adni" and (adnimerge or dicom_fraction):
+        raise ValueError(f"adnimerge and dicom_fraction apply to the ADNI layout only, not {layout!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    return _write_adni(out_dir, num, rng) if layout == "adni" else _write_flat(out_dir, num, rng)
+    if layout == "flat":
+        return _write_flat(out_dir, num, rng)
+    return _write_adni(out_dir, num, rng, adnimerge, dicom_fraction)

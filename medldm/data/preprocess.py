@@ -1,8 +1,11 @@
-"""Preprocessing: one scan -> oriented, resampled, normalised, cropped volume; a whole download -> dataset dir."""
+"""Preprocessing: one scan -> checked, oriented, resampled, bias-corrected, (registered, skull-stripped),
+normalised, cropped volume; a whole download -> a dataset dir with manifest, QC and failures."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import os
 from collections import Counter
@@ -15,67 +18,153 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, CropForeground, Orientation, ResizeWithPadOrCrop, ScaleIntensityRangePercentiles, Spacing
+from monai.transforms import Compose, CropForeground, Orientation, ResizeWithPadOrCrop, Spacing, SpatialCrop
 from tqdm.auto import tqdm
 
+from medldm import __version__
 from medldm.config import PreprocessConfig, to_dict
 from medldm.data.dataset import MANIFEST_COLUMNS
 from medldm.data.discovery import ScanRecord, discover_scans
+from medldm.data.intensity import head_mask, n4_correct, normalise
 from medldm.data.io import atomic_path, load_volume, save_volume, write_json
+from medldm.data.qc import write_qc
+from medldm.data.registration import Template, load_template, register_to_template
 from medldm.data.splits import assign_splits
 from medldm.versions import versions
-from medldm.viz import grid, save_png, three_plane
+from medldm.viz import save_png, three_plane
 
 log = logging.getLogger(__name__)
 
+# settings that do not change a preprocessed volume, so changing them does not redo the work
+_NOT_PER_SCAN = ("split", "diagnosis_map", "description_patterns", "preferred_types", "one_scan_per_visit")
+
+
+def config_hash(cfg: PreprocessConfig) -> str:
+    """Hash of every setting that shapes a preprocessed volume (a rerun redoes scans whose hash differs)."""
+    per_scan = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_PER_SCAN}
+    return hashlib.sha256(json.dumps(per_scan, sort_keys=True).encode()).hexdigest()[:16]
+
 
 def _is_head(x: torch.Tensor) -> torch.Tensor:
-    # after [0, 1] normalisation, air is near 0; a low threshold keeps the scalp
+    # after [0, 1] normalisation air is near 0; a low threshold keeps the scalp
     return x > 0.05
 
 
-def scan_transform(cfg: PreprocessConfig) -> Compose:
-    """MONAI transforms applied to one channel-first MetaTensor scan."""
-    lo, hi = cfg.percentiles
-    return Compose([
+def _crop_to_shape(volume: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Crop to the head, keep its top when it is taller than ``shape`` (the neck goes, never the brain), pad/crop
+    to ``shape``; MONAI updates the affine at each step."""
+    image = CropForeground(select_fn=_is_head, margin=2, allow_smaller=True)(
+        MetaTensor(torch.from_numpy(volume)[None], affine=torch.as_tensor(affine)))
+    size = image.shape[3]
+    if size > shape[2]:
+        image = SpatialCrop(roi_start=(0, 0, size - shape[2]), roi_end=(*image.shape[1:3], size))(image)
+    image = ResizeWithPadOrCrop(spatial_size=shape)(image)
+    return image[0].numpy().astype(np.float32), image.affine.numpy().astype(np.float64)
+
+
+def preprocess_volume(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig,
+                      template: Template | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One scan -> (float32 volume of cfg.shape in [0, 1], its affine, statistics for QC)."""
+    spacing_in = np.linalg.norm(affine[:3, :3], axis=0)
+    if spacing_in.max() > cfg.max_input_spacing:
+        raise ValueError(f"voxel spacing {np.round(spacing_in, 2).tolist()} mm is coarser than "
+                         f"max_input_spacing={cfg.max_input_spacing} mm: too low resolution for a T1 model")
+    stats: dict[str, Any] = {"input_shape": list(data.shape), "input_spacing": np.round(spacing_in, 3).tolist(),
+                             "input_axcodes": "".join(nib.aff2axcodes(affine))}
+    image = MetaTensor(torch.as_tensor(data, dtype=torch.float32)[None], affine=torch.as_tensor(affine))
+    image = Compose([
         Orientation(axcodes=cfg.orientation.upper(), labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacing(pixdim=cfg.spacing, mode="bilinear"),
-        ScaleIntensityRangePercentiles(lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True),
-        # centre the head, not the field of view, before the fixed-size crop/pad
-        CropForeground(select_fn=_is_head, margin=2, allow_smaller=True),
-        ResizeWithPadOrCrop(spatial_size=cfg.shape),
-    ])
+    ])(image)
+    volume, affine = image[0].numpy().astype(np.float32), image.affine.numpy().astype(np.float64)
+    if cfg.n4.enabled:
+        volume = n4_correct(volume, affine, cfg.n4)
+    if template is not None:
+        volume, stats["registration_metric"] = register_to_template(volume, affine, template, cfg.registration)
+        affine = template.affine
+        if cfg.brain_mask:
+            volume = volume * template.mask
+        mask = template.mask if cfg.brain_mask else head_mask(volume)
+        volume, window = normalise(volume, mask, cfg.percentiles)
+    else:
+        volume, window = normalise(volume, head_mask(volume), cfg.percentiles)
+        volume, affine = _crop_to_shape(volume, affine, cfg.shape)
+        mask = head_mask(volume) if volume.any() else volume > 0
+    if not volume.any():
+        raise ValueError("empty after preprocessing (no head above the background)")
+    stats.update(intensity_window=[round(v, 3) for v in window],
+                 foreground_ml=round(float(mask.sum()) * float(np.prod(cfg.spacing)) / 1000.0, 1),
+                 foreground_mean=round(float(volume[mask].mean()) if mask.any() else 0.0, 4))
+    return volume, affine, stats
 
 
-def preprocess_volume(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocess an array with its affine; returns (float32 volume of cfg.shape, its affine)."""
-    image = MetaTensor(torch.as_tensor(data, dtype=torch.float32)[None], affine=torch.as_tensor(affine))
-    out = scan_transform(cfg)(image)
-    return out[0].numpy().astype(np.float32), out.affine.numpy().astype(np.float64)
+def source_sha256(path: Path) -> str:
+    """SHA-256 of a scan file, or of a DICOM folder's files in name order."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()) if path.is_dir() else [path]:
+        if f.is_file():
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass
 class _Job:
     scan: ScanRecord
     out_path: Path
+    qc_png: Path
     cfg: PreprocessConfig
+    cfg_hash: str
 
 
-def _run_job(job: _Job) -> tuple[str | None, str | None]:
-    """Preprocess one scan to its output file; returns (error, None) or (None, out_path)."""
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name.replace(".nii.gz", ".json"))
+
+
+def _run_job(job: _Job) -> dict[str, Any]:
+    """Preprocess one scan to its output file (or reuse it); never raises: a bad scan is a result with an error."""
+    side = _sidecar(job.out_path)
+    if job.out_path.is_file() and side.is_file():
+        try:
+            previous = json.loads(side.read_text())
+            if previous.get("config_hash") == job.cfg_hash:
+                return {**previous, "resumed": True}
+        except json.JSONDecodeError:
+            pass  # a broken sidecar: redo the scan
     try:
-        data, affine = load_volume(job.scan.path)
-        volume, out_affine = preprocess_volume(data, affine, job.cfg)
-        if float(volume.max()) <= 0.0:
-            return f"{job.scan.path}: empty after preprocessing (no head found above the background)", None
-        save_volume(job.out_path, volume, out_affine, descrip=f"medldm preprocessed {job.scan.image_id}")
-        return None, str(job.out_path)
+        data, affine = load_volume(job.scan.path, first_volume_of_4d=job.cfg.use_first_volume_of_4d)
+        template = load_template(job.cfg) if job.cfg.registration.enabled else None
+        volume, out_affine, stats = preprocess_volume(data, affine, job.cfg, template)
+        save_volume(job.out_path, volume, out_affine, descrip=f"medldm {__version__} preprocessed",
+                    dtype=job.cfg.output_dtype)
+        save_png(job.qc_png, three_plane(volume))
+        result = {"config_hash": job.cfg_hash, "source": str(job.scan.path),
+                  "source_sha256": source_sha256(job.scan.path), "stats": stats}
+        write_json(side, result)  # last: an image without its sidecar is redone by the next run
+        return {**result, "resumed": False}
     except Exception as e:  # one bad scan must not stop a batch of thousands
-        return f"{job.scan.path}: {e}", None
+        return {"error": f"{job.scan.path}: {e}"}
+
+
+def _one_thread() -> None:
+    """Worker setup: one thread each for torch and SimpleITK, so N workers use N cores."""
+    import SimpleITK as sitk
+
+    torch.set_num_threads(1)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
 def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def _previous_splits(output_dir: Path) -> dict[str, str]:
+    path = output_dir / "manifest.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        return {r["subject_id"]: r["split"] for r in csv.DictReader(f)}
 
 
 def preprocess_dataset(
@@ -83,88 +172,110 @@ def preprocess_dataset(
     output_dir: str | Path,
     cfg: PreprocessConfig,
     metadata: str | Path | None = None,
+    adnimerge: str | Path | None = None,
     workers: int = 1,
 ) -> dict[str, Any]:
-    """Discover, preprocess and split every scan under ``input_dir``; write the dataset dir; return a summary."""
+    """Discover, preprocess and split every scan under ``input_dir``; write the dataset dir; return a summary.
+
+    Rerunning on the same output dir skips scans already done with the same settings and keeps every
+    earlier subject in its split.
+    """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    found = discover_scans(input_dir, metadata=metadata, description_patterns=cfg.description_patterns)
+    if output_dir.resolve().is_relative_to(input_dir.resolve()):
+        raise ValueError(f"output dir {output_dir} is inside the input dir {input_dir}: the next run would "
+                         "discover its own outputs; choose an output dir outside the input")
+    if cfg.registration.enabled:
+        load_template(cfg)  # a missing template is one clear error now, not one per scan
+    found = discover_scans(input_dir, metadata=metadata, adnimerge=adnimerge,
+                           description_patterns=cfg.description_patterns, preferred_types=cfg.preferred_types,
+                           one_scan_per_visit=cfg.one_scan_per_visit)
+    for where, what in getattr(found, "warnings", []):
+        log.warning("%s: %s", where, what)
     if not found.scans:
         reasons = "; ".join(f"{p}: {r}" for p, r in found.skipped[:5])
         raise ValueError(f"no usable scans found under {input_dir}" + (f" ({reasons})" if reasons else ""))
-    images_dir = output_dir / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
 
     visits = Counter((s.subject_id, s.session) for s in found.scans)
+    cfg_hash = config_hash(cfg)
     jobs = []
     for scan in found.scans:
         # subject_session names the file; the image id is added only where a visit has several scans
         stem = f"{scan.subject_id}_{scan.session}"
         if visits[(scan.subject_id, scan.session)] > 1:
             stem += f"_{scan.image_id}"
-        name = _safe_name(stem) + ".nii.gz"
-        jobs.append(_Job(scan, images_dir / name, cfg))
+        stem = _safe_name(stem)
+        jobs.append(_Job(scan, output_dir / "images" / f"{stem}.nii.gz", output_dir / "qc" / "scans" / f"{stem}.png",
+                         cfg, cfg_hash))
     log.info("preprocessing %d scans with %d worker(s)", len(jobs), workers)
     if workers > 1:
-        # fork (as torch's DataLoader does) works from scripts and notebooks without a __main__ guard;
-        # one thread per worker so that N workers use N cores
+        # fork (as torch's DataLoader does) works from scripts and notebooks without a __main__ guard
         import multiprocessing as mp
 
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=torch.set_num_threads,
-                                 initargs=(1,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_one_thread) as pool:
             results = list(tqdm(pool.map(_run_job, jobs), total=len(jobs), desc="preprocess", unit="scan"))
     else:
         results = [_run_job(j) for j in tqdm(jobs, desc="preprocess", unit="scan")]
 
-    failures = [(str(j.scan.path), err) for j, (err, _) in zip(jobs, results) if err]
-    done = [j for j, (err, _) in zip(jobs, results) if not err]
-    for path, err in failures:
+    failures = [(str(j.scan.path), r["error"]) for j, r in zip(jobs, results) if "error" in r]
+    done = [(j, r) for j, r in zip(jobs, results) if "error" not in r]
+    for _, err in failures:
         log.warning("failed: %s", err)
+    _write_failures(output_dir / "failures.csv", failures)
     if not done:
         raise ValueError(f"all {len(jobs)} scans failed to preprocess; first error: {failures[0][1]}")
+    resumed = sum(r["resumed"] for _, r in done)
+    if resumed:
+        log.info("%d scans were already preprocessed with these settings and were kept", resumed)
 
-    split = assign_splits((j.scan.subject_id for j in done), cfg.split.val_fraction, cfg.split.test_fraction,
-                          cfg.split.seed)
+    diagnosis = {j.scan.subject_id: _map_diagnosis(j.scan.diagnosis, cfg) for j, _ in done}
+    split = assign_splits(diagnosis, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed,
+                          stratify=cfg.split.stratify, previous=_previous_splits(output_dir))
     rows = []
-    for j in done:
+    for j, r in done:
         s = j.scan
-        dx = cfg.diagnosis_map.get(s.diagnosis.strip().upper()) if s.diagnosis else None
         rows.append({
             "subject_id": s.subject_id, "session": s.session, "image": f"images/{j.out_path.name}",
-            "age": "" if s.age is None else f"{s.age:.2f}", "sex": s.sex or "", "diagnosis": dx or "",
-            "split": split[s.subject_id], "source": str(s.path),
+            "age": "" if s.age is None else f"{s.age:.2f}", "sex": s.sex or "",
+            "diagnosis": _map_diagnosis(s.diagnosis, cfg) or "", "split": split[s.subject_id],
+            "source": str(s.path), "source_sha256": r["source_sha256"],
         })
     _write_manifest(output_dir / "manifest.csv", rows)
-    if failures:
-        _write_failures(output_dir / "failures.csv", failures)
 
-    # synthetic volumes are written on the grid of the first training volume
+    # synthetic volumes are written on the grid of the first training volume (the template grid when registered)
     reference = next((r for r in rows if r["split"] == "train"), rows[0])
     ref_affine = nib.load(str(output_dir / reference["image"])).affine
-    counts = {k: sum(r["split"] == k for r in rows) for k in ("train", "val", "test")}
     info = {
         "config": to_dict(cfg),
+        "config_hash": cfg_hash,
         "versions": versions(),
         "input_dir": str(input_dir.resolve()),
         "metadata": str(metadata) if metadata else None,
+        "adnimerge": str(adnimerge) if adnimerge else None,
         "num_scans": len(rows),
-        "num_subjects": len(split),
-        "splits": counts,
+        "num_subjects": len({r["subject_id"] for r in rows}),
+        "resumed": resumed,
+        "splits": {k: sum(r["split"] == k for r in rows) for k in ("train", "val", "test")},
         "failures": [{"path": p, "error": e} for p, e in failures],
         "skipped": [{"path": p, "reason": r} for p, r in found.skipped],
         "reference": {"image": reference["image"], "affine": ref_affine.tolist(), "shape": list(cfg.shape),
                       "spacing": list(cfg.spacing)},
     }
     write_json(output_dir / "preprocess.json", info)
-    _write_qc(output_dir, rows)
+    info["outliers"] = write_qc(output_dir, rows, [r["stats"] for _, r in done])
     return info
 
 
-def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
+def _map_diagnosis(raw: str | None, cfg: PreprocessConfig) -> str | None:
+    table = {k.upper(): v for k, v in cfg.diagnosis_map.items()}
+    return table.get(raw.strip().upper()) if raw else None
+
+
+def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
     tmp = atomic_path(path)
     try:
         with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, path)
@@ -172,14 +283,10 @@ def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
+    _write_csv(path, list(MANIFEST_COLUMNS), rows)
+
+
 def _write_failures(path: Path, failures: list[tuple[str, str]]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "error"])
-        writer.writerows(failures)
-
-
-def _write_qc(output_dir: Path, rows: list[dict[str, Any]], limit: int = 48) -> None:
-    """qc/overview.png: three mid-planes of (up to ``limit``) preprocessed volumes, manifest order."""
-    tiles = [three_plane(load_volume(output_dir / r["image"])[0]) for r in rows[:limit]]
-    save_png(output_dir / "qc" / "overview.png", grid(tiles, columns=4))
+    """failures.csv: one row per failed scan (a header alone when none failed, so a stale list never stays)."""
+    _write_csv(path, ["path", "error"], [{"path": p, "error": e} for p, e in failures])

@@ -1,0 +1,146 @@
+"""Affine registration to a T1 template (SimpleITK) and the template's reference grid and brain mask."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from medldm.config import PreprocessConfig, RegistrationConfig
+from medldm.data.intensity import head_mask
+from medldm.data.io import from_sitk, load_volume, to_sitk
+
+# files of the ICBM152 2009c nonlinear symmetric template inside the nilearn package
+_MNI_FILES = {"t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+              "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+              "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"}
+
+
+@dataclass
+class Template:
+    """A template on the output grid: its image, brain mask (or None) and the grid's affine."""
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    affine: np.ndarray
+
+
+def _nilearn_data_dir() -> Path:
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("registration.template=mni152 uses the ICBM152 2009 template that nilearn ships: "
+                         "pip install 'medldm[mni]' (or nilearn), or set registration.template to a template NIfTI "
+                         "(and registration.template_mask to its brain mask)")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+
+
+def _template_files(cfg: RegistrationConfig) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray | None]:
+    if cfg.template == "mni152":
+        root = _nilearn_data_dir()
+        t1 = load_volume(root / _MNI_FILES["t1"])
+        tissue = load_volume(root / _MNI_FILES["gm"])[0] + load_volume(root / _MNI_FILES["wm"])[0]
+        # GM + WM probability, ventricles and sulcal CSF filled in: the brain as a skull strip wants it
+        mask = ndimage.binary_closing(tissue > 0.25, iterations=3)
+        mask = ndimage.binary_fill_holes(mask)
+        return t1, mask.astype(np.float32)
+    t1 = load_volume(cfg.template)
+    mask = load_volume(cfg.template_mask)[0] if cfg.template_mask else None
+    if mask is not None and mask.shape != t1[0].shape:
+        raise ValueError(f"registration.template_mask {cfg.template_mask} does not match the template's grid")
+    return t1, mask
+
+
+_CACHE: dict[str, Template] = {}
+
+
+def load_template(cfg: PreprocessConfig) -> Template:
+    """The configured template (and mask) resampled onto the output grid: cfg.spacing, cfg.shape, RAS,
+    centred on the template's brain (or head) centre. Loaded once per process."""
+    key = repr((cfg.registration, cfg.spacing, cfg.shape))
+    if key not in _CACHE:
+        (image, affine), mask = _template_files(cfg.registration)
+        _CACHE[key] = _on_output_grid(image, affine, mask, cfg)
+    return _CACHE[key]
+
+
+def _on_output_grid(image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None, cfg: PreprocessConfig) -> Template:
+    import SimpleITK as sitk
+
+    region = mask > 0.5 if mask is not None else image > image.mean()
+    centre_vox = np.argwhere(region).mean(0)
+    centre = (affine @ np.append(centre_vox, 1.0))[:3]
+    spacing, shape = np.array(cfg.spacing, dtype=float), np.array(cfg.shape)
+    grid = np.diag([*spacing, 1.0])
+    grid[:3, 3] = centre - spacing * (shape - 1) / 2.0
+    reference = to_sitk(np.zeros(cfg.shape, np.float32), grid)
+    resampled = sitk.Resample(to_sitk(image, affine), reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+    out_mask = None
+    if mask is not None:
+        m = sitk.Resample(to_sitk(mask, affine), reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+        out_mask = from_sitk(m)[0] > 0.5
+    return Template(from_sitk(resampled)[0], out_mask, grid)
+
+
+def _brain_centre_guess(volume: np.ndarray, affine: np.ndarray, depth_mm: float = 100.0) -> np.ndarray:
+    """World (RAS) centre of the top ``depth_mm`` of the head: the brain sits there, the neck and face do not."""
+    mask = head_mask(volume)
+    ijk = np.argwhere(mask)
+    world = nib.affines.apply_affine(affine, ijk)
+    top = world[:, 2].max()
+    return world[world[:, 2] > top - depth_mm].mean(0)
+
+
+def _run(fixed, moving, transform, cfg: RegistrationConfig, coarse_only: bool = False) -> float:
+    import SimpleITK as sitk
+
+    levels = list(zip(cfg.shrink_factors, cfg.smoothing_sigmas))
+    if coarse_only and len(levels) > 1:
+        levels = levels[:-1]  # the rigid start needs no full-resolution pass
+
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(cfg.sampling_fraction, cfg.seed)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
+                                                 numberOfIterations=cfg.iterations, gradientMagnitudeTolerance=1e-6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([f for f, _ in levels])
+    reg.SetSmoothingSigmasPerLevel([sigma for _, sigma in levels])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    reg.SetInitialTransform(transform, inPlace=True)
+    try:
+        reg.Execute(fixed, moving)
+    except RuntimeError as e:
+        raise ValueError(f"registration to the template failed ({str(e).strip().splitlines()[-1]})") from None
+    return float(reg.GetMetricValue())
+
+
+def register_to_template(volume: np.ndarray, affine: np.ndarray, template: Template,
+                         cfg: RegistrationConfig) -> tuple[np.ndarray, float]:
+    """Register a scan to the template (rigid, then affine; Mattes MI, multi-resolution) and resample it onto
+    the template's grid. Returns (volume on the template grid, final metric value; lower is better)."""
+    import SimpleITK as sitk
+
+    fixed = sitk.Cast(to_sitk(template.image, template.affine), sitk.sitkFloat32)
+    moving = sitk.Cast(to_sitk(volume, affine), sitk.sitkFloat32)
+    # start from the brains' centres: the head's centre of mass would pull the template towards the neck
+    region = template.mask if template.mask is not None else template.image > template.image.mean()
+    fixed_centre = nib.affines.apply_affine(template.affine, np.argwhere(region).mean(0))
+    moving_centre = _brain_centre_guess(volume, affine)
+    ras_to_lps = np.array([-1.0, -1.0, 1.0])
+    rigid = sitk.Euler3DTransform()
+    rigid.SetCenter((fixed_centre * ras_to_lps).tolist())
+    rigid.SetTranslation(((moving_centre - fixed_centre) * ras_to_lps).tolist())
+    _run(fixed, moving, rigid, cfg, coarse_only=True)
+    transform = sitk.AffineTransform(3)
+    transform.SetCenter(rigid.GetCenter())
+    transform.SetMatrix(rigid.GetMatrix())
+    transform.SetTranslation(rigid.GetTranslation())
+    metric = _run(fixed, moving, transform, cfg)
+    out = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0)
+    return from_sitk(out)[0], metric
