@@ -92,6 +92,7 @@ def preprocess_volume(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfi
         mask = head_mask(volume) if volume.any() else volume > 0
     if not volume.any():
         raise ValueError("empty after preprocessing (no head above the background)")
+    mask = mask & (volume > 0.05)  # tissue actually present, also inside a fixed template mask
     stats.update(intensity_window=[round(v, 3) for v in window],
                  foreground_ml=round(float(mask.sum()) * float(np.prod(cfg.spacing)) / 1000.0, 1),
                  foreground_mean=round(float(volume[mask].mean()) if mask.any() else 0.0, 4))
