@@ -99,9 +99,7 @@ def from_sitk(image: Any) -> tuple[np.ndarray, np.ndarray]:
 
     data = sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0)
     direction = np.array(image.GetDirection()).reshape(3, 3)
-    lps = np.eye(4)
-    lps[:3, :3] = direction * np.array(image.GetSpacing())
-    lps[:3, 3] = image.GetOrigin()
+    lps = nib.affines.from_matvec(direction * np.array(image.GetSpacing()), image.GetOrigin())
     return data, _LPS_TO_RAS @ lps
 
 

@@ -134,9 +134,7 @@ def _geometry(rng: np.random.Generator, semi_axes: np.ndarray) -> tuple[np.ndarr
     slack = np.minimum(fov / 2 - half_extent, 15.0)
     head_centre = rng.uniform(-10, 10, 3)
     grid_centre = head_centre + directions @ rng.uniform(-slack, slack)
-    affine = np.eye(4)
-    affine[:3, :3] = directions * spacing
-    affine[:3, 3] = grid_centre - affine[:3, :3] @ ((shape - 1) / 2)
+    affine = nib.affines.from_matvec(directions * spacing, grid_centre - (directions * spacing) @ ((shape - 1) / 2))
     return affine, (int(shape[0]), int(shape[1]), int(shape[2])), head_centre
 
 
