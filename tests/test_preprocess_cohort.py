@@ -82,8 +82,12 @@ def test_rerun_resumes_keeps_splits_and_redoes_changed_or_unfinished_scans(tmp_p
     splits = {r["subject_id"]: r["split"] for r in read_manifest(out)}
     assert first["resumed"] == 0
 
+    import shutil
+
+    shutil.rmtree(out / "qc")  # a user tidying up: the pictures come back without redoing the scans
     again = preprocess_dataset(raw_adni, out, cfg)
     assert again["resumed"] == again["num_scans"]
+    assert len(list((out / "qc" / "scans").glob("*.png"))) == again["num_scans"]
     assert {r["subject_id"]: r["split"] for r in read_manifest(out)} == splits
 
     # a run killed after writing an image but before its sidecar: that scan is redone

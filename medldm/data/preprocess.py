@@ -130,6 +130,8 @@ def _run_job(job: _Job) -> dict[str, Any]:
         try:
             previous = json.loads(side.read_text())
             if previous.get("config_hash") == job.cfg_hash:
+                if not job.qc_png.is_file():  # qc/ was deleted: redraw the picture, keep the volume
+                    save_png(job.qc_png, three_plane(load_volume(job.out_path)[0]))
                 return {**previous, "resumed": True}
         except json.JSONDecodeError:
             pass  # a broken sidecar: redo the scan
@@ -190,7 +192,7 @@ def preprocess_dataset(
     found = discover_scans(input_dir, metadata=metadata, adnimerge=adnimerge,
                            description_patterns=cfg.description_patterns, preferred_types=cfg.preferred_types,
                            one_scan_per_visit=cfg.one_scan_per_visit)
-    for where, what in getattr(found, "warnings", []):
+    for where, what in found.warnings:
         log.warning("%s: %s", where, what)
     if not found.scans:
         reasons = "; ".join(f"{p}: {r}" for p, r in found.skipped[:5])
