@@ -8,8 +8,14 @@ import pytest
 from scipy import ndimage
 
 from medldm.data.io import load_volume
-from medldm.data.phantoms import (ADNI_GROUPS, ADNIMERGE_HEADER, TISSUE_LABELS, make_phantom, make_phantom_with_labels,
-                                  write_phantoms)
+from medldm.data.phantoms import (
+    ADNI_GROUPS,
+    ADNIMERGE_HEADER,
+    TISSUE_LABELS,
+    make_phantom,
+    make_phantom_with_labels,
+    write_phantoms,
+)
 
 LABEL = {name: index for index, name in TISSUE_LABELS.items()}
 ADNI_FILE = re.compile(

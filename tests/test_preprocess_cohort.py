@@ -119,11 +119,10 @@ def test_manifest_records_source_hashes_and_qc_is_complete(dataset):
 
 
 def test_outliers_are_flagged():
-    from medldm.data.qc import write_qc
-
     import tempfile
     from pathlib import Path
 
+    from medldm.data.qc import write_qc
     from medldm.viz import save_png
 
     with tempfile.TemporaryDirectory() as d:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+
 import torch
 from monai.metrics import SSIMMetric
 from torch.nn.parallel import DistributedDataParallel
@@ -16,7 +17,14 @@ from medldm.data.dataset import read_dataset_info, read_manifest, split_rows, vo
 from medldm.models.networks import build_autoencoder
 from medldm.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medldm.training.dist import barrier, init_distributed
-from medldm.training.loop import NonFiniteGuard, autocast, finish_run, infinite_batches, prepare_run_dir, seed_everything
+from medldm.training.loop import (
+    NonFiniteGuard,
+    autocast,
+    finish_run,
+    infinite_batches,
+    prepare_run_dir,
+    seed_everything,
+)
 from medldm.versions import versions
 
 log = logging.getLogger(__name__)

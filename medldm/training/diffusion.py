@@ -17,7 +17,14 @@ from medldm.data.dataset import read_dataset_info, read_manifest
 from medldm.inference.encode import latents_path
 from medldm.models.conditioning import ConditionEncoder
 from medldm.models.networks import build_scheduler, build_unet
-from medldm.training.checkpoint import autoencoder_checkpoint, file_sha256, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medldm.training.checkpoint import (
+    autoencoder_checkpoint,
+    file_sha256,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from medldm.training.dist import barrier, init_distributed
 from medldm.training.loop import NonFiniteGuard, autocast, finish_run, make_ema, prepare_run_dir, seed_everything
 from medldm.versions import versions
