@@ -67,8 +67,8 @@ class RegistrationConfig:
     """Affine registration to a template (SimpleITK, Mattes mutual information, multi-resolution)."""
 
     enabled: bool = False
-    # "mni152": the ICBM152 2009 template that the optional nilearn package ships (pip install "medldm[mni]");
-    # or a path to any T1 template NIfTI
+    # "mni152": the ICBM152 2009 template that the optional nilearn package ships (the [mni] extra:
+    # pip install -e ".[mni]" in a clone, or pip install nilearn); or a path to any T1 template NIfTI
     template: str = "mni152"
     # brain mask in the template's space: "" = the mni152 GM+WM+CSF mask, or a path (needed for a custom template)
     template_mask: str = ""
