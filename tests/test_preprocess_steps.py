@@ -37,11 +37,11 @@ def test_normalise_maps_the_head_percentiles_to_unit_range():
     assert 0.4 < out[vol > 0].mean() < 0.6
 
 
-def _template_files(tmp_path, rng):
+def _template_files(tmp_path, rng, skull_stripped=False):
     # a phantom head stands in for MNI152: the registration code is the same for any template
     vol, affine, labels = make_phantom_with_labels(rng, 70.0, "CN", "F")
     brain = np.isin(labels, (3, 4, 5, 6)).astype(np.float32)
-    save_volume(tmp_path / "template.nii.gz", vol, affine)
+    save_volume(tmp_path / "template.nii.gz", vol * brain if skull_stripped else vol, affine)
     save_volume(tmp_path / "template_mask.nii.gz", brain, affine)
     return load_config("preprocess", None, [
         "spacing=[4.0,4.0,4.0]", "shape=[48,56,48]", "registration.enabled=true",
@@ -69,14 +69,16 @@ def test_registration_puts_another_head_on_the_template_grid_and_masks_the_brain
     assert _dice(out > 0.1, tpl_brain) > 0.85
 
 
-def test_registration_improves_on_the_starting_overlap(tmp_path):
+@pytest.mark.parametrize("skull_stripped", [False, True], ids=["head template", "brain-only template"])
+def test_registration_improves_on_the_starting_overlap(tmp_path, skull_stripped):
     import SimpleITK as sitk
 
     from medldm.data.io import from_sitk, to_sitk
 
     rng = np.random.default_rng(5)
-    cfg = _template_files(tmp_path, rng)
+    cfg = _template_files(tmp_path, rng, skull_stripped)
     template = load_template(cfg)
+    assert template.skull_stripped == skull_stripped
     moving, moving_affine, _ = make_phantom_with_labels(rng, 60.0, "CN", "M")
     # the subject lies 30 mm off and tilted by 12 degrees in the scanner
     c, s = np.cos(np.radians(12)), np.sin(np.radians(12))
@@ -90,8 +92,9 @@ def test_registration_improves_on_the_starting_overlap(tmp_path):
     def correlation(v):
         return np.corrcoef(v[inside], template.image[inside])[0, 1]
 
-    assert correlation(registered) > 0.8
-    assert correlation(registered) > correlation(unregistered) + 0.2
+    # brains of two phantoms share their outline and ventricles, not their sulci: a brain-only match is lower
+    assert correlation(registered) > (0.45 if skull_stripped else 0.8)
+    assert correlation(registered) > correlation(unregistered) + 0.15
 
 
 def test_output_header_carries_nothing_from_the_source_and_uint8_reads_back_in_unit_range(tmp_path, raw_adni):

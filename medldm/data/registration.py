@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+from skimage.filters import threshold_otsu
 
 from medldm.config import PreprocessConfig, RegistrationConfig
 from medldm.data.intensity import head_mask
@@ -27,6 +28,8 @@ class Template:
     image: np.ndarray
     mask: np.ndarray | None
     affine: np.ndarray
+    # the template image holds a brain only (as ICBM152 in nilearn): scans are then matched skull-stripped too
+    skull_stripped: bool = False
 
 
 def _nilearn_data_dir() -> Path:
@@ -82,7 +85,12 @@ def _on_output_grid(image: np.ndarray, affine: np.ndarray, mask: np.ndarray | No
     if mask is not None:
         m = sitk.Resample(to_sitk(mask, affine), reference, sitk.Transform(), sitk.sitkLinear, 0.0)
         out_mask = from_sitk(m)[0] > 0.5
-    return Template(from_sitk(resampled)[0], out_mask, grid)
+    image = from_sitk(resampled)[0]
+    stripped = False
+    if out_mask is not None:
+        outside = image[~ndimage.binary_dilation(out_mask, iterations=2)].sum()
+        stripped = bool(outside < 0.02 * image.sum())
+    return Template(image, out_mask, grid, stripped)
 
 
 def _brain_centre_guess(volume: np.ndarray, affine: np.ndarray, depth_mm: float = 100.0) -> np.ndarray:
@@ -92,6 +100,20 @@ def _brain_centre_guess(volume: np.ndarray, affine: np.ndarray, depth_mm: float 
     world = nib.affines.apply_affine(affine, ijk)
     top = world[:, 2].max()
     return world[world[:, 2] > top - depth_mm].mean(0)
+
+
+def rough_brain_mask(volume: np.ndarray, affine: np.ndarray, erode_mm: float = 8.0) -> np.ndarray:
+    """A rough skull strip for registration only: erode the head until the brain comes apart from the scalp
+    (the dark skull between them), keep the largest piece, grow it back."""
+    spacing = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
+    steps = max(1, int(round(erode_mm / spacing)))
+    mask = volume > threshold_otsu(volume)
+    core = ndimage.binary_erosion(mask, iterations=steps)
+    labels, n = ndimage.label(core)
+    if n == 0:
+        return mask
+    core = labels == (1 + int(np.argmax(ndimage.sum(core, labels, range(1, n + 1)))))
+    return ndimage.binary_fill_holes(ndimage.binary_dilation(core, iterations=steps) & mask)
 
 
 def _run(fixed, moving, transform, cfg: RegistrationConfig, coarse_only: bool = False) -> float:
@@ -128,6 +150,11 @@ def register_to_template(volume: np.ndarray, affine: np.ndarray, template: Templ
 
     fixed = sitk.Cast(to_sitk(template.image, template.affine), sitk.sitkFloat32)
     moving = sitk.Cast(to_sitk(volume, affine), sitk.sitkFloat32)
+    # a skull-stripped template is matched with a roughly skull-stripped scan: with the scalp left in, the
+    # fit may shrink the whole head into the template's brain
+    target = moving
+    if template.skull_stripped:
+        target = to_sitk(volume * rough_brain_mask(volume, affine), affine)
     # start from the brains' centres: the head's centre of mass would pull the template towards the neck
     region = template.mask if template.mask is not None else template.image > template.image.mean()
     fixed_centre = nib.affines.apply_affine(template.affine, np.argwhere(region).mean(0))
@@ -136,11 +163,11 @@ def register_to_template(volume: np.ndarray, affine: np.ndarray, template: Templ
     rigid = sitk.Euler3DTransform()
     rigid.SetCenter((fixed_centre * ras_to_lps).tolist())
     rigid.SetTranslation(((moving_centre - fixed_centre) * ras_to_lps).tolist())
-    _run(fixed, moving, rigid, cfg, coarse_only=True)
+    _run(fixed, target, rigid, cfg, coarse_only=True)
     transform = sitk.AffineTransform(3)
     transform.SetCenter(rigid.GetCenter())
     transform.SetMatrix(rigid.GetMatrix())
     transform.SetTranslation(rigid.GetTranslation())
-    metric = _run(fixed, moving, transform, cfg)
+    metric = _run(fixed, target, transform, cfg)
     out = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0)
     return from_sitk(out)[0], metric
