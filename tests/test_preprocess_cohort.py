@@ -169,3 +169,11 @@ def test_adni_download_with_dicom_adnimerge_and_repeat_scans(tmp_path):
     assert len(visits) == len(set(visits)), "two scans kept for one visit"
     assert any("kept" in s["reason"] for s in info["skipped"])
     assert {r["diagnosis"] for r in rows} <= {"CN", "MCI", "AD"} and all(r["age"] for r in rows)
+
+
+def test_a_nearly_constant_statistic_flags_nothing():
+    from medldm.data.qc import robust_z
+
+    brain_ml = np.array([2040.0, 2039.5, 2040.2, 2038.9, 2040.1, 2041.0, 2039.7, 2010.0])  # 1.5 % apart
+    assert not (np.abs(robust_z(brain_ml)) > 3.5).any()
+    assert np.abs(robust_z(np.append(brain_ml, 1500.0)))[-1] > 3.5

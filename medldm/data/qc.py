@@ -19,11 +19,12 @@ SHEET_SIZE = 100  # scans per contact sheet page
 TILE_HEIGHT = 64
 
 
-def robust_z(values: np.ndarray) -> np.ndarray:
-    """(x - median) / (1.4826 MAD); 0 where the spread is 0."""
+def robust_z(values: np.ndarray, min_relative_spread: float = 0.02) -> np.ndarray:
+    """(x - median) / spread, spread = 1.4826 MAD but at least 2 % of |median|: a statistic that is nearly
+    constant over the cohort (the brain volume inside a fixed template mask) must not flag 1 % differences."""
     median = np.median(values)
-    mad = 1.4826 * np.median(np.abs(values - median))
-    return np.zeros_like(values) if mad == 0 else (values - median) / mad
+    spread = max(1.4826 * np.median(np.abs(values - median)), min_relative_spread * abs(median))
+    return np.zeros_like(values) if spread == 0 else (values - median) / spread
 
 
 def write_qc(output_dir: Path, rows: list[dict[str, Any]], stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
