@@ -52,8 +52,7 @@ def evaluate(data_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig, aut
 
 def _reconstruction(ae_run: Path, test: list[dict[str, Any]], real: list[torch.Tensor], metrics: VolumeMetrics,
                     out_dir: Path, device: str | None) -> dict[str, Any]:
-    from medldm.inference.encode import load_autoencoder
-    from medldm.training.autoencoder import reconstruct
+    from medldm.inference.encode import load_autoencoder, reconstruct
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_autoencoder(ae_run, dev)

@@ -37,6 +37,13 @@ def load_autoencoder_file(path: str | Path, device: torch.device | str = "cpu") 
     return model.to(device).eval(), meta
 
 
+@torch.no_grad()
+def reconstruct(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Decode the posterior mean (the deterministic reconstruction used for validation and evaluation)."""
+    mu, _ = model.encode(x)
+    return model.decode(mu)
+
+
 def latents_path(ae_run: str | Path) -> Path:
     return Path(ae_run) / "latents" / "latents.pt"
 

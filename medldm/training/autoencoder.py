@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from medldm.config import AutoencoderConfig, ConfigError, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest, split_rows, volume_dataset
+from medldm.inference.encode import reconstruct
 from medldm.models.networks import build_autoencoder
 from medldm.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medldm.training.dist import barrier, init_distributed
@@ -43,13 +44,6 @@ def check_shapes(cfg: AutoencoderConfig, image_shape: list[int]) -> None:
         raise ConfigError(f"autoencoder.model.channels has {len(cfg.model.channels)} levels (downsampling {f}x) "
                           f"but the dataset's volumes are {image_shape}: set preprocess.shape to multiples of {f} "
                           "or change autoencoder.model.channels")
-
-
-@torch.no_grad()
-def reconstruct(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Decode the posterior mean (deterministic reconstruction)."""
-    mu, _ = model.encode(x)
-    return model.decode(mu)
 
 
 def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: AutoencoderConfig, resume: bool = False) -> Path:
