@@ -157,6 +157,8 @@ class AutoencoderModelConfig:
     attention_levels: tuple[bool, ...] = (False, False, False)
     norm_num_groups: int = 8
     with_nonlocal_attn: bool = False
+    # recompute activations in the backward pass: less GPU memory, about a third more compute
+    activation_checkpointing: bool = False
 
     @property
     def downsample_factor(self) -> int:
@@ -187,29 +189,103 @@ class TrainConfig:
     seed: int = 0
     # bf16 autocast is used on CUDA only; the CPU always runs float32
     amp: bool = True
+    # micro-batches per optimiser step (effective batch = batch_size x grad_accum x GPUs)
+    grad_accum: int = 1
+    # stop cleanly (validate, write latest.pt) after this many minutes, e.g. a SLURM wall time; 0 = no limit
+    time_limit_minutes: float = 0.0
 
     def validate(self, prefix: str) -> None:
-        for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name} must be >= 1")
         if self.lr <= 0:
             raise ConfigError(f"{prefix}.lr must be > 0")
         if self.num_workers < 0:
             raise ConfigError(f"{prefix}.num_workers must be >= 0")
+        if self.time_limit_minutes < 0:
+            raise ConfigError(f"{prefix}.time_limit_minutes must be >= 0 (0 = no limit)")
+
+
+@dataclass
+class DiscriminatorConfig:
+    # MONAI PatchDiscriminator (instance norm: independent of the batch size, nothing to sync across GPUs)
+    channels: int = 8
+    num_layers: int = 3
+    lr: float = 1e-3
+
+    def validate(self, prefix: str) -> None:
+        if self.channels < 1 or self.num_layers < 1:
+            raise ConfigError(f"{prefix}.channels and {prefix}.num_layers must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"{prefix}.lr must be > 0")
+
+
+@dataclass
+class SlidingWindowConfig:
+    # window for full-volume validation and encoding; empty = the training patch_size (whole volume without patches)
+    roi_size: list[int] = field(default_factory=list)
+    overlap: float = 0.25
+    batch_size: int = 4
+
+    def validate(self, prefix: str) -> None:
+        if self.roi_size and len(self.roi_size) != 3:
+            raise ConfigError(f"{prefix}.roi_size needs 3 values (or [] for the training patch size)")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"{prefix}.overlap must be in [0, 1)")
+        if self.batch_size < 1:
+            raise ConfigError(f"{prefix}.batch_size must be >= 1")
 
 
 @dataclass
 class AutoencoderConfig:
     model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=800, lr=1e-3, val_every=200,
                                                                    checkpoint_every=200))
-    kl_weight: float = 1e-6
+    # train on random patches of this size (voxels, each a multiple of the downsampling); [] = whole volumes
+    patch_size: list[int] = field(default_factory=list)
+    sliding_window: SlidingWindowConfig = field(default_factory=SlidingWindowConfig)
+    # fraction of the training volumes held in memory (float32); lower it for cohorts larger than RAM
+    cache_rate: float = 1.0
+    # KL weight against the *mean* L1 (the KL is summed over latent voxels): the literature's 1e-6 collapsed the
+    # posterior towards a mean brain in short runs (benchmarks/RESULTS.md); 1e-8 keeps the latent informative
+    kl_weight: float = 1e-8
+    # least-squares patch-adversarial term, switched on at step adversarial_start (0 = off)
+    adversarial_weight: float = 0.01
+    adversarial_start: int = 400
+    # MONAI PerceptualLoss (fake-3D ResNet-50); needs a local torchvision ResNet-50 state dict, never downloads
+    perceptual_weight: float = 0.001
+    perceptual_weights: str = ""
+    perceptual_state_dict_key: str = ""
+    # optional SSIM loss term (1 - SSIM), an alternative to the perceptual loss
+    ssim_weight: float = 0.0
+    # EMA of the autoencoder weights, used for validation, best.pt and encoding; 0 = off
+    ema_decay: float = 0.0
 
     def validate(self, prefix: str = "autoencoder") -> None:
         self.model.validate(f"{prefix}.model")
+        self.discriminator.validate(f"{prefix}.discriminator")
         self.train.validate(f"{prefix}.train")
-        if self.kl_weight < 0:
-            raise ConfigError(f"{prefix}.kl_weight must be >= 0")
+        self.sliding_window.validate(f"{prefix}.sliding_window")
+        f = self.model.downsample_factor
+        if self.patch_size and (len(self.patch_size) != 3 or any(p < f or p % f for p in self.patch_size)):
+            raise ConfigError(f"{prefix}.patch_size={self.patch_size}: needs 3 sizes, each a multiple of the "
+                              f"autoencoder's downsampling ({f}), or [] for whole volumes")
+        if any(p < f or p % f for p in self.sliding_window.roi_size):
+            raise ConfigError(f"{prefix}.sliding_window.roi_size={self.sliding_window.roi_size}: each size must be "
+                              f"a multiple of the autoencoder's downsampling ({f})")
+        for name in ("kl_weight", "adversarial_weight", "perceptual_weight", "ssim_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name} must be >= 0")
+        if self.adversarial_start < 0:
+            raise ConfigError(f"{prefix}.adversarial_start must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"{prefix}.ema_decay must be in [0, 1) (0 = no EMA)")
+        if not 0.0 <= self.cache_rate <= 1.0:
+            raise ConfigError(f"{prefix}.cache_rate must be in [0, 1]")
+        if self.perceptual_weight > 0 and self.perceptual_weights and not Path(self.perceptual_weights).is_file():
+            raise ConfigError(f"{prefix}.perceptual_weights: {self.perceptual_weights} does not exist; give a local "
+                              "torchvision ResNet-50 state dict, or set it to '' to train without the perceptual loss")
 
 
 @dataclass

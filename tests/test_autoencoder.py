@@ -1,10 +1,13 @@
 import pytest
 import torch
 
+import medldm.training.autoencoder as ae_module
 from medldm.config import ConfigError, load_config
-from medldm.training.autoencoder import check_shapes, kl_loss, train_autoencoder
+from medldm.data.dataset import read_manifest
+from medldm.training.autoencoder import check_shapes, train_autoencoder
 from medldm.training.checkpoint import load_checkpoint
 from medldm.training.loop import NonFiniteGuard, NonFiniteLossError
+from medldm.training.losses import kl_loss
 
 from .conftest import AE_FAST
 
@@ -57,3 +60,150 @@ def test_non_finite_losses_are_skipped_then_stop_the_run():
     with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
         guard.ok(torch.tensor(float("nan")), 4)
     assert guard.skipped == 3
+
+
+# every production feature at once, so the exact-resume test covers their state: adversarial term (from step 2),
+# EMA, random patches, gradient accumulation
+AE_FULL = AE_FAST + ["train.steps=8", "train.val_every=4", "train.checkpoint_every=4", "adversarial_start=2",
+                     "ema_decay=0.9", "patch_size=[24,24,24]", "train.grad_accum=2"]
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(dataset, tmp_path, monkeypatch):
+    cfg = load_config("autoencoder", None, AE_FULL)
+    train_autoencoder(dataset, tmp_path / "straight", cfg)
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
+
+    real_save = ae_module.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if path.name == "latest.pt" and state["step"] == 4:
+            raise _Crash  # the process dies right after writing the step-4 checkpoint
+
+    monkeypatch.setattr(ae_module, "save_checkpoint", save_then_die)
+    with pytest.raises(_Crash):
+        train_autoencoder(dataset, tmp_path / "crashed", cfg)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "crashed" / "checkpoints" / "latest.pt")["step"] == 4
+    train_autoencoder(dataset, tmp_path / "crashed", cfg, resume=True)
+    resumed = load_checkpoint(tmp_path / "crashed" / "checkpoints" / "latest.pt")
+
+    assert resumed["step"] == straight["step"] == 8
+    assert resumed["best_val_ssim"] == pytest.approx(straight["best_val_ssim"], abs=1e-6)
+    for part in ("model", "ema", "discriminator"):
+        for k, v in straight[part].items():
+            assert torch.allclose(v, resumed[part][k], atol=1e-6), f"{part}.{k} differs after resume"
+    exp_avg = [s["exp_avg"] for s in straight["optimizer_d"]["state"].values()]
+    assert all(torch.allclose(a, s["exp_avg"], atol=1e-6)
+               for a, s in zip(exp_avg, resumed["optimizer_d"]["state"].values()))
+
+
+def test_training_logs_every_term_and_validation_pictures(dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "ae"
+    train_autoencoder(dataset, run, load_config("autoencoder", None, AE_FULL + ["train.log_every=1"]))
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/l1", "train/kl", "train/adv_g", "train/adv_d", "train/loss", "train/lr",
+            "train/seconds_per_step", "val/ssim", "val/ms_ssim", "val/psnr", "val/l1"} <= scalars
+    assert [e.step for e in events.Scalars("val/ssim")] == [4, 8]
+    assert "val/input_reconstruction_error" in events.Tags()["images"]
+    # the adversarial terms start at adversarial_start=2, not before
+    assert min(e.step for e in events.Scalars("train/adv_g")) == 3
+
+
+def test_encoding_uses_the_ema_weights_and_records_the_manifest_rows(dataset, tmp_path):
+    from medldm.inference.encode import encode_dataset, load_autoencoder
+
+    run = tmp_path / "ae"
+    train_autoencoder(dataset, run, load_config("autoencoder", None, AE_FULL))
+    model, meta = load_autoencoder(run)
+    state = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert meta["weights"] == "ema"
+    assert all(torch.equal(v, state["ema"][k]) for k, v in model.state_dict().items())
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+    cache = load_checkpoint(encode_dataset(dataset, run, batch_size=3))
+    rows = read_manifest(dataset)
+    assert [r["image"] for r in cache["rows"]] == [r["image"] for r in rows]
+    assert [r["split"] for r in cache["rows"]] == [r["split"] for r in rows]
+    # the sliding-window encoder (24^3 windows from the patch size) gives the whole-volume latent grid
+    assert cache["mu"].shape == (len(rows), 3, 8, 8, 8)
+
+
+def test_sliding_window_reconstruction_covers_the_whole_volume():
+    from medldm.inference.encode import posterior_mean, reconstruct
+    from medldm.models.networks import build_autoencoder
+
+    cfg = load_config("autoencoder", None, ["patch_size=[16,16,16]", "adversarial_weight=0"])
+    model = build_autoencoder(cfg.model).eval()
+    x = torch.rand(2, 1, 32, 40, 32)
+    windowed, whole = reconstruct(model, x, cfg), reconstruct(model, x)
+    assert windowed.shape == whole.shape == x.shape
+    assert torch.isfinite(windowed).all()
+    assert posterior_mean(model, x, cfg).shape == (2, 3, 8, 10, 8)
+
+
+def test_time_limit_stops_with_a_resumable_checkpoint(dataset, tmp_path):
+    run = tmp_path / "ae"
+    cfg = load_config("autoencoder", None, AE_FAST + ["train.time_limit_minutes=1e-6"])
+    train_autoencoder(dataset, run, cfg)
+    state = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert state["step"] == 1 and (run / "checkpoints" / "best.pt").is_file()
+    train_autoencoder(dataset, run, load_config("autoencoder", None, AE_FAST), resume=True)
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["step"] == 6
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["patch_size=[48,16,16]"], "larger than the dataset's volumes"),
+    (["sliding_window.roi_size=[16,16,64]"], "larger than the dataset's volumes"),
+    (["patch_size=[16,16,16]"], "discriminator.num_layers=3 downsamples"),
+])
+def test_sizes_that_cannot_work_are_refused_before_training(dataset, tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        train_autoencoder(dataset, tmp_path / "ae", load_config("autoencoder", None, AE_FAST + overrides))
+    assert not (tmp_path / "ae").exists()
+
+
+def test_config_refuses_patches_the_autoencoder_cannot_halve():
+    with pytest.raises(ConfigError, match="patch_size"):
+        load_config("autoencoder", None, ["patch_size=[18,16,16]"])
+    with pytest.raises(ConfigError, match="perceptual_weights"):
+        load_config("autoencoder", None, ["perceptual_weights=/nowhere/resnet50.pth"])
+
+
+def test_perceptual_loss_is_off_without_local_weights_and_says_so(caplog):
+    from medldm.training.losses import build_perceptual_loss
+
+    with caplog.at_level("WARNING"):
+        assert build_perceptual_loss(load_config("autoencoder")) is None
+    assert "perceptual loss off" in caplog.text and "Nothing is downloaded" in caplog.text
+
+
+def test_a_dataset_without_a_validation_split_is_refused(dataset, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    manifest = data / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace(",val,", ",train,"))
+    with pytest.raises(ValueError, match="no val-split volumes"):
+        train_autoencoder(data, tmp_path / "ae", load_config("autoencoder", None, AE_FAST))
+
+
+def test_resuming_with_another_architecture_or_a_corrupt_checkpoint_is_refused(ae_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "ae"
+    shutil.copytree(ae_run, run)
+    data = load_checkpoint(run / "checkpoints" / "latest.pt")["data_dir"]
+    wider = load_config("autoencoder", None, AE_FAST + ["model.channels=[16,16,16]"])
+    with pytest.raises(ConfigError, match="model.channels is"):
+        train_autoencoder(data, run, wider, resume=True)
+    (run / "checkpoints" / "latest.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        train_autoencoder(data, run, load_config("autoencoder", None, AE_FAST), resume=True)

@@ -69,3 +69,17 @@ def test_condition_parsing_errors_name_the_problem():
         enc.parse({"diagnosis": "AD"})
     with pytest.raises(ValueError, match="age must be a number"):
         enc.parse({"age": "old"})
+
+
+def test_time_limit_and_gradient_accumulation(dataset, ae_run, tmp_path):
+    from medldm.config import load_config
+    from medldm.training.diffusion import train_diffusion
+
+    from .conftest import LDM_FAST
+
+    run = tmp_path / "ldm"
+    train_diffusion(dataset, ae_run, run, load_config("diffusion", None, LDM_FAST + [
+        "train.grad_accum=2", "train.time_limit_minutes=1e-6"]))
+    state = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert state["step"] == 1  # stopped cleanly at the limit, with a checkpoint to --resume from
+    assert (run / "checkpoints" / "best.pt").is_file()

@@ -44,12 +44,12 @@ def split_rows(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
     return [r for r in rows if r["split"] == split]
 
 
-def volume_dataset(data_dir: str | Path, rows: list[dict[str, Any]]) -> CacheDataset:
-    """Dataset of ``{"image": (1, X, Y, Z) float32}`` for the given manifest rows, cached in memory."""
+def volume_dataset(data_dir: str | Path, rows: list[dict[str, Any]], cache_rate: float = 1.0) -> CacheDataset:
+    """Dataset of ``{"image": (1, X, Y, Z) float32}`` for the given manifest rows; ``cache_rate`` of them in memory."""
     data_dir = Path(data_dir)
     items = [{"image": str(data_dir / r["image"]), "index": i} for i, r in enumerate(rows)]
     transform = Compose([
         LoadImaged(keys="image", ensure_channel_first=True, image_only=True),
         EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
     ])
-    return CacheDataset(items, transform=transform, progress=False)
+    return CacheDataset(items, transform=transform, cache_rate=cache_rate, progress=False)

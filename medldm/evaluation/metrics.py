@@ -17,7 +17,9 @@ def ms_ssim_scales(shape: Sequence[int], kernel_size: int) -> int:
     """The most scales (<= 5) that MS-SSIM can use on volumes of ``shape`` with this kernel."""
     n = 0
     for k in range(1, len(MS_SSIM_WEIGHTS) + 1):
-        if all(s // 2 ** (k - 1) > kernel_size - 1 for s in shape):
+        # the coarsest scale is 2^(k-1) smaller; MONAI checks against (k-1)^2, stricter for k=4: meet both
+        div = max(2 ** (k - 1), (k - 1) ** 2)
+        if all(s // div > kernel_size - 1 for s in shape):
             n = k
     if n == 0:
         raise ValueError(f"volumes of shape {list(shape)} are too small for MS-SSIM with kernel_size={kernel_size}")

@@ -52,13 +52,15 @@ def evaluate(data_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig, aut
 
 def _reconstruction(ae_run: Path, test: list[dict[str, Any]], real: list[torch.Tensor], metrics: VolumeMetrics,
                     out_dir: Path, device: str | None) -> dict[str, Any]:
+    from medldm.config import config_from_dict
     from medldm.inference.encode import load_autoencoder, reconstruct
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_autoencoder(ae_run, dev)
+    ae_cfg = config_from_dict("autoencoder", meta["config"])
     per_subject, tiles = [], []
     for row, x in tqdm(list(zip(test, real)), desc="reconstruct", unit="volume"):
-        recon = reconstruct(model, x[None].to(dev)).float().clamp(0, 1)[0].cpu()
+        recon = reconstruct(model, x[None].to(dev), ae_cfg).float().clamp(0, 1)[0].cpu()
         per_subject.append({"image": row["image"], **metrics(recon, x)})
         if len(tiles) < 4:
             a, b = x[0].numpy(), recon[0].numpy()

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.inferers import sliding_window_inference
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from medldm.config import config_from_dict
+from medldm.config import AutoencoderConfig, config_from_dict
 from medldm.data.dataset import read_manifest, volume_dataset
 from medldm.data.io import write_json
 from medldm.models.networks import build_autoencoder
@@ -31,17 +33,50 @@ def load_autoencoder_file(path: str | Path, device: torch.device | str = "cpu") 
         raise ValueError(f"{path} is not an autoencoder checkpoint (kind={state.get('kind')!r})")
     cfg = config_from_dict("autoencoder", state["config"])
     model = build_autoencoder(cfg.model)
-    model.load_state_dict(state["model"])
-    meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng")}
-    meta.update(checkpoint=str(path.resolve()), sha256=file_sha256(path))
+    # the EMA weights are the autoencoder's output when the run kept an EMA
+    weights = state.get("ema") or state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit the architecture in its own config "
+                         f"({str(e).splitlines()[0]}); the file is damaged or was edited") from None
+    meta = {k: v for k, v in state.items() if k not in ("model", "ema", "discriminator", "optimizer",
+                                                         "optimizer_d", "rng")}
+    meta.update(checkpoint=str(path.resolve()), sha256=file_sha256(path), weights="ema" if state.get("ema") else "model")
     return model.to(device).eval(), meta
 
 
+def window_size(cfg: AutoencoderConfig) -> list[int]:
+    """The sliding-window ROI of an autoencoder config: sliding_window.roi_size, else patch_size, else [] (whole)."""
+    return list(cfg.sliding_window.roi_size or cfg.patch_size)
+
+
 @torch.no_grad()
-def reconstruct(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Decode the posterior mean (the deterministic reconstruction used for validation and evaluation)."""
-    mu, _ = model.encode(x)
-    return model.decode(mu)
+def reconstruct(model: torch.nn.Module, x: torch.Tensor, cfg: AutoencoderConfig | None = None) -> torch.Tensor:
+    """Decode the posterior mean (the deterministic reconstruction); window by window when ``cfg`` asks for it."""
+
+    def run(patch: torch.Tensor) -> torch.Tensor:
+        return model.decode(model.encode(patch)[0]).float()
+
+    roi = window_size(cfg) if cfg is not None else []
+    if not roi or all(r >= s for r, s in zip(roi, x.shape[2:])):
+        return run(x)
+    sw = cfg.sliding_window
+    return sliding_window_inference(x, roi, sw.batch_size, run, overlap=sw.overlap, mode="gaussian")
+
+
+@torch.no_grad()
+def posterior_mean(model: torch.nn.Module, x: torch.Tensor, cfg: AutoencoderConfig | None = None) -> torch.Tensor:
+    """μ of a batch; window by window (blended at latent resolution) when ``cfg`` asks for it."""
+
+    def run(patch: torch.Tensor) -> torch.Tensor:
+        return model.encode(patch)[0].float()
+
+    roi = window_size(cfg) if cfg is not None else []
+    if not roi or all(r >= s for r, s in zip(roi, x.shape[2:])):
+        return run(x)
+    sw = cfg.sliding_window
+    return sliding_window_inference(x, roi, sw.batch_size, run, overlap=sw.overlap, mode="gaussian")
 
 
 def latents_path(ae_run: str | Path) -> Path:
@@ -49,17 +84,22 @@ def latents_path(ae_run: str | Path) -> Path:
 
 
 @torch.no_grad()
-def encode_dataset(data_dir: str | Path, ae_run: str | Path, device: str | None = None) -> Path:
-    """Write ``AE_RUN/latents/latents.pt`` (μ of every volume + scale factor) and ``latents.json``."""
+def encode_dataset(data_dir: str | Path, ae_run: str | Path, device: str | None = None, batch_size: int = 4,
+                   num_workers: int = 0) -> Path:
+    """Write ``AE_RUN/latents/latents.pt`` (μ of every volume + scale factor + manifest rows) and ``latents.json``."""
     data_dir, ae_run = Path(data_dir), Path(ae_run)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_autoencoder(ae_run, dev)
+    cfg = config_from_dict("autoencoder", meta["config"])
     rows = read_manifest(data_dir)
+    loader = DataLoader(volume_dataset(data_dir, rows, cache_rate=0.0), batch_size=batch_size, num_workers=num_workers)
     mus = []
-    for item in tqdm(volume_dataset(data_dir, rows), total=len(rows), desc="encode", unit="volume"):
-        mu, _ = model.encode(item["image"][None].to(dev))
-        mus.append(mu[0].float().cpu())
-    mu = torch.stack(mus)
+    with tqdm(total=len(rows), desc="encode", unit="volume") as progress:
+        for batch in loader:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                mus.append(posterior_mean(model, batch["image"].to(dev), cfg).float().cpu())
+            progress.update(len(mus[-1]))
+    mu = torch.cat(mus)
     train = torch.tensor([r["split"] == "train" for r in rows])
     if not train.any():
         raise ValueError(f"{data_dir}/manifest.csv has no train-split volumes to compute the scale factor from")
@@ -71,13 +111,15 @@ def encode_dataset(data_dir: str | Path, ae_run: str | Path, device: str | None 
     payload = {
         "mu": mu,
         "images": [r["image"] for r in rows],
+        # the manifest rows the latents belong to, in order (labels and splits for the diffusion stage)
+        "rows": rows,
         "scale_factor": scale_factor,
         "autoencoder_sha256": meta["sha256"],
         "autoencoder_checkpoint": meta["checkpoint"],
         "data_dir": str(data_dir.resolve()),
     }
     save_checkpoint(out, payload)
-    write_json(out.with_suffix(".json"), {k: v for k, v in payload.items() if k not in ("mu", "images")}
+    write_json(out.with_suffix(".json"), {k: v for k, v in payload.items() if k not in ("mu", "images", "rows")}
                | {"count": len(rows), "latent_shape": list(mu.shape[1:]), "train_std": std})
     log.info("encoded %d volumes to %s (latent %s, scale factor %.4f)", len(rows), out, list(mu.shape[1:]), scale_factor)
     return out

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from medldm.config import AutoencoderModelConfig, SchedulerConfig, UNetConfig
+from medldm.config import AutoencoderModelConfig, DiscriminatorConfig, SchedulerConfig, UNetConfig
 
 
 def build_autoencoder(cfg: AutoencoderModelConfig) -> AutoencoderKL:
@@ -21,7 +21,14 @@ def build_autoencoder(cfg: AutoencoderModelConfig) -> AutoencoderKL:
         norm_num_groups=cfg.norm_num_groups,
         with_encoder_nonlocal_attn=cfg.with_nonlocal_attn,
         with_decoder_nonlocal_attn=cfg.with_nonlocal_attn,
+        use_checkpoint=cfg.activation_checkpointing,
     )
+
+
+def build_discriminator(cfg: DiscriminatorConfig) -> PatchDiscriminator:
+    """3D patch discriminator for the adversarial term; instance norm keeps it independent of the batch size."""
+    return PatchDiscriminator(spatial_dims=3, in_channels=1, out_channels=1, channels=cfg.channels,
+                              num_layers_d=cfg.num_layers, norm="INSTANCE")
 
 
 def build_unet(cfg: UNetConfig, latent_channels: int, context_dim: int | None) -> DiffusionModelUNet:

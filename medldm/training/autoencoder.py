@@ -1,145 +1,294 @@
-"""Train the KL autoencoder (stage 1): L1 + KL on preprocessed volumes."""
+"""Train the KL autoencoder (stage 1): L1 + KL + patch-adversarial (+ perceptual / SSIM) on volumes or patches."""
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from monai.metrics import SSIMMetric
+from monai.losses import SSIMLoss
+from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from medldm.config import AutoencoderConfig, ConfigError, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest, split_rows, volume_dataset
+from medldm.evaluation.metrics import VolumeMetrics
 from medldm.inference.encode import reconstruct
-from medldm.models.networks import build_autoencoder
-from medldm.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from medldm.training.dist import barrier, init_distributed
+from medldm.models.networks import build_autoencoder, build_discriminator
+from medldm.training.checkpoint import load_checkpoint, save_checkpoint
+from medldm.training.dist import DistContext, barrier, init_distributed
+from medldm.training.losses import adversarial_loss, build_perceptual_loss, kl_loss
 from medldm.training.loop import (
+    Deadline,
     NonFiniteGuard,
+    ResumableBatches,
     autocast,
     finish_run,
-    infinite_batches,
+    gather_rng_states,
+    make_ema,
+    no_sync,
     prepare_run_dir,
+    random_patches,
+    restore_rng_states,
     seed_everything,
 )
 from medldm.versions import versions
+from medldm.viz import three_plane
 
 log = logging.getLogger(__name__)
 
 
-def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, sigma) || N(0, 1)) summed over latent voxels, averaged over the batch."""
-    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-12) - 1.0)
-    return kl.flatten(1).sum(1).mean()
-
-
 def check_shapes(cfg: AutoencoderConfig, image_shape: list[int]) -> None:
-    """The volume must halve cleanly at every autoencoder level."""
+    """The volume must halve cleanly at every autoencoder level, and hold the patch and the window."""
     f = cfg.model.downsample_factor
     if any(s % f for s in image_shape):
         raise ConfigError(f"autoencoder.model.channels has {len(cfg.model.channels)} levels (downsampling {f}x) "
                           f"but the dataset's volumes are {image_shape}: set preprocess.shape to multiples of {f} "
                           "or change autoencoder.model.channels")
+    for key, size in (("patch_size", cfg.patch_size), ("sliding_window.roi_size", cfg.sliding_window.roi_size)):
+        if size and any(p > s for p, s in zip(size, image_shape)):
+            raise ConfigError(f"autoencoder.{key}={list(size)} is larger than the dataset's volumes {image_shape}: "
+                              f"choose at most {image_shape}, or [] for whole volumes")
+    if cfg.adversarial_weight > 0:
+        size = list(cfg.patch_size or image_shape)
+        if not _discriminator_fits(cfg, size):
+            least = next((s for s in range(8, 1025, 8) if _discriminator_fits(cfg, [s] * 3)), None)
+            raise ConfigError(f"autoencoder.discriminator.num_layers={cfg.discriminator.num_layers} downsamples "
+                              f"training inputs of {size} to nothing: use inputs of at least {least} voxels per side "
+                              "(patch_size) or fewer discriminator layers")
+
+
+def _discriminator_fits(cfg: AutoencoderConfig, size: list[int]) -> bool:
+    # a dry run on the meta device: shapes only, no memory, no compute
+    with torch.device("meta"):
+        disc = build_discriminator(cfg.discriminator)
+        try:
+            disc(torch.empty(1, 1, *size))
+        except (ValueError, RuntimeError):
+            return False
+    return True
+
+
+def check_resumable(state: dict[str, Any], cfg: AutoencoderConfig, path: Path) -> None:
+    """A run resumes only with the architecture it was trained with."""
+    if state.get("kind") != "autoencoder":
+        raise ValueError(f"{path} is not an autoencoder checkpoint (kind={state.get('kind')!r})")
+    new = to_dict(cfg)
+    for section, keys in (("model", None), ("discriminator", ("channels", "num_layers"))):
+        old_s, new_s = state["config"].get(section, {}), new[section]
+        for k in keys or new_s:
+            if k in old_s and old_s[k] != new_s[k]:
+                raise ConfigError(f"--resume: autoencoder.{section}.{k} is {new_s[k]} in this config but "
+                                  f"{old_s[k]} in {path}; resume with the run's config.yaml, or start a new run")
+    if (state.get("discriminator") is None) != (cfg.adversarial_weight == 0):
+        raise ConfigError(f"--resume: autoencoder.adversarial_weight switches the discriminator "
+                          f"{'on' if cfg.adversarial_weight else 'off'} but {path} was trained the other way")
+    if (state.get("ema") is None) != (cfg.ema_decay == 0):
+        raise ConfigError(f"--resume: autoencoder.ema_decay switches the EMA {'on' if cfg.ema_decay else 'off'} "
+                          f"but {path} was trained the other way")
 
 
 def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: AutoencoderConfig, resume: bool = False) -> Path:
     """Train (or resume) an autoencoder run; returns the path of its latest checkpoint."""
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     info = read_dataset_info(data_dir)
-    check_shapes(cfg, info["reference"]["shape"])
+    image_shape = info["reference"]["shape"]
+    check_shapes(cfg, image_shape)
     rows = read_manifest(data_dir)
     train_rows, val_rows = split_rows(rows, "train"), split_rows(rows, "val")
-    if not train_rows:
-        raise ValueError(f"{data_dir}/manifest.csv has no train-split volumes")
-    val_ds = volume_dataset(data_dir, val_rows or train_rows[:2])
+    for split, chosen in (("train", train_rows), ("val", val_rows)):
+        if not chosen:
+            raise ValueError(f"{data_dir}/manifest.csv has no {split}-split volumes: preprocess again with "
+                             "split.val_fraction > 0 (the autoencoder keeps its best checkpoint by validation SSIM)")
+    latest = run_dir / "checkpoints" / "latest.pt"
+    state = load_checkpoint(latest) if resume and latest.is_file() else None
+    if state is not None:
+        check_resumable(state, cfg, latest)
 
     ctx = init_distributed()
     tc = cfg.train
-    seed_everything(tc.seed + ctx.rank)
-    latest = prepare_run_dir(run_dir, cfg, resume) if ctx.is_main else run_dir / "checkpoints" / "latest.pt"
+    if ctx.is_main:
+        prepare_run_dir(run_dir, cfg, resume)
     barrier(ctx)
 
-    train_ds = volume_dataset(data_dir, train_rows)
-    sampler = DistributedSampler(train_ds, ctx.world_size, ctx.rank, seed=tc.seed) if ctx.world_size > 1 else None
-    loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=tc.num_workers, drop_last=len(train_ds) > tc.batch_size,
-                        generator=torch.Generator().manual_seed(tc.seed))
+    # identical initial weights on every rank (DDP broadcasts them anyway; the EMA copy is made before that)
+    torch.manual_seed(tc.seed)
     model = build_autoencoder(cfg.model).to(ctx.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    step, best_ssim = 0, -1.0
-    if resume:
-        state = load_checkpoint(latest)
+    disc = build_discriminator(cfg.discriminator).to(ctx.device) if cfg.adversarial_weight > 0 else None
+    ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    opt_g = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.discriminator.lr) if disc is not None else None
+    perceptual = build_perceptual_loss(cfg)
+    perceptual = perceptual.to(ctx.device) if perceptual is not None else None
+    ssim_loss = SSIMLoss(spatial_dims=3, data_range=1.0) if cfg.ssim_weight > 0 else None
+    adv = adversarial_loss()
+    # per-rank random streams: the KL sampling noise (global torch RNG) and the patch positions
+    seed_everything(tc.seed + ctx.rank)
+    patch_gen = torch.Generator().manual_seed(tc.seed * 1000 + ctx.rank)
+    step, best_ssim, skipped = 0, -1.0, 0
+    if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, best_ssim = state["step"], state["best_val_ssim"]
-        set_rng_state(state["rng"])
+        opt_g.load_state_dict(state["optimizer"])
+        if disc is not None:
+            disc.load_state_dict(state["discriminator"])
+            opt_d.load_state_dict(state["optimizer_d"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+            ema.n_averaged.fill_(state["ema_n_averaged"])
+        step, best_ssim, skipped = state["step"], state["best_val_ssim"], state.get("skipped_nonfinite", 0)
+        restore_rng_states(ctx, state["rng"], {"patch": patch_gen})
         log.info("resumed %s at step %d", run_dir, step)
     net = DistributedDataParallel(model) if ctx.world_size > 1 else model
+    net_d = DistributedDataParallel(disc) if disc is not None and ctx.world_size > 1 else disc
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
 
+    train_ds = volume_dataset(data_dir, train_rows, cache_rate=cfg.cache_rate)
+    val_ds = volume_dataset(data_dir, val_rows) if ctx.is_main else None
+    data = ResumableBatches(train_ds, tc.batch_size, ctx, tc.seed, tc.num_workers)
+    batches = data.batches(start=step * tc.grad_accum)
     writer = SummaryWriter(run_dir / "tensorboard") if ctx.is_main else None
     guard = NonFiniteGuard()
-    batches = infinite_batches(loader, sampler)
+    guard.skipped = skipped
+    deadline = Deadline(tc.time_limit_minutes)
+    metrics = VolumeMetrics(image_shape)
     meta = {"kind": "autoencoder", "config": to_dict(cfg), "versions": versions(), "data_dir": str(data_dir.resolve()),
-            "image_shape": info["reference"]["shape"]}
+            "image_shape": image_shape, "world_size": ctx.world_size}
+    if ctx.is_main:
+        log.info("autoencoder: %d train / %d val volumes %s, %s, %.1fM parameters, effective batch %d", len(train_rows),
+                 len(val_rows), image_shape, f"patches {cfg.patch_size}" if cfg.patch_size else "whole volumes",
+                 sum(p.numel() for p in model.parameters()) / 1e6, tc.batch_size * tc.grad_accum * ctx.world_size)
 
-    def checkpoint(name: str) -> None:
+    def checkpoint(name: str, rngs: list[dict[str, Any]]) -> None:
         save_checkpoint(run_dir / "checkpoints" / name, {
-            **meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "best_val_ssim": best_ssim, "rng": rng_state()})
+            **meta, "model": model.state_dict(), "optimizer": opt_g.state_dict(),
+            "discriminator": disc.state_dict() if disc is not None else None,
+            "optimizer_d": opt_d.state_dict() if opt_d is not None else None,
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
+            "step": step, "best_val_ssim": best_ssim, "skipped_nonfinite": guard.skipped, "rng": rngs})
 
     progress = tqdm(total=tc.steps, initial=step, desc="autoencoder", unit="step", disable=not ctx.is_main)
     net.train()
+    last_log, last_log_step = time.perf_counter(), step
     while step < tc.steps:
-        x = next(batches)["image"].to(ctx.device)
-        with autocast(ctx.device, tc.amp):
-            recon, mu, sigma = net(x)
-            l1 = (recon.float() - x).abs().mean()
-            kl = kl_loss(mu.float(), sigma.float())
-            loss = l1 + cfg.kl_weight * kl
+        adv_on = disc is not None and step >= cfg.adversarial_start
+        opt_g.zero_grad(set_to_none=True)
+        if opt_d is not None:
+            opt_d.zero_grad(set_to_none=True)
+        totals: dict[str, torch.Tensor] = {}
+        for micro in range(tc.grad_accum):
+            last = micro == tc.grad_accum - 1
+            x = random_patches(next(batches)["image"], cfg.patch_size, patch_gen).to(ctx.device, non_blocking=True)
+            with no_sync(net, last):
+                with autocast(ctx.device, tc.amp):
+                    recon, mu, sigma = net(x)
+                    recon = recon.float()
+                    terms = {"l1": (recon - x).abs().mean(), "kl": kl_loss(mu.float(), sigma.float())}
+                    loss = terms["l1"] + cfg.kl_weight * terms["kl"]
+                    if perceptual is not None:
+                        terms["perceptual"] = perceptual(recon, x)
+                        loss = loss + cfg.perceptual_weight * terms["perceptual"]
+                    if ssim_loss is not None:
+                        terms["ssim"] = ssim_loss(recon, x)
+                        loss = loss + cfg.ssim_weight * terms["ssim"]
+                    if adv_on:
+                        # the generator's view of the discriminator: gradients reach the reconstruction, not D
+                        frozen = {k: v.detach() for k, v in disc.named_parameters()} | dict(disc.named_buffers())
+                        logits = functional_call(disc, frozen, (recon,))[-1]
+                        terms["adv_g"] = adv(logits.float(), target_is_real=True, for_discriminator=False)
+                        loss = loss + cfg.adversarial_weight * terms["adv_g"]
+                    terms["loss"] = loss
+                (loss / tc.grad_accum).backward()
+            if adv_on:
+                with no_sync(net_d, last):
+                    with autocast(ctx.device, tc.amp):
+                        # one forward for fake and real, so DDP sees each discriminator parameter used once
+                        logits = net_d(torch.cat([recon.detach(), x]))[-1].float()
+                        fake, real = logits[: len(x)], logits[len(x):]
+                        d_loss = 0.5 * (adv(fake, target_is_real=False, for_discriminator=True)
+                                        + adv(real, target_is_real=True, for_discriminator=True))
+                        terms["adv_d"] = d_loss
+                    (cfg.adversarial_weight * d_loss / tc.grad_accum).backward()
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v.detach() / tc.grad_accum
         step += 1
         progress.update(1)
-        if not guard.ok(loss, step):
-            optimizer.zero_grad(set_to_none=True)
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
+        if guard.ok(sum(totals.values()), step):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt_g.step()
+            if adv_on:
+                torch.nn.utils.clip_grad_norm_(disc.parameters(), tc.grad_clip)
+                opt_d.step()
+            if ema is not None:
+                ema.update_parameters(model)
 
-        if writer and step % tc.log_every == 0:
-            writer.add_scalar("train/l1", l1.item(), step)
-            writer.add_scalar("train/kl", kl.item(), step)
-            writer.add_scalar("train/loss", loss.item(), step)
-            progress.set_postfix(l1=f"{l1.item():.4f}")
-        if step % tc.val_every == 0 or step == tc.steps:
-            if ctx.is_main:
-                val = validate(model, val_ds, ctx.device)
-                writer.add_scalar("val/l1", val["l1"], step)
-                writer.add_scalar("val/ssim", val["ssim"], step)
-                log.info("step %d: val L1 %.4f, SSIM %.4f", step, val["l1"], val["ssim"])
-                if val["ssim"] > best_ssim:
-                    best_ssim = val["ssim"]
-                    checkpoint("best.pt")
+        final = step == tc.steps or deadline.reached(ctx)
+        if writer and (step % tc.log_every == 0 or final):
+            now = time.perf_counter()
+            sec_per_step = (now - last_log) / max(step - last_log_step, 1)
+            last_log, last_log_step = now, step
+            for k, v in totals.items():
+                writer.add_scalar(f"train/{k}", v.item(), step)
+            writer.add_scalar("train/lr", opt_g.param_groups[0]["lr"], step)
+            writer.add_scalar("train/seconds_per_step", sec_per_step, step)
+            writer.add_scalar("train/skipped_nonfinite", guard.skipped, step)
+            if ctx.device.type == "cuda":
+                writer.add_scalar("train/gpu_max_memory_gib", torch.cuda.max_memory_allocated(ctx.device) / 2**30, step)
+            volumes_per_s = tc.batch_size * tc.grad_accum * ctx.world_size / sec_per_step
+            progress.set_postfix(loss=f"{totals['loss'].item():.4f}", l1=f"{totals['l1'].item():.4f}",
+                                 vol_s=f"{volumes_per_s:.1f}")
+        is_val = step % tc.val_every == 0 or final
+        is_ckpt = step % tc.checkpoint_every == 0 or final
+        if is_val or is_ckpt:
+            rngs = gather_rng_states(ctx, {"patch": patch_gen})  # a collective: every rank takes part
+        if is_val and ctx.is_main:
+            val = validate(ema.module if ema is not None else model, val_ds, metrics, cfg, ctx, writer, step)
+            log.info("step %d: validation SSIM %.4f, MS-SSIM %.4f, PSNR %.2f dB, L1 %.4f%s", step, val["ssim"],
+                     val["ms_ssim"], val["psnr"], val["l1"], " (EMA weights)" if ema is not None else "")
+            if val["ssim"] > best_ssim:
+                best_ssim = val["ssim"]
+                checkpoint("best.pt", rngs)
             net.train()
-        if ctx.is_main and (step % tc.checkpoint_every == 0 or step == tc.steps):
-            checkpoint("latest.pt")
+        if is_ckpt and ctx.is_main:
+            checkpoint("latest.pt", rngs)
+        if is_val or is_ckpt:
+            barrier(ctx)
+        if final and step < tc.steps:
+            log.info("train.time_limit_minutes=%g reached at step %d: continue with --resume", tc.time_limit_minutes,
+                     step)
+            break
     finish_run(ctx, progress, writer, guard, step)
     return latest
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, dataset: Dataset, device: torch.device) -> dict[str, float]:
-    """Mean L1 and SSIM of full-volume reconstructions."""
+def validate(model: torch.nn.Module, dataset: Dataset, metrics: VolumeMetrics, cfg: AutoencoderConfig,
+             ctx: DistContext, writer: SummaryWriter | None = None, step: int = 0) -> dict[str, float]:
+    """SSIM, MS-SSIM, PSNR and L1 of whole-volume reconstructions (sliding window when training on patches)."""
     model.eval()
-    metric = SSIMMetric(spatial_dims=3, data_range=1.0)
-    l1s, ssims = [], []
-    for item in dataset:
-        x = item["image"][None].to(device)
-        recon = reconstruct(model, x).clamp(0, 1)
-        l1s.append((recon - x).abs().mean().item())
-        ssims.append(metric(recon, x).mean().item())
-    return {"l1": sum(l1s) / len(l1s), "ssim": sum(ssims) / len(ssims)}
+    scores: dict[str, list[float]] = {"ssim": [], "ms_ssim": [], "psnr": [], "l1": []}
+    for i, item in enumerate(dataset):
+        x = item["image"][None].to(ctx.device)
+        with autocast(ctx.device, cfg.train.amp):
+            recon = reconstruct(model, x, cfg)
+        recon = recon.float().clamp(0, 1)
+        m = metrics(recon[0], x[0])
+        for k in ("ssim", "ms_ssim", "psnr"):
+            scores[k].append(m[k])
+        scores["l1"].append(m["mae"])
+        if writer is not None and i == 0:
+            a, b = x[0, 0].cpu().numpy(), recon[0, 0].cpu().numpy()
+            picture = np.concatenate([three_plane(a), three_plane(b), three_plane(np.abs(a - b), vmax=0.25)])
+            writer.add_image("val/input_reconstruction_error", picture, step, dataformats="HW")
+    out = {k: float(np.mean(v)) for k, v in scores.items()}
+    if writer is not None:
+        for k, v in out.items():
+            writer.add_scalar(f"val/{k}", v, step)
+    return out

@@ -44,16 +44,17 @@ def file_sha256(path: str | Path) -> str:
 
 
 def rng_state() -> dict[str, Any]:
+    """The global torch RNG states of this process (CPU, and its current CUDA device)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def best_checkpoint(run_dir: str | Path, stage: str) -> Path:

@@ -26,7 +26,16 @@ from medldm.training.checkpoint import (
     set_rng_state,
 )
 from medldm.training.dist import barrier, init_distributed
-from medldm.training.loop import NonFiniteGuard, autocast, finish_run, make_ema, prepare_run_dir, seed_everything
+from medldm.training.loop import (
+    Deadline,
+    NonFiniteGuard,
+    autocast,
+    finish_run,
+    make_ema,
+    no_sync,
+    prepare_run_dir,
+    seed_everything,
+)
 from medldm.versions import versions
 
 log = logging.getLogger(__name__)
@@ -73,7 +82,6 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
 
     ctx = init_distributed()
     tc = cfg.train
-    seed_everything(tc.seed + ctx.rank)
     latest = prepare_run_dir(run_dir, cfg, resume) if ctx.is_main else run_dir / "checkpoints" / "latest.pt"
     barrier(ctx)
 
@@ -85,8 +93,11 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
     log.info("training on %d latents %s held in %s memory", len(train_idx), latent_shape, ctx.device.type)
     train_idx_t = torch.tensor(train_idx, device=ctx.device)
 
+    # identical initial weights (and EMA copies) on every rank; per-rank randomness afterwards
+    torch.manual_seed(tc.seed)
     model = build_unet(cfg.model, latent_shape[0], encoder.dim if encoder.keys else None).to(ctx.device)
     ema = make_ema(model, cfg.ema_decay)
+    seed_everything(tc.seed + ctx.rank)
     scheduler = build_scheduler(cfg.scheduler, "ddpm")
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     step, best_val = 0, float("inf")
@@ -121,29 +132,35 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
     guard = NonFiniteGuard()
     progress = tqdm(total=tc.steps, initial=step, desc="diffusion", unit="step", disable=not ctx.is_main)
     net.train()
+    deadline = Deadline(tc.time_limit_minutes)
     while step < tc.steps:
-        pick = train_idx_t[torch.randint(len(train_idx), (tc.batch_size,), device=ctx.device, generator=gen)]
-        z = z_all[pick]
-        context = encoder.drop(c_all[pick], cfg.conditioning.drop_prob, gen) if c_all is not None else None
-        noise = torch.randn(z.shape, device=ctx.device, generator=gen)
-        t = torch.randint(0, scheduler.num_train_timesteps, (z.shape[0],), device=ctx.device, generator=gen)
-        with autocast(ctx.device, tc.amp):
-            pred = net(scheduler.add_noise(z, noise, t), timesteps=t, context=context)
-            loss = F.mse_loss(pred.float(), diffusion_target(scheduler, z, noise, t))
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=ctx.device)
+        for micro in range(tc.grad_accum):
+            pick = train_idx_t[torch.randint(len(train_idx), (tc.batch_size,), device=ctx.device, generator=gen)]
+            z = z_all[pick]
+            context = encoder.drop(c_all[pick], cfg.conditioning.drop_prob, gen) if c_all is not None else None
+            noise = torch.randn(z.shape, device=ctx.device, generator=gen)
+            t = torch.randint(0, scheduler.num_train_timesteps, (z.shape[0],), device=ctx.device, generator=gen)
+            with no_sync(net, micro == tc.grad_accum - 1):
+                with autocast(ctx.device, tc.amp):
+                    pred = net(scheduler.add_noise(z, noise, t), timesteps=t, context=context)
+                    loss = F.mse_loss(pred.float(), diffusion_target(scheduler, z, noise, t))
+                (loss / tc.grad_accum).backward()
+            loss_sum += loss.detach() / tc.grad_accum
+        loss = loss_sum
         step += 1
         progress.update(1)
-        optimizer.zero_grad(set_to_none=True)
-        if not guard.ok(loss, step):
-            continue
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        ema.update_parameters(model)
+        if guard.ok(loss, step):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            ema.update_parameters(model)
+        final = step == tc.steps or deadline.reached(ctx)
 
         if writer and step % tc.log_every == 0:
             writer.add_scalar("train/loss", loss.item(), step)
             progress.set_postfix(loss=f"{loss.item():.4f}")
-        if step % tc.val_every == 0 or step == tc.steps:
+        if step % tc.val_every == 0 or final:
             if ctx.is_main:
                 val = validation_loss(ema.module, scheduler, z_all[val_idx], None if c_all is None else c_all[val_idx],
                                       tc.seed)
@@ -153,8 +170,12 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
                     best_val = val
                     checkpoint("best.pt")
             net.train()
-        if ctx.is_main and (step % tc.checkpoint_every == 0 or step == tc.steps):
+        if ctx.is_main and (step % tc.checkpoint_every == 0 or final):
             checkpoint("latest.pt")
+        if final and step < tc.steps:
+            log.info("train.time_limit_minutes=%g reached at step %d: continue with --resume", tc.time_limit_minutes,
+                     step)
+            break
     finish_run(ctx, progress, writer, guard, step)
     return latest
 

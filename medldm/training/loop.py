@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import logging
 import random
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from medldm.config import save_config
+from medldm.training.checkpoint import rng_state, set_rng_state
 from medldm.training.dist import DistContext, barrier, cleanup
 
 log = logging.getLogger(__name__)
@@ -81,14 +86,84 @@ def prepare_run_dir(run_dir: Path, cfg: Any, resume: bool) -> Path:
     return latest
 
 
-def infinite_batches(loader: torch.utils.data.DataLoader, sampler: Any = None):
-    """Yield batches forever; a DistributedSampler gets a new epoch each pass."""
-    epoch = 0
-    while True:
-        if sampler is not None and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+class ResumableBatches:
+    """Batches in an order fixed by (seed, epoch), so a resumed run reads exactly the batches it would have read.
+
+    Every rank gets its own shard of each epoch (DistributedSampler, also with one process); ``batches(start)``
+    starts after ``start`` batches without loading the skipped ones."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, ctx: DistContext, seed: int, num_workers: int) -> None:
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
+        per_rank = self.sampler.num_samples
+        # drop a ragged last batch, unless that would leave nothing
+        self.drop_last = per_rank >= batch_size
+        self.per_epoch = per_rank // batch_size if self.drop_last else 1
+
+    def batches(self, start: int = 0) -> Iterator[dict[str, Any]]:
+        epoch, offset = divmod(start, self.per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            indices = list(self.sampler)[offset * self.batch_size:]
+            yield from DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices,
+                                  num_workers=self.num_workers, drop_last=self.drop_last,
+                                  pin_memory=torch.cuda.is_available())
+            epoch, offset = epoch + 1, 0
+
+
+def random_patches(x: torch.Tensor, size: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """One random crop of ``size`` from each volume of a (B, C, X, Y, Z) batch; whole volumes when size is empty."""
+    if not size:
+        return x
+    crops = []
+    for v in x:
+        starts = [int(torch.randint(0, s - p + 1, (1,), generator=generator)) for s, p in zip(v.shape[1:], size)]
+        crops.append(v[:, starts[0]:starts[0] + size[0], starts[1]:starts[1] + size[1], starts[2]:starts[2] + size[2]])
+    return torch.stack(crops)
+
+
+def gather_rng_states(ctx: DistContext, extra: dict[str, torch.Generator]) -> list[dict[str, Any]]:
+    """The RNG states of every rank (global torch/CUDA and the named generators), for an exact resume."""
+    state = rng_state() | {name: g.get_state() for name, g in extra.items()}
+    if ctx.world_size == 1:
+        return [state]
+    states: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_states(ctx: DistContext, states: list[dict[str, Any]], extra: dict[str, torch.Generator]) -> None:
+    """Undo :func:`gather_rng_states` on this rank; a run resumed on a different number of GPUs reseeds instead."""
+    if len(states) != ctx.world_size:
+        log.warning("checkpoint was written by %d process(es), resuming on %d: the run continues with fresh "
+                    "random streams (not bit-identical to an uninterrupted run)", len(states), ctx.world_size)
+        return
+    state = states[ctx.rank]
+    set_rng_state(state)
+    for name, g in extra.items():
+        g.set_state(state[name])
+
+
+class Deadline:
+    """``train.time_limit_minutes`` as a flag all ranks agree on (rank 0's clock decides)."""
+
+    def __init__(self, minutes: float) -> None:
+        self.end = time.monotonic() + 60.0 * minutes if minutes > 0 else None
+
+    def reached(self, ctx: DistContext) -> bool:
+        if self.end is None:
+            return False
+        hit = torch.tensor([float(time.monotonic() > self.end)], device=ctx.device)
+        if ctx.world_size > 1:
+            dist.broadcast(hit, 0)
+        return bool(hit.item())
+
+
+def no_sync(module: torch.nn.Module, sync: bool):
+    """Skip DDP's gradient all-reduce on the micro-batches before the last one of an accumulated step."""
+    if not sync and hasattr(module, "no_sync"):
+        return module.no_sync()
+    return nullcontext()
 
 
 def finish_run(ctx: DistContext, progress: Any, writer: Any, guard: NonFiniteGuard, step: int) -> None:
