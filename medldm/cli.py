@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="cache posterior means and the latent scale factor")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--autoencoder", type=Path, required=True)
+    p.add_argument("--batch-size", type=int, default=4, help="volumes encoded together (default 4)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
 
     p = sub.add_parser("sample", help="DDIM-sample synthetic volumes and export NIfTI + previews")
     p.add_argument("--run", type=Path, required=True)
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "encode":
         from medldm.inference.encode import encode_dataset
 
-        print(f"latents: {encode_dataset(args.data, args.autoencoder)}")
+        print(f"latents: {encode_dataset(args.data, args.autoencoder, batch_size=args.batch_size, num_workers=args.workers)}")
     elif args.command == "sample":
         from medldm.inference.sample import sample_run
 

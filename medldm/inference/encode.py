@@ -88,6 +88,8 @@ def encode_dataset(data_dir: str | Path, ae_run: str | Path, device: str | None 
                    num_workers: int = 0) -> Path:
     """Write ``AE_RUN/latents/latents.pt`` (μ of every volume + scale factor + manifest rows) and ``latents.json``."""
     data_dir, ae_run = Path(data_dir), Path(ae_run)
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"encode: batch size must be >= 1 and workers >= 0 (got {batch_size}, {num_workers})")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_autoencoder(ae_run, dev)
     cfg = config_from_dict("autoencoder", meta["config"])
