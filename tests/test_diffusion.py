@@ -83,3 +83,15 @@ def test_time_limit_and_gradient_accumulation(dataset, ae_run, tmp_path):
     state = load_checkpoint(run / "checkpoints" / "latest.pt")
     assert state["step"] == 1  # stopped cleanly at the limit, with a checkpoint to --resume from
     assert (run / "checkpoints" / "best.pt").is_file()
+
+
+def test_a_latent_shape_the_unet_cannot_halve_is_refused_before_training(dataset, ae_run, tmp_path):
+    from medldm.config import ConfigError, load_config
+    from medldm.training.diffusion import train_diffusion
+
+    # tiny latents are 8^3; four UNet levels would halve them to 1 and beyond
+    cfg = load_config("diffusion", None, ["model.channels=[8,8,8,8,8]", "model.attention_levels=[false,false,false,false,false]",
+                                          "model.num_head_channels=[0,0,0,0,0]"])
+    with pytest.raises(ConfigError, match="use fewer UNet levels"):
+        train_diffusion(dataset, ae_run, tmp_path / "ldm", cfg)
+    assert not (tmp_path / "ldm").exists()
