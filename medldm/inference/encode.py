@@ -51,32 +51,25 @@ def window_size(cfg: AutoencoderConfig) -> list[int]:
     return list(cfg.sliding_window.roi_size or cfg.patch_size)
 
 
+def _windowed(fn, x: torch.Tensor, cfg: AutoencoderConfig | None) -> torch.Tensor:
+    # whole volume unless the config's window is smaller; MONAI blends windows (and rescales a smaller output)
+    roi = window_size(cfg) if cfg is not None else []
+    if not roi or all(r >= s for r, s in zip(roi, x.shape[2:])):
+        return fn(x)
+    sw = cfg.sliding_window
+    return sliding_window_inference(x, roi, sw.batch_size, fn, overlap=sw.overlap, mode="gaussian")
+
+
 @torch.no_grad()
 def reconstruct(model: torch.nn.Module, x: torch.Tensor, cfg: AutoencoderConfig | None = None) -> torch.Tensor:
     """Decode the posterior mean (the deterministic reconstruction); window by window when ``cfg`` asks for it."""
-
-    def run(patch: torch.Tensor) -> torch.Tensor:
-        return model.decode(model.encode(patch)[0]).float()
-
-    roi = window_size(cfg) if cfg is not None else []
-    if not roi or all(r >= s for r, s in zip(roi, x.shape[2:])):
-        return run(x)
-    sw = cfg.sliding_window
-    return sliding_window_inference(x, roi, sw.batch_size, run, overlap=sw.overlap, mode="gaussian")
+    return _windowed(lambda p: model.decode(model.encode(p)[0]).float(), x, cfg)
 
 
 @torch.no_grad()
 def posterior_mean(model: torch.nn.Module, x: torch.Tensor, cfg: AutoencoderConfig | None = None) -> torch.Tensor:
     """μ of a batch; window by window (blended at latent resolution) when ``cfg`` asks for it."""
-
-    def run(patch: torch.Tensor) -> torch.Tensor:
-        return model.encode(patch)[0].float()
-
-    roi = window_size(cfg) if cfg is not None else []
-    if not roi or all(r >= s for r, s in zip(roi, x.shape[2:])):
-        return run(x)
-    sw = cfg.sliding_window
-    return sliding_window_inference(x, roi, sw.batch_size, run, overlap=sw.overlap, mode="gaussian")
+    return _windowed(lambda p: model.encode(p)[0].float(), x, cfg)
 
 
 def latents_path(ae_run: str | Path) -> Path:

@@ -153,10 +153,12 @@ class Deadline:
     def reached(self, ctx: DistContext) -> bool:
         if self.end is None:
             return False
-        hit = torch.tensor([float(time.monotonic() > self.end)], device=ctx.device)
-        if ctx.world_size > 1:
-            dist.broadcast(hit, 0)
-        return bool(hit.item())
+        hit = time.monotonic() > self.end
+        if ctx.world_size == 1:
+            return hit  # no device tensor, no host sync
+        flag = torch.tensor([float(hit)], device=ctx.device)
+        dist.broadcast(flag, 0)
+        return bool(flag.item())
 
 
 def no_sync(module: torch.nn.Module, sync: bool):
