@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--condition", action="append", default=[], metavar="KEY=VALUE",
-                   help="e.g. --condition age=75 --condition sex=F --condition diagnosis=AD")
+    p.add_argument("--condition", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="e.g. --condition age=75 sex=F diagnosis=AD (within the training range; "
+                        "conditions not given are unknown)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
 
     p = sub.add_parser("evaluate", help="SSIM/MS-SSIM/PSNR of reconstructions and diversity of samples")

@@ -193,6 +193,8 @@ class TrainConfig:
     grad_accum: int = 1
     # stop cleanly (validate, write latest.pt) after this many minutes, e.g. a SLURM wall time; 0 = no limit
     time_limit_minutes: float = 0.0
+    # linear learning-rate warm-up from 0 over this many optimiser steps, then constant
+    warmup_steps: int = 0
 
     def validate(self, prefix: str) -> None:
         for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every", "grad_accum"):
@@ -204,6 +206,8 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.num_workers must be >= 0")
         if self.time_limit_minutes < 0:
             raise ConfigError(f"{prefix}.time_limit_minutes must be >= 0 (0 = no limit)")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{prefix}.warmup_steps must be >= 0")
 
 
 @dataclass
@@ -332,24 +336,42 @@ class SchedulerConfig:
             raise ConfigError(f"{prefix}.prediction_type={self.prediction_type!r}: use epsilon or v_prediction")
 
 
-CONDITIONS = ("age", "sex", "diagnosis")
+@dataclass
+class ConditioningConfig:
+    # manifest columns the UNet is conditioned on (cross-attention); empty = unconditional. age, sex and
+    # diagnosis are built in; any other name is a numeric manifest column (e.g. a ventricle volume you added)
+    keys: list[str] = field(default_factory=lambda: ["age", "sex", "diagnosis"])
+    # classifier-free guidance: each condition is dropped on its own with drop_prob (so sampling can give
+    # only some conditions), and all of them together with drop_all_prob (the unconditional model)
+    drop_prob: float = 0.15
+    drop_all_prob: float = 0.1
+
+    def validate(self, prefix: str) -> None:
+        bad = [k for k in self.keys if not k or not k.replace("_", "a").isalnum()]
+        if bad:
+            raise ConfigError(f"{prefix}.keys: {bad} are not manifest column names (letters, digits, _)")
+        if len(set(self.keys)) != len(self.keys):
+            raise ConfigError(f"{prefix}.keys lists a condition twice")
+        for name in ("drop_prob", "drop_all_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{prefix}.{name} must be in [0, 1)")
 
 
 @dataclass
-class ConditioningConfig:
-    # manifest columns the UNet is conditioned on (cross-attention); empty = unconditional
-    keys: list[str] = field(default_factory=lambda: ["age", "sex", "diagnosis"])
-    # probability of dropping each condition during training (classifier-free guidance)
-    drop_prob: float = 0.15
+class PreviewConfig:
+    """DDIM samples decoded to images in TensorBoard, same seeds and conditions every time."""
+
+    # every this many steps (0 = never); the conditions are those of the first validation scans
+    every: int = 250
+    num: int = 2
+    ddim_steps: int = 10
+    guidance: float = 1.0
 
     def validate(self, prefix: str) -> None:
-        bad = [k for k in self.keys if k not in CONDITIONS]
-        if bad:
-            raise ConfigError(f"{prefix}.keys: {bad} unknown; choose from {list(CONDITIONS)}")
-        if len(set(self.keys)) != len(self.keys):
-            raise ConfigError(f"{prefix}.keys lists a condition twice")
-        if not 0.0 <= self.drop_prob < 1.0:
-            raise ConfigError(f"{prefix}.drop_prob must be in [0, 1)")
+        if self.every < 0 or self.num < 1 or self.ddim_steps < 1:
+            raise ConfigError(f"{prefix}: every must be >= 0 (0 = off), num and ddim_steps >= 1")
+        if self.guidance < 0:
+            raise ConfigError(f"{prefix}.guidance must be >= 0")
 
 
 @dataclass
@@ -359,15 +381,26 @@ class DiffusionConfig:
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, batch_size=8, lr=1e-3, val_every=250,
                                                                    checkpoint_every=250))
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
     ema_decay: float = 0.999
+    # Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's value, 0 = plain MSE
+    min_snr_gamma: float = 0.0
+    # where the latent cache lives during training: "device" (GPU memory), "host" (pinned CPU memory, a
+    # copy per batch) or "auto" (device when it takes under a quarter of the free GPU memory)
+    latents_on: str = "auto"
 
     def validate(self, prefix: str = "diffusion") -> None:
         self.model.validate(f"{prefix}.model")
         self.scheduler.validate(f"{prefix}.scheduler")
         self.conditioning.validate(f"{prefix}.conditioning")
         self.train.validate(f"{prefix}.train")
+        self.preview.validate(f"{prefix}.preview")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"{prefix}.ema_decay must be in [0, 1)")
+        if self.min_snr_gamma < 0:
+            raise ConfigError(f"{prefix}.min_snr_gamma must be >= 0 (0 = off)")
+        if self.latents_on not in ("auto", "device", "host"):
+            raise ConfigError(f"{prefix}.latents_on={self.latents_on!r}: use auto, device or host")
 
 
 @dataclass

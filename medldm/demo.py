@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ def run_demo(out: str | Path, num: int = 24, seed: int = 0) -> dict[str, Path]:
     from medldm.data.preprocess import preprocess_dataset
     from medldm.evaluation.report import evaluate
     from medldm.inference.encode import encode_dataset
-    from medldm.inference.sample import sample_run
+    from medldm.inference.sample import load_diffusion, sample_run
     from medldm.training.autoencoder import train_autoencoder
     from medldm.training.diffusion import train_diffusion
 
@@ -42,8 +43,10 @@ def run_demo(out: str | Path, num: int = 24, seed: int = 0) -> dict[str, Path]:
     train_diffusion(dirs["dataset"], dirs["autoencoder"], dirs["diffusion"], load_config("diffusion"))
     stage("sample")
     sample_run(dirs["diffusion"], dirs["samples"], num=8, steps=50, seed=seed)
-    sample_run(dirs["diffusion"], dirs["samples"] / "age85_AD", num=4, steps=50, seed=seed,
-               conditions={"age": "85", "diagnosis": "AD"}, guidance=3.0)
+    # an old brain with Alzheimer's disease: the oldest age the model was trained on (asking beyond it is an error)
+    oldest = f"{math.floor(load_diffusion(dirs['diffusion'])[1]['encoder'].numeric['age']['max'] * 10) / 10:g}"
+    sample_run(dirs["diffusion"], dirs["samples"] / "oldest_AD", num=4, steps=50, seed=seed,
+               conditions={"age": oldest, "diagnosis": "AD"}, guidance=3.0)
     stage("evaluate")
     evaluate(dirs["dataset"], dirs["report"], load_config("evaluate"), autoencoder=dirs["autoencoder"],
              samples=dirs["samples"])
@@ -52,7 +55,7 @@ def run_demo(out: str | Path, num: int = 24, seed: int = 0) -> dict[str, Path]:
     print(f"  dataset      {dirs['dataset']}/ (images/, manifest.csv, preprocess.json, qc/overview.png)")
     print(f"  autoencoder  {dirs['autoencoder']}/ (checkpoints/, tensorboard/, latents/)")
     print(f"  diffusion    {dirs['diffusion']}/ (checkpoints/, tensorboard/)")
-    print(f"  samples      {dirs['samples']}/ (sample_*.nii.gz + .json + .png, contact_sheet.png; age85_AD/ conditioned)")
+    print(f"  samples      {dirs['samples']}/ (sample_*.nii.gz + .json + .png, contact_sheet.png; oldest_AD/ conditioned on the oldest training age and AD)")
     print(f"  report       {dirs['report']}/report.md")
     print(f"  TensorBoard: tensorboard --logdir {out}")
     return dirs

@@ -16,6 +16,14 @@ AE_FAST = ["train.steps=6", "train.val_every=3", "train.checkpoint_every=3"]
 LDM_FAST = ["train.steps=6", "train.val_every=3", "train.checkpoint_every=3", "train.batch_size=4"]
 
 
+def train_age_range(data_dir: Path) -> tuple[float, float]:
+    """The youngest and oldest age in the train split: the range a conditioned model accepts."""
+    from medldm.data.dataset import read_manifest
+
+    ages = [r["age"] for r in read_manifest(data_dir) if r["split"] == "train" and r["age"] is not None]
+    return min(ages), max(ages)
+
+
 @pytest.fixture(scope="session")
 def raw_adni(tmp_path_factory) -> Path:
     from medldm.data.phantoms import write_phantoms

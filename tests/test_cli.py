@@ -9,6 +9,8 @@ import nibabel as nib
 
 from medldm.cli import main
 
+from .conftest import train_age_range
+
 
 def test_every_stage_through_the_cli(tmp_path, capsys):
     raw, data, ae, ldm, samples, report = (tmp_path / n for n in ("raw", "data", "ae", "ldm", "samples", "report"))
@@ -18,8 +20,9 @@ def test_every_stage_through_the_cli(tmp_path, capsys):
     assert main(["train", "autoencoder", "--data", str(data), "--run", str(ae), *fast]) == 0
     assert main(["encode", "--data", str(data), "--autoencoder", str(ae)]) == 0
     assert main(["train", "diffusion", "--data", str(data), "--autoencoder", str(ae), "--run", str(ldm), *fast]) == 0
+    age = min(train_age_range(data))
     assert main(["sample", "--run", str(ldm), "--out", str(samples), "--num", "2", "--steps", "3",
-                 "--condition", "age=70", "--condition", "sex=M", "--guidance", "1.5"]) == 0
+                 "--condition", f"age={age}", "sex=M", "--guidance", "1.5"]) == 0
     assert main(["evaluate", "--data", str(data), "--out", str(report), "--autoencoder", str(ae),
                  "--samples", str(samples)]) == 0
     printed = capsys.readouterr().out
@@ -27,6 +30,7 @@ def test_every_stage_through_the_cli(tmp_path, capsys):
 
     vols = sorted(samples.glob("*.nii.gz"))
     assert len(vols) == 2 and nib.load(vols[0]).shape == (32, 32, 32)
+    assert json.loads(vols[0].with_name("sample_0000.json").read_text())["conditions"] == {"age": age, "sex": "M"}
     assert json.loads((report / "report.json").read_text())["reconstruction"]["ssim"]["n"] >= 2
     for run in (ae, ldm):
         assert (run / "config.yaml").is_file() and (run / "checkpoints" / "latest.pt").is_file()

@@ -30,7 +30,9 @@ def test_unknown_key_is_an_error_naming_the_key(tmp_path):
     ("train.lr=fast", r"diffusion\.train\.lr: expected a number"),
     ("train.steps=1.5", r"diffusion\.train\.steps: expected an integer"),
     ("model.channels=[30,64]", r"divisible by norm_num_groups"),
-    ("conditioning.keys=[height]", r"unknown; choose from"),
+    ("conditioning.keys=[age,age]", r"lists a condition twice"),
+    ("conditioning.drop_all_prob=1.0", r"drop_all_prob must be in \[0, 1\)"),
+    ("latents_on=gpu", r"use auto, device or host"),
     ("scheduler.beta_end=0.001", r"beta_start < beta_end"),
     ("nonsense", r"expected key=value"),
 ])

@@ -49,26 +49,56 @@ def test_stale_latents_are_refused(dataset, ae_run, tmp_path):
         train_diffusion(dataset, ae_copy, tmp_path / "ldm", load_config("diffusion"))
 
 
+ROWS = [{"image": "a", "age": 60.0, "sex": "F", "diagnosis": "CN", "icv": "1500"},
+        {"image": "b", "age": 80.0, "sex": "M", "diagnosis": None, "icv": "1300.5"},
+        {"image": "c", "age": None, "sex": None, "diagnosis": "AD", "icv": None}]
+
+
 def test_unknown_labels_are_the_null_condition_not_zero_valued_facts():
-    enc = ConditionEncoder(["age", "sex", "diagnosis"], age_mean=70, age_std=10)
+    enc = ConditionEncoder.fit(["age", "sex", "diagnosis"], ROWS)
     unknown = enc.encode_one({"age": None, "sex": None, "diagnosis": None})
     assert torch.count_nonzero(unknown) == 0
     age70 = enc.encode_one({"age": 70.0})
-    assert age70[0] == 0.0 and age70[1] == 1.0  # mean age is known-and-average, unlike unknown
+    assert age70[0] == 0.0 and age70[1] == 1.0  # the training mean is known-and-average, unlike unknown
     assert not torch.equal(age70, unknown)
-    dropped = enc.drop(enc.encode([{"age": 80, "sex": "F", "diagnosis": "AD"}] * 64), 0.5,
-                       torch.Generator().manual_seed(0))
-    fractions = (dropped[:, 0] == 0).float().mean(0)
-    assert 0.2 < fractions[1].item() < 0.8  # each condition dropped on its own
+
+
+def test_conditions_are_dropped_one_by_one_and_all_together():
+    enc = ConditionEncoder.fit(["age", "sex", "diagnosis"], ROWS)
+    full = enc.encode([{"age": 80, "sex": "F", "diagnosis": "AD"}] * 4000)
+    dropped = enc.drop(full, 0.3, 0.2, torch.Generator().manual_seed(0))[:, 0]
+    kept = torch.stack([dropped[:, 1] != 0, dropped[:, 3] != 0, dropped[:, 6] != 0], 1)  # age flag, F, AD slots
+    for frac in (~kept).float().mean(0):  # each condition: dropped alone, or with all the others
+        assert abs(frac.item() - (1 - 0.8 * 0.7)) < 0.03
+    all_null = (dropped == 0).all(1).float().mean().item()
+    assert abs(all_null - (0.2 + 0.8 * 0.3 ** 3)) < 0.03  # the unconditional model gets trained too
+    assert torch.equal(dropped[kept.all(1)], full[kept.all(1), 0])  # what is kept is unchanged
+
+
+def test_extra_numeric_column_is_standardised_with_training_statistics():
+    enc = ConditionEncoder.fit(["icv"], ROWS)
+    assert enc.dim == 2 and enc.numeric["icv"]["min"] == 1300.5 and enc.numeric["icv"]["max"] == 1500.0
+    torch.testing.assert_close(enc.encode_one({"icv": "1400.25"}), torch.tensor([0.0, 1.0]))
+    assert enc.parse({"icv": "1450"}) == {"icv": 1450.0}
+    with pytest.raises(ValueError, match="no training scan .* has a value for it"):
+        ConditionEncoder.fit(["ventricles"], ROWS)
+    with pytest.raises(ValueError, match="'big' is not a number"):
+        ConditionEncoder.fit(["icv"], ROWS + [{"image": "d", "icv": "big"}])
+    with pytest.raises(ValueError, match=r"sex values \['X'\]"):
+        ConditionEncoder.fit(["sex"], ROWS + [{"image": "d", "sex": "X"}])
 
 
 def test_condition_parsing_errors_name_the_problem():
-    enc = ConditionEncoder(["age", "sex"])
+    enc = ConditionEncoder.fit(["age", "sex"], ROWS)
     assert enc.parse({"age": "71", "sex": "female"}) == {"age": 71.0, "sex": "F"}
     with pytest.raises(ValueError, match="conditioned on"):
         enc.parse({"diagnosis": "AD"})
     with pytest.raises(ValueError, match="age must be a number"):
         enc.parse({"age": "old"})
+    with pytest.raises(ValueError, match="outside the training range 60–80"):
+        enc.parse({"age": "95"})
+    with pytest.raises(ValueError, match="conditioned on nothing"):
+        ConditionEncoder.fit([], ROWS).parse({"age": "70"})
 
 
 def test_time_limit_and_gradient_accumulation(dataset, ae_run, tmp_path):
@@ -94,4 +124,127 @@ def test_a_latent_shape_the_unet_cannot_halve_is_refused_before_training(dataset
                                           "model.num_head_channels=[0,0,0,0,0]"])
     with pytest.raises(ConfigError, match="use fewer UNet levels"):
         train_diffusion(dataset, ae_run, tmp_path / "ldm", cfg)
+    assert not (tmp_path / "ldm").exists()
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(dataset, ae_run, tmp_path, monkeypatch):
+    import medldm.training.diffusion as ldm_module
+    from medldm.config import load_config
+    from medldm.training.diffusion import train_diffusion
+
+    cfg = load_config("diffusion", None, ["train.steps=8", "train.val_every=4", "train.checkpoint_every=2",
+                                          "train.batch_size=4", "train.warmup_steps=3", "min_snr_gamma=5",
+                                          "preview.every=0"])
+    train_diffusion(dataset, ae_run, tmp_path / "straight", cfg)
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
+
+    real_save = ldm_module.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if path.name == "latest.pt" and state["step"] == 4:
+            raise _Crash  # the process dies right after writing the step-4 checkpoint
+
+    monkeypatch.setattr(ldm_module, "save_checkpoint", save_then_die)
+    with pytest.raises(_Crash):
+        train_diffusion(dataset, ae_run, tmp_path / "crashed", cfg)
+    monkeypatch.undo()
+    train_diffusion(dataset, ae_run, tmp_path / "crashed", cfg, resume=True)
+    resumed = load_checkpoint(tmp_path / "crashed" / "checkpoints" / "latest.pt")
+
+    assert resumed["step"] == straight["step"] == 8
+    assert resumed["best_val_loss"] == pytest.approx(straight["best_val_loss"], abs=1e-6)
+    for part in ("model", "ema"):
+        for k, v in straight[part].items():
+            assert torch.allclose(v, resumed[part][k], atol=1e-6), f"{part}.{k} differs after resume"
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.allclose(a["exp_avg_sq"], b["exp_avg_sq"], atol=1e-9)
+
+
+def test_resuming_on_other_latents_or_another_architecture_is_refused(dataset, ae_run, ldm_run, tmp_path):
+    import shutil
+
+    from medldm.config import ConfigError, load_config
+    from medldm.training.diffusion import train_diffusion
+
+    from .conftest import LDM_FAST
+
+    run = tmp_path / "ldm"
+    shutil.copytree(ldm_run, run)
+    with pytest.raises(ConfigError, match=r"diffusion\.model\.channels is \[16, 32\] in this config but \[32, 64\]"):
+        train_diffusion(dataset, ae_run, run, load_config("diffusion", None, LDM_FAST + ["model.channels=[16,32]"]),
+                        resume=True)
+    with pytest.raises(ConfigError, match="conditioning.keys"):
+        train_diffusion(dataset, ae_run, run, load_config("diffusion", None, LDM_FAST + ["conditioning.keys=[age]"]),
+                        resume=True)
+
+
+def test_training_logs_losses_by_timestep_and_decoded_samples(dataset, ae_run, tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from medldm.config import load_config
+    from medldm.training.diffusion import train_diffusion
+
+    run = tmp_path / "ldm"
+    with caplog.at_level("INFO"):
+        train_diffusion(dataset, ae_run, run, load_config("diffusion", None, [
+            "train.steps=4", "train.val_every=2", "train.log_every=2", "train.batch_size=8", "preview.every=2",
+            "preview.num=3", "preview.ddim_steps=2", "scheduler.prediction_type=v_prediction", "min_snr_gamma=5"]))
+    assert "held in CPU memory" in caplog.text  # says where the latent cache lives
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/seconds_per_step", "val/loss_ema"} <= scalars
+    assert any(tag.startswith("loss_by_timestep/t0") for tag in scalars)
+    images = events.Images("samples/ddim_ema")
+    assert [e.step for e in images] == [2, 4]
+    assert images[0].height >= 3 * 32 > images[0].width / 3  # three 32^3 samples stacked, three planes each
+    assert "sample 2:" in events.Tensors("samples/conditions/text_summary")[0].tensor_proto.string_val[0].decode()
+
+
+def test_min_snr_weights_cap_the_easy_low_noise_timesteps():
+    from medldm.config import SchedulerConfig
+    from medldm.models.networks import build_scheduler
+    from medldm.training.diffusion import loss_weights
+
+    eps = build_scheduler(SchedulerConfig())
+    w = loss_weights(eps, 5.0)
+    alpha_bar = eps.alphas_cumprod
+    snr = alpha_bar / (1 - alpha_bar)
+    assert w[0] < 0.1 and torch.all(w[snr <= 5] == 1.0)  # t=0 is almost noise-free: weight 5/SNR
+    v = loss_weights(build_scheduler(SchedulerConfig(prediction_type="v_prediction")), 5.0)
+    assert torch.all(v < 1.0)  # v targets carry an extra (SNR + 1)
+    torch.testing.assert_close(v * (snr + 1), w * snr)
+    assert torch.all(loss_weights(eps, 0.0) == 1.0)
+
+
+@pytest.mark.parametrize("edit, match", [
+    ("split", "no train-split scans"),
+    ("keys", "no training scan .* has a value for it"),
+])
+def test_bad_training_input_is_refused_before_the_run_starts(dataset, ae_run, tmp_path, edit, match):
+    import csv
+    import shutil
+
+    from medldm.config import load_config
+    from medldm.training.diffusion import train_diffusion
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    overrides = []
+    if edit == "split":
+        rows = list(csv.DictReader((data / "manifest.csv").open()))
+        for r in rows:
+            r["split"] = "test" if r["split"] == "train" else r["split"]
+        with (data / "manifest.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        overrides = ["conditioning.keys=[age,ventricles]"]
+    with pytest.raises(ValueError, match=match):
+        train_diffusion(data, ae_run, tmp_path / "ldm", load_config("diffusion", None, overrides))
     assert not (tmp_path / "ldm").exists()

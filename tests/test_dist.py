@@ -53,4 +53,6 @@ def test_two_process_ddp_training_writes_one_run_with_identical_replicas(dataset
     assert all(torch.equal(v, saved["discriminator"][k]) for k, v in rank0[1].items())
     ldm = tmp_path / "ldm"
     mp.spawn(_worker, args=(2, _free_port(), "diffusion", (dataset, ae_run, ldm)), nprocs=2, join=True)
-    assert load_checkpoint(ldm / "checkpoints" / "latest.pt")["step"] == 6
+    saved = load_checkpoint(ldm / "checkpoints" / "latest.pt")
+    assert saved["step"] == 6 and saved["world_size"] == 2
+    assert not torch.equal(saved["rng"][0]["noise"], saved["rng"][1]["noise"])  # each rank draws its own noise

@@ -1,7 +1,9 @@
-"""Conditioning vectors for cross-attention: age, sex and diagnosis, with "unknown" as the null condition.
+"""Conditioning vectors for cross-attention: age, sex, diagnosis and extra numeric manifest columns.
 
 Each condition owns its own slots of the context vector; an unknown or dropped condition leaves its
 slots at zero, which is exactly the null (unconditional) context used by classifier-free guidance.
+A numeric condition has two slots (the value standardised with the training split's statistics, and a
+"known" flag), so a known value equal to the mean is not confused with an unknown one.
 """
 
 from __future__ import annotations
@@ -12,54 +14,90 @@ from typing import Any
 
 import torch
 
-SEXES = ("M", "F")
-DIAGNOSES = ("CN", "MCI", "AD")
-# slots per condition: age = (value normalised with train statistics, known flag)
-WIDTHS = {"age": 2, "sex": len(SEXES), "diagnosis": len(DIAGNOSES)}
+CATEGORIES = {"sex": ("M", "F"), "diagnosis": ("CN", "MCI", "AD")}
+
+
+def _number(value: Any, key: str, where: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {key}={value!r} is not a number; fix the manifest column or leave it empty "
+                         "(unknown)") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where}: {key}={value!r} is not a finite number")
+    return number
 
 
 class ConditionEncoder:
-    """Turns manifest labels into context vectors of shape (B, 1, dim)."""
+    """Turns manifest labels into context vectors of shape (B, 1, dim).
 
-    def __init__(self, keys: Sequence[str], age_mean: float = 70.0, age_std: float = 10.0) -> None:
-        unknown = [k for k in keys if k not in WIDTHS]
-        if unknown:
-            raise ValueError(f"unknown condition(s) {unknown}; choose from {list(WIDTHS)}")
+    ``numeric`` holds, per numeric key, the training split's mean, std, min and max: the mean and std
+    standardise values, the range bounds what sampling may ask for.
+    """
+
+    def __init__(self, keys: Sequence[str], numeric: Mapping[str, Mapping[str, float]]) -> None:
         self.keys = list(keys)
-        self.age_mean = float(age_mean)
-        self.age_std = float(age_std) if age_std > 0 else 1.0
+        self.numeric = {k: dict(v) for k, v in numeric.items()}
+        missing = [k for k in self.keys if k not in CATEGORIES and k not in self.numeric]
+        if missing:
+            raise ValueError(f"numeric condition(s) {missing} have no training statistics")
 
     @classmethod
-    def fit(cls, keys: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> ConditionEncoder:
-        """Age normalisation from the training rows that have an age."""
-        ages = [float(r["age"]) for r in rows if r.get("age") is not None]
-        mean = sum(ages) / len(ages) if ages else 70.0
-        std = math.sqrt(sum((a - mean) ** 2 for a in ages) / len(ages)) if len(ages) > 1 else 10.0
-        return cls(keys, mean, std)
+    def fit(cls, keys: Sequence[str], rows: Sequence[Mapping[str, Any]], source: str = "manifest.csv"
+            ) -> ConditionEncoder:
+        """Statistics of the numeric keys over the training ``rows``; a key no row has is an error."""
+        numeric = {}
+        for key in keys:
+            if key in CATEGORIES:
+                allowed = CATEGORIES[key]
+                bad = sorted({str(r.get(key)) for r in rows if r.get(key) is not None and r.get(key) not in allowed})
+                if bad:
+                    raise ValueError(f"{source}: {key} values {bad} are not one of {list(allowed)} (or empty = unknown)")
+                known = sum(r.get(key) is not None for r in rows)
+            else:
+                values = [v for r in rows if (v := _number(r.get(key), key, f"{source}, {r.get('image')}")) is not None]
+                known = len(values)
+                if values:
+                    mean = sum(values) / len(values)
+                    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+                    numeric[key] = {"mean": mean, "std": std if std > 0 else 1.0, "min": min(values),
+                                    "max": max(values)}
+            if not known:
+                raise ValueError(f"diffusion.conditioning.keys names {key!r}, but no training scan in {source} has a "
+                                 f"value for it (the column is missing or empty): fill the {key!r} column or remove {key!r} from conditioning.keys")
+        return cls(keys, numeric)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"keys": self.keys, "age_mean": self.age_mean, "age_std": self.age_std}
+        return {"keys": self.keys, "numeric": self.numeric}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> ConditionEncoder:
-        return cls(state["keys"], state["age_mean"], state["age_std"])
+        if "numeric" not in state:  # checkpoints before extra numeric conditions: age only, range not recorded
+            age = {"mean": state["age_mean"], "std": state["age_std"], "min": -math.inf, "max": math.inf}
+            return cls(state["keys"], {"age": age} if "age" in state["keys"] else {})
+        return cls(state["keys"], state["numeric"])
+
+    def width(self, key: str) -> int:
+        return len(CATEGORIES[key]) if key in CATEGORIES else 2
 
     @property
     def dim(self) -> int:
-        return sum(WIDTHS[k] for k in self.keys)
+        return sum(self.width(k) for k in self.keys)
 
     def encode_one(self, labels: Mapping[str, Any]) -> torch.Tensor:
         """Vector (dim,) for one subject; missing labels are the null condition (zeros), never a value."""
         parts = []
         for key in self.keys:
-            v = torch.zeros(WIDTHS[key])
+            v = torch.zeros(self.width(key))
             value = labels.get(key)
-            if key == "age" and value is not None:
-                v[0], v[1] = (float(value) - self.age_mean) / self.age_std, 1.0
-            elif key == "sex" and value is not None:
-                v[SEXES.index(value)] = 1.0
-            elif key == "diagnosis" and value is not None:
-                v[DIAGNOSES.index(value)] = 1.0
+            if value is not None and value != "":
+                if key in CATEGORIES:
+                    v[CATEGORIES[key].index(value)] = 1.0
+                else:
+                    stats = self.numeric[key]
+                    v[0], v[1] = (_number(value, key, "labels") - stats["mean"]) / stats["std"], 1.0
             parts.append(v)
         return torch.cat(parts)
 
@@ -67,36 +105,44 @@ class ConditionEncoder:
         """Context (B, 1, dim) for a batch of label dicts."""
         return torch.stack([self.encode_one(r) for r in rows])[:, None, :]
 
-    def drop(self, context: torch.Tensor, prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Zero each condition of each sample independently with probability ``prob`` (for guidance)."""
+    def drop(self, context: torch.Tensor, prob: float, prob_all: float, generator: torch.Generator) -> torch.Tensor:
+        """Null each condition of each sample with ``prob``, and all of them with ``prob_all`` (for guidance)."""
         out = context.clone()
+        keep_all = torch.rand(out.shape[0], generator=generator, device=generator.device) >= prob_all
         start = 0
         for key in self.keys:
-            width = WIDTHS[key]
-            u = torch.rand(out.shape[0], generator=generator, device=generator.device if generator else "cpu")
-            out[u.to(out.device) < prob, :, start : start + width] = 0.0
+            width = self.width(key)
+            keep = (torch.rand(out.shape[0], generator=generator, device=generator.device) >= prob) & keep_all
+            out[:, :, start:start + width] *= keep.to(out.device, out.dtype)[:, None, None]
             start += width
         return out
 
     def parse(self, conditions: Mapping[str, str]) -> dict[str, Any]:
-        """Validate ``--condition key=value`` pairs into labels; unknown keys and values are errors."""
+        """Validate ``--condition key=value`` pairs into labels; unknown keys, values and ages out of range are errors."""
         labels: dict[str, Any] = {}
         for key, raw in conditions.items():
             if key not in self.keys:
-                raise ValueError(f"--condition {key}=...: this model is conditioned on {self.keys or 'nothing'}")
-            if key == "age":
-                try:
-                    labels["age"] = float(raw)
-                except ValueError:
-                    raise ValueError(f"--condition age={raw}: age must be a number of years") from None
-            elif key == "sex":
+                raise ValueError(f"--condition {key}=...: this model is conditioned on "
+                                 f"{self.keys or 'nothing (it samples unconditionally)'}")
+            if key == "sex":
                 value = raw.strip().upper()[:1]
-                if value not in SEXES:
+                if value not in CATEGORIES["sex"]:
                     raise ValueError(f"--condition sex={raw}: use M or F")
-                labels["sex"] = value
-            else:
+                labels[key] = value
+            elif key in CATEGORIES:
                 value = raw.strip().upper()
-                if value not in DIAGNOSES:
-                    raise ValueError(f"--condition diagnosis={raw}: use one of {list(DIAGNOSES)}")
-                labels["diagnosis"] = value
+                if value not in CATEGORIES[key]:
+                    raise ValueError(f"--condition {key}={raw}: use one of {list(CATEGORIES[key])}")
+                labels[key] = value
+            else:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    unit = " of years" if key == "age" else ""
+                    raise ValueError(f"--condition {key}={raw}: {key} must be a number{unit}") from None
+                lo, hi = self.numeric[key]["min"], self.numeric[key]["max"]
+                if not lo <= value <= hi:
+                    raise ValueError(f"--condition {key}={raw}: outside the training range {lo:g}–{hi:g}; the model "
+                                     "has not seen such scans")
+                labels[key] = value
         return labels

@@ -37,6 +37,7 @@ from medldm.training.loop import (
     random_patches,
     restore_rng_states,
     seed_everything,
+    set_warmup_lr,
 )
 from medldm.versions import versions
 from medldm.viz import three_plane
@@ -178,6 +179,7 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
     net.train()
     last_log, last_log_step = time.perf_counter(), step
     while step < tc.steps:
+        set_warmup_lr(opt_g, tc.lr, tc.warmup_steps, step)
         adv_on = disc is not None and step >= cfg.adversarial_start
         opt_g.zero_grad(set_to_none=True)
         if opt_d is not None:

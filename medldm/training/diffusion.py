@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -14,31 +16,32 @@ from tqdm.auto import tqdm
 
 from medldm.config import ConfigError, DiffusionConfig, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest
-from medldm.inference.encode import latents_path
+from medldm.inference.encode import latents_path, load_autoencoder_file
+from medldm.inference.sample import ddim_sample
 from medldm.models.conditioning import ConditionEncoder
 from medldm.models.networks import build_scheduler, build_unet
-from medldm.training.checkpoint import (
-    autoencoder_checkpoint,
-    file_sha256,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from medldm.training.dist import barrier, init_distributed
+from medldm.training.checkpoint import autoencoder_checkpoint, file_sha256, load_checkpoint, save_checkpoint
+from medldm.training.dist import DistContext, barrier, init_distributed
 from medldm.training.loop import (
     Deadline,
     NonFiniteGuard,
     autocast,
     finish_run,
+    gather_rng_states,
     make_ema,
     no_sync,
     prepare_run_dir,
+    restore_rng_states,
     seed_everything,
+    set_warmup_lr,
 )
 from medldm.versions import versions
+from medldm.viz import grid, three_plane
 
 log = logging.getLogger(__name__)
+
+# the per-timestep loss is logged in this many equal buckets of t
+TIMESTEP_BUCKETS = 10
 
 
 def load_latents(ae_run: Path) -> dict[str, Any]:
@@ -60,6 +63,47 @@ def diffusion_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
     return noise
 
 
+def loss_weights(scheduler: Any, gamma: float) -> torch.Tensor:
+    """Per-timestep loss weights: Min-SNR-γ (Hang et al. 2023) for ε or v prediction, all ones when γ = 0."""
+    alpha_bar = scheduler.alphas_cumprod.double()
+    snr = alpha_bar / (1.0 - alpha_bar)
+    if gamma <= 0:
+        return torch.ones_like(snr, dtype=torch.float32)
+    # the ε loss is SNR-weighted MSE on x0; v carries an extra (SNR + 1)
+    denominator = snr + 1.0 if scheduler.prediction_type == "v_prediction" else snr
+    return (snr.clamp(max=gamma) / denominator).float()
+
+
+def place_latents(z: torch.Tensor, mode: str, device: torch.device) -> tuple[torch.Tensor, str]:
+    """The latent cache on the GPU when it fits (no copy per step), else in pinned host memory."""
+    if device.type != "cuda":
+        return z, "CPU memory"
+    if mode == "auto":
+        free, _ = torch.cuda.mem_get_info(device)
+        mode = "device" if z.nbytes < free / 4 else "host"
+    if mode == "device":
+        return z.to(device), "GPU memory"
+    return z.pin_memory(), "pinned host memory (one copy per batch)"
+
+
+def check_resumable(state: dict[str, Any], cfg: DiffusionConfig, cache: dict[str, Any], path: Path) -> None:
+    """A run resumes only with its architecture, conditions, noise schedule and latents."""
+    if state.get("kind") != "diffusion":
+        raise ValueError(f"{path} is not a diffusion checkpoint (kind={state.get('kind')!r})")
+    new = to_dict(cfg)
+    for section in ("model", "scheduler"):
+        for k, v in new[section].items():
+            if state["config"][section].get(k) != v:
+                raise ConfigError(f"--resume: diffusion.{section}.{k} is {v} in this config but "
+                                  f"{state['config'][section].get(k)} in {path}; resume with the run's config.yaml")
+    if state["conditioning"]["keys"] != list(cfg.conditioning.keys):
+        raise ConfigError(f"--resume: diffusion.conditioning.keys is {list(cfg.conditioning.keys)} but "
+                          f"{state['conditioning']['keys']} in {path}; resume with the run's config.yaml")
+    if state["autoencoder"]["sha256"] != cache["autoencoder_sha256"]:
+        raise ValueError(f"--resume: {path} was trained on the latents of another autoencoder checkpoint than the "
+                         "current one; start a new diffusion run")
+
+
 def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Path, cfg: DiffusionConfig,
                     resume: bool = False) -> Path:
     """Train (or resume) a latent diffusion run; returns the path of its latest checkpoint."""
@@ -71,107 +115,163 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
     if any(s % f for s in latent_shape[1:]):
         raise ConfigError(f"diffusion.model.channels has {len(cfg.model.channels)} levels (downsampling {f}x) but the "
                           f"latents are {latent_shape}: use fewer UNet levels or a larger image shape")
+    manifest = data_dir / "manifest.csv"
     rows = {r["image"]: r for r in read_manifest(data_dir)}
     missing = [im for im in cache["images"] if im not in rows]
     if missing:
-        raise ValueError(f"{len(missing)} latents have no row in {data_dir}/manifest.csv (e.g. {missing[0]}): "
+        raise ValueError(f"{len(missing)} latents have no row in {manifest} (e.g. {missing[0]}): "
                          "encode this dataset with `medldm encode` again")
     labelled = [rows[im] for im in cache["images"]]
     train_idx = [i for i, r in enumerate(labelled) if r["split"] == "train"]
+    if not train_idx:
+        raise ValueError(f"{manifest} has no train-split scans: preprocess again with val_fraction + test_fraction < 1")
     val_idx = [i for i, r in enumerate(labelled) if r["split"] == "val"] or train_idx[:4]
+    latest = run_dir / "checkpoints" / "latest.pt"
+    state = load_checkpoint(latest) if resume and latest.is_file() else None
+    if state is not None:
+        check_resumable(state, cfg, cache, latest)
+    # age normalisation and ranges come from the training split (kept from the checkpoint on resume);
+    # encoding every row now checks all labels before any work starts
+    encoder = (ConditionEncoder.from_state_dict(state["conditioning"]) if state is not None
+               else ConditionEncoder.fit(cfg.conditioning.keys, [labelled[i] for i in train_idx], str(manifest)))
+    c_all = encoder.encode(labelled) if encoder.keys else None
 
     ctx = init_distributed()
     tc = cfg.train
-    latest = prepare_run_dir(run_dir, cfg, resume) if ctx.is_main else run_dir / "checkpoints" / "latest.pt"
+    if ctx.is_main:
+        prepare_run_dir(run_dir, cfg, resume)
     barrier(ctx)
 
-    encoder = ConditionEncoder.fit(cfg.conditioning.keys, [labelled[i] for i in train_idx])
     scale = cache["scale_factor"]
-    # latents are small: the whole set lives on the device, no file reads per step
-    z_all = (cache["mu"] * scale).to(ctx.device)
-    c_all = encoder.encode(labelled).to(ctx.device) if encoder.keys else None
-    log.info("training on %d latents %s held in %s memory", len(train_idx), latent_shape, ctx.device.type)
-    train_idx_t = torch.tensor(train_idx, device=ctx.device)
+    z_all, where = place_latents(cache["mu"] * scale, cfg.latents_on, ctx.device)
+    c_all = c_all.to(z_all.device) if c_all is not None else None
+    train_idx_t = torch.tensor(train_idx)
 
     # identical initial weights (and EMA copies) on every rank; per-rank randomness afterwards
     torch.manual_seed(tc.seed)
     model = build_unet(cfg.model, latent_shape[0], encoder.dim if encoder.keys else None).to(ctx.device)
     ema = make_ema(model, cfg.ema_decay)
     seed_everything(tc.seed + ctx.rank)
+    # which latents (CPU generator) and the noise, timesteps and dropped conditions (device generator)
+    gens = {"pick": torch.Generator().manual_seed(tc.seed * 1000 + ctx.rank),
+            "noise": torch.Generator(ctx.device).manual_seed(tc.seed * 1000 + ctx.rank + 500)}
     scheduler = build_scheduler(cfg.scheduler, "ddpm")
+    weights = loss_weights(scheduler, cfg.min_snr_gamma).to(ctx.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    step, best_val = 0, float("inf")
-    if resume:
-        state = load_checkpoint(latest)
+    step, best_val, skipped = 0, float("inf"), 0
+    if state is not None:
         model.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
         ema.n_averaged.fill_(state["ema_n_averaged"])
         optimizer.load_state_dict(state["optimizer"])
-        step, best_val = state["step"], state["best_val_loss"]
-        set_rng_state(state["rng"])
+        step, best_val, skipped = state["step"], state["best_val_loss"], state.get("skipped_nonfinite", 0)
+        restore_rng_states(ctx, state["rng"], gens)
         log.info("resumed %s at step %d", run_dir, step)
     net = DistributedDataParallel(model) if ctx.world_size > 1 else model
-    gen = torch.Generator(ctx.device).manual_seed(tc.seed * 1000 + ctx.rank + step)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
     ae_ckpt = autoencoder_checkpoint(ae_run)
     meta = {
         "kind": "diffusion", "config": to_dict(cfg), "versions": versions(), "scale_factor": scale,
-        "latent_shape": latent_shape, "conditioning": encoder.state_dict(),
+        "latent_shape": latent_shape, "conditioning": encoder.state_dict(), "world_size": ctx.world_size,
         "autoencoder": {"run": str(ae_run.resolve()), "checkpoint": str(ae_ckpt.resolve()),
                         "sha256": cache["autoencoder_sha256"]},
         "reference": info["reference"], "data_dir": str(data_dir.resolve()),
     }
 
-    def checkpoint(name: str) -> None:
+    def checkpoint(name: str, rngs: list[dict[str, Any]]) -> None:
+        # bf16 autocast needs no gradient scaler, so there is no scaler state to keep
         save_checkpoint(run_dir / "checkpoints" / name, {
             **meta, "model": model.state_dict(), "ema": ema.module.state_dict(),
             "ema_n_averaged": int(ema.n_averaged), "optimizer": optimizer.state_dict(), "step": step,
-            "best_val_loss": best_val, "rng": rng_state()})
+            "best_val_loss": best_val, "skipped_nonfinite": guard.skipped, "rng": rngs})
 
     writer = SummaryWriter(run_dir / "tensorboard") if ctx.is_main else None
+    preview = (Preview(cfg, encoder, [labelled[i] for i in val_idx], latent_shape, ae_ckpt, scale, ctx.device)
+               if ctx.is_main and cfg.preview.every > 0 else None)
     guard = NonFiniteGuard()
+    guard.skipped = skipped
+    deadline = Deadline(tc.time_limit_minutes)
+    if ctx.is_main:
+        log.info("diffusion: %d train latents %s held in %s; %.1fM parameters; conditions %s; effective batch %d",
+                 len(train_idx), latent_shape, where, sum(p.numel() for p in model.parameters()) / 1e6,
+                 encoder.keys or "none (unconditional)", tc.batch_size * tc.grad_accum * ctx.world_size)
+        if preview is not None:
+            writer.add_text("samples/conditions", preview.describe(), 0)
+    buckets = torch.zeros(2, TIMESTEP_BUCKETS, device=ctx.device)  # loss sum and count per bucket of t
     progress = tqdm(total=tc.steps, initial=step, desc="diffusion", unit="step", disable=not ctx.is_main)
     net.train()
-    deadline = Deadline(tc.time_limit_minutes)
+    last_log, last_log_step = time.perf_counter(), step
     while step < tc.steps:
+        set_warmup_lr(optimizer, tc.lr, tc.warmup_steps, step)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=ctx.device)
         for micro in range(tc.grad_accum):
-            pick = train_idx_t[torch.randint(len(train_idx), (tc.batch_size,), device=ctx.device, generator=gen)]
-            z = z_all[pick]
-            context = encoder.drop(c_all[pick], cfg.conditioning.drop_prob, gen) if c_all is not None else None
-            noise = torch.randn(z.shape, device=ctx.device, generator=gen)
-            t = torch.randint(0, scheduler.num_train_timesteps, (z.shape[0],), device=ctx.device, generator=gen)
+            pick = train_idx_t[torch.randint(len(train_idx), (tc.batch_size,), generator=gens["pick"])]
+            pick = pick.to(z_all.device)
+            z = z_all[pick].to(ctx.device, non_blocking=True)
+            context = None
+            if c_all is not None:
+                context = encoder.drop(c_all[pick].to(ctx.device), cfg.conditioning.drop_prob,
+                                       cfg.conditioning.drop_all_prob, gens["noise"])
+            noise = torch.randn(z.shape, device=ctx.device, generator=gens["noise"])
+            t = torch.randint(0, scheduler.num_train_timesteps, (z.shape[0],), device=ctx.device,
+                              generator=gens["noise"])
             with no_sync(net, micro == tc.grad_accum - 1):
                 with autocast(ctx.device, tc.amp):
                     pred = net(scheduler.add_noise(z, noise, t), timesteps=t, context=context)
-                    loss = F.mse_loss(pred.float(), diffusion_target(scheduler, z, noise, t))
+                per_sample = (pred.float() - diffusion_target(scheduler, z, noise, t)).pow(2).mean(dim=(1, 2, 3, 4))
+                loss = (per_sample * weights[t]).mean()
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.detach() / tc.grad_accum
-        loss = loss_sum
+            bucket = t * TIMESTEP_BUCKETS // scheduler.num_train_timesteps
+            buckets[0].index_add_(0, bucket, per_sample.detach())
+            buckets[1].index_add_(0, bucket, torch.ones_like(per_sample))
         step += 1
         progress.update(1)
-        if guard.ok(loss, step):
+        if guard.ok(loss_sum, step):
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
             ema.update_parameters(model)
         final = step == tc.steps or deadline.reached(ctx)
 
-        if writer and step % tc.log_every == 0:
-            writer.add_scalar("train/loss", loss.item(), step)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-        if step % tc.val_every == 0 or final:
-            if ctx.is_main:
-                val = validation_loss(ema.module, scheduler, z_all[val_idx], None if c_all is None else c_all[val_idx],
-                                      tc.seed)
-                writer.add_scalar("val/loss_ema", val, step)
-                log.info("step %d: val loss (EMA) %.4f", step, val)
-                if val < best_val:
-                    best_val = val
-                    checkpoint("best.pt")
-            net.train()
-        if ctx.is_main and (step % tc.checkpoint_every == 0 or final):
-            checkpoint("latest.pt")
+        if writer and (step % tc.log_every == 0 or final):
+            now = time.perf_counter()
+            sec_per_step = (now - last_log) / max(step - last_log_step, 1)
+            last_log, last_log_step = now, step
+            writer.add_scalar("train/loss", loss_sum.item(), step)
+            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+            writer.add_scalar("train/seconds_per_step", sec_per_step, step)
+            writer.add_scalar("train/skipped_nonfinite", guard.skipped, step)
+            width = scheduler.num_train_timesteps // TIMESTEP_BUCKETS
+            for b, (total, count) in enumerate(buckets.T.tolist()):
+                if count:
+                    writer.add_scalar(f"loss_by_timestep/t{b * width:04d}-{(b + 1) * width - 1:04d}", total / count,
+                                      step)
+            buckets.zero_()
+            if ctx.device.type == "cuda":
+                writer.add_scalar("train/gpu_max_memory_gib", torch.cuda.max_memory_allocated(ctx.device) / 2**30, step)
+            progress.set_postfix(loss=f"{loss_sum.item():.4f}")
+        is_val = step % tc.val_every == 0 or final
+        is_ckpt = step % tc.checkpoint_every == 0 or final
+        if is_val or is_ckpt:
+            rngs = gather_rng_states(ctx, gens)  # a collective: every rank takes part
+        if is_val and ctx.is_main:
+            val = validation_loss(ema.module, scheduler, z_all[val_idx].to(ctx.device),
+                                  None if c_all is None else c_all[val_idx].to(ctx.device), tc.seed)
+            writer.add_scalar("val/loss_ema", val, step)
+            log.info("step %d: validation loss (EMA weights) %.4f", step, val)
+            if val < best_val:
+                best_val = val
+                checkpoint("best.pt", rngs)
+        if preview is not None and (step % cfg.preview.every == 0 or final):
+            writer.add_image("samples/ddim_ema", preview(ema.module), step, dataformats="HW")
+        net.train()
+        if is_ckpt and ctx.is_main:
+            checkpoint("latest.pt", rngs)
+        if is_val or is_ckpt:
+            barrier(ctx)
         if final and step < tc.steps:
             log.info("train.time_limit_minutes=%g reached at step %d: continue with --resume", tc.time_limit_minutes,
                      step)
@@ -183,7 +283,7 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, scheduler: Any, z: torch.Tensor, context: torch.Tensor | None,
                     seed: int, repeats: int = 4) -> float:
-    """Denoising loss on validation latents at fixed noise and timesteps (comparable across steps)."""
+    """Unweighted denoising loss on validation latents at fixed noise and timesteps (comparable across steps)."""
     model.eval()
     gen = torch.Generator(z.device).manual_seed(seed + 12345)
     total = 0.0
@@ -193,3 +293,36 @@ def validation_loss(model: torch.nn.Module, scheduler: Any, z: torch.Tensor, con
         pred = model(scheduler.add_noise(z, noise, t), timesteps=t, context=context)
         total += F.mse_loss(pred.float(), diffusion_target(scheduler, z, noise, t)).item()
     return total / repeats
+
+
+class Preview:
+    """The same few DDIM samples (fixed seeds, the conditions of the first validation scans), decoded to images."""
+
+    def __init__(self, cfg: DiffusionConfig, encoder: ConditionEncoder, val_rows: list[dict[str, Any]],
+                 latent_shape: list[int], ae_checkpoint: Path, scale: float, device: torch.device) -> None:
+        pc = cfg.preview
+        self.device, self.scale, self.guidance, self.amp = device, scale, pc.guidance, cfg.train.amp
+        self.decoder, _ = load_autoencoder_file(ae_checkpoint, device)
+        self.scheduler = build_scheduler(cfg.scheduler, "ddim")
+        self.scheduler.set_timesteps(pc.ddim_steps, device=device)
+        self.labels = [{k: val_rows[i % len(val_rows)].get(k) for k in encoder.keys} for i in range(pc.num)]
+        self.context = encoder.encode(self.labels).to(device) if encoder.keys else None
+        self.noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(cfg.train.seed + i))
+                                  for i in range(pc.num)]).to(device)
+
+    def describe(self) -> str:
+        return "  \n".join(f"sample {i}: " + (", ".join(f"{k}={v if v is not None else 'unknown'}"
+                                                          for k, v in labels.items()) or "unconditional")
+                           for i, labels in enumerate(self.labels))
+
+    @torch.no_grad()
+    def __call__(self, unet: torch.nn.Module) -> np.ndarray:
+        unet.eval()
+        tiles = []
+        for i in range(len(self.noise)):
+            context = self.context[i:i + 1] if self.context is not None else None
+            with autocast(self.device, self.amp):
+                z = ddim_sample(unet, self.scheduler, self.noise[i:i + 1], context, self.guidance)
+                x = self.decoder.decode(z / self.scale).float().clamp(0, 1)
+            tiles.append(three_plane(x[0, 0].cpu().numpy()))
+        return grid(tiles, columns=1)

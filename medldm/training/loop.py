@@ -73,6 +73,13 @@ def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
+def set_warmup_lr(optimizer: torch.optim.Optimizer, lr: float, warmup_steps: int, step: int) -> None:
+    """Linear warm-up to ``lr`` over ``warmup_steps`` optimiser steps; a function of the step, so resuming is exact."""
+    if warmup_steps > 0:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup_steps)
+
+
 def prepare_run_dir(run_dir: Path, cfg: Any, resume: bool) -> Path:
     """Create the run dir; refuse to overwrite an existing run unless resuming. Returns the latest checkpoint path."""
     latest = run_dir / "checkpoints" / "latest.pt"
