@@ -193,12 +193,14 @@ def test_training_logs_losses_by_timestep_and_decoded_samples(dataset, ae_run, t
     with caplog.at_level("INFO"):
         train_diffusion(dataset, ae_run, run, load_config("diffusion", None, [
             "train.steps=4", "train.val_every=2", "train.log_every=2", "train.batch_size=8", "preview.every=2",
-            "preview.num=3", "preview.ddim_steps=2", "scheduler.prediction_type=v_prediction", "min_snr_gamma=5"]))
+            "preview.num=3", "preview.ddim_steps=2", "scheduler.prediction_type=v_prediction", "min_snr_gamma=5",
+            "train.warmup_steps=4"]))
     assert "held in CPU memory" in caplog.text  # says where the latent cache lives
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/seconds_per_step", "val/loss_ema"} <= scalars
     assert any(tag.startswith("loss_by_timestep/t0") for tag in scalars)
+    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([0.5e-3, 1e-3])  # linear warm-up
     images = events.Images("samples/ddim_ema")
     assert [e.step for e in images] == [2, 4]
     assert images[0].height >= 3 * 32 > images[0].width / 3  # three 32^3 samples stacked, three planes each
