@@ -5,11 +5,12 @@
     python benchmarks/ldm_samples.py --unet-speed configs/diffusion/adni.yaml --out OUT [--latent 3 20 28 20]
 
 The first form encodes DATA with AE_RUN if its latents are missing, trains `train_diffusion` under
-``train.time_limit_minutes``, then DDIM-samples ``--num`` volumes, each conditioned on the labels of one real
+``train.time_limit_minutes`` in ``--run`` (default: a temporary folder, resumed when it holds a run), then DDIM-samples ``--num`` volumes, each conditioned on the labels of one real
 val/test subject (age and sex where known, in order). It reports the mean pairwise MS-SSIM among the samples
 and among as many real val/test volumes (lower = more diverse), and for every sample and every real val/test
 volume the SSIM to its most similar training volume (a first look at copying). Pictures: OUT/samples.png
-(samples, with their conditions in results.json) and OUT/real.png (the real subjects whose labels they got).
+(samples, with their conditions in results.json) and OUT/real.png (the real subjects whose labels they got);
+the TensorBoard events (with the preview samples) are copied to OUT.
 
 The second form times one training step (forward, backward, AdamW) of a UNet config on random latents
 (bf16 autocast on CUDA) and reports the peak GPU memory: the ADNI default is 3x20x28x20, batch 8.
@@ -21,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -80,8 +83,11 @@ def unet_speed(config: Path, latent: list[int], batch: int, device: torch.device
     return out
 
 
+@torch.no_grad()
 def nearest_training_ssim(volumes: list[torch.Tensor], train: list[torch.Tensor], metrics: VolumeMetrics) -> list[float]:
-    return [max(metrics(v, t)["ssim"] for t in train) for v in volumes]
+    """SSIM of each volume to its most similar training volume (all training volumes as one batch)."""
+    stack = torch.stack(train)
+    return [float(metrics.ssim(v[None].expand_as(stack), stack).max()) for v in volumes]
 
 
 def main() -> None:
@@ -95,6 +101,7 @@ def main() -> None:
     ap.add_argument("--ddim-steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--set", dest="overrides", nargs="*", default=[])
+    ap.add_argument("--run", type=Path, help="diffusion run dir (default: a temporary folder; resumed if it exists)")
     ap.add_argument("--unet-speed", type=Path, help="time this UNet config instead (no data needed)")
     ap.add_argument("--latent", type=int, nargs=4, default=[3, 20, 28, 20])
     ap.add_argument("--batch", type=int, default=8)
@@ -119,7 +126,8 @@ def main() -> None:
         results["encode_s"] = time.perf_counter() - t0
     cfg = load_config("diffusion", args.config, args.overrides)
     cfg.train.time_limit_minutes = args.minutes
-    run = args.out / "ldm"
+    # checkpoints stay out of OUT (only results, pictures and samples travel back from a GPU machine)
+    run = args.run or Path(tempfile.gettempdir()) / "medldm_benchmark_ldm"
     t0 = time.perf_counter()
     train_diffusion(args.data, args.autoencoder, run, cfg, resume=(run / "checkpoints" / "latest.pt").is_file())
     latest = load_checkpoint(run / "checkpoints" / "latest.pt")
@@ -165,6 +173,8 @@ def main() -> None:
     save_png(args.out / "samples.png", grid([three_plane(v[0].numpy()) for v in synthetic], columns=4))
     save_png(args.out / "real.png", grid([three_plane(v[0].numpy()) for v in real], columns=4))
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    for tb in (run / "tensorboard").glob("events.*"):
+        shutil.copy2(tb, args.out / tb.name)
     d = results["diversity"]
     print(f"{card}: {results['steps_done']} steps in {results['train_wall_s'] / 60:.1f} min; pairwise MS-SSIM "
           f"synthetic {d['synthetic']['ms_ssim_mean']:.3f} vs real {d['real_held_out']['ms_ssim_mean']:.3f}; "
