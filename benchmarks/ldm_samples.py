@@ -36,7 +36,7 @@ from medldm.data.dataset import read_dataset_info, read_manifest, volume_dataset
 from medldm.evaluation.metrics import VolumeMetrics, pairwise_similarity
 from medldm.inference.encode import encode_dataset, latents_path
 from medldm.inference.sample import sample_run
-from medldm.models.conditioning import CATEGORIES, ConditionEncoder
+from medldm.models.conditioning import condition_width
 from medldm.models.networks import build_scheduler, build_unet
 from medldm.training.checkpoint import load_checkpoint
 from medldm.training.diffusion import train_diffusion
@@ -48,10 +48,7 @@ from medldm.viz import grid, save_png, three_plane
 def unet_speed(config: Path, latent: list[int], batch: int, device: torch.device, repeats: int = 10) -> dict:
     """Seconds per training step and peak memory of a diffusion UNet config on random latents."""
     cfg = load_config("diffusion", config)
-    # the context width of these conditions (numeric statistics do not change it)
-    unit = {"mean": 0.0, "std": 1.0, "min": 0.0, "max": 1.0}
-    keys = cfg.conditioning.keys
-    dim = ConditionEncoder(keys, {k: unit for k in keys if k not in CATEGORIES}).dim or None
+    dim = sum(condition_width(k) for k in cfg.conditioning.keys) or None
     unet = build_unet(cfg.model, latent[0], dim).to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
     scheduler = build_scheduler(cfg.scheduler)

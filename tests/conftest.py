@@ -16,6 +16,22 @@ AE_FAST = ["train.steps=6", "train.val_every=3", "train.checkpoint_every=3"]
 LDM_FAST = ["train.steps=6", "train.val_every=3", "train.checkpoint_every=3", "train.batch_size=4"]
 
 
+class Crash(Exception):
+    """Stands for a process killed by the scheduler or a power cut."""
+
+
+def crash_after_checkpoint(monkeypatch, trainer_module, step: int) -> None:
+    """Make ``trainer_module`` die right after it has written ``latest.pt`` at ``step``."""
+    real_save = trainer_module.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if path.name == "latest.pt" and state["step"] == step:
+            raise Crash
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
+
+
 def train_age_range(data_dir: Path) -> tuple[float, float]:
     """The youngest and oldest age in the train split: the range a conditioned model accepts."""
     from medldm.data.dataset import read_manifest

@@ -9,7 +9,7 @@ from medldm.training.checkpoint import load_checkpoint
 from medldm.training.loop import NonFiniteGuard, NonFiniteLossError
 from medldm.training.losses import kl_loss
 
-from .conftest import AE_FAST
+from .conftest import AE_FAST, Crash, crash_after_checkpoint
 
 
 def test_checkpoint_holds_what_is_needed_to_rebuild_and_resume(ae_run):
@@ -68,24 +68,13 @@ AE_FULL = AE_FAST + ["train.steps=8", "train.val_every=4", "train.checkpoint_eve
                      "ema_decay=0.9", "patch_size=[24,24,24]", "train.grad_accum=2"]
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(dataset, tmp_path, monkeypatch):
     cfg = load_config("autoencoder", None, AE_FULL)
     train_autoencoder(dataset, tmp_path / "straight", cfg)
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
 
-    real_save = ae_module.save_checkpoint
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        if path.name == "latest.pt" and state["step"] == 4:
-            raise _Crash  # the process dies right after writing the step-4 checkpoint
-
-    monkeypatch.setattr(ae_module, "save_checkpoint", save_then_die)
-    with pytest.raises(_Crash):
+    crash_after_checkpoint(monkeypatch, ae_module, step=4)
+    with pytest.raises(Crash):
         train_autoencoder(dataset, tmp_path / "crashed", cfg)
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "crashed" / "checkpoints" / "latest.pt")["step"] == 4

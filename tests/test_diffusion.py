@@ -6,6 +6,8 @@ from medldm.inference.encode import latents_path, load_autoencoder
 from medldm.models.conditioning import ConditionEncoder
 from medldm.training.checkpoint import load_checkpoint
 
+from .conftest import Crash, crash_after_checkpoint
+
 
 def test_latents_are_posterior_means_with_train_scale_factor(dataset, ae_run):
     cache = load_checkpoint(latents_path(ae_run))
@@ -127,10 +129,6 @@ def test_a_latent_shape_the_unet_cannot_halve_is_refused_before_training(dataset
     assert not (tmp_path / "ldm").exists()
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(dataset, ae_run, tmp_path, monkeypatch):
     import medldm.training.diffusion as ldm_module
     from medldm.config import load_config
@@ -142,15 +140,8 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(dataset, ae
     train_diffusion(dataset, ae_run, tmp_path / "straight", cfg)
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
 
-    real_save = ldm_module.save_checkpoint
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        if path.name == "latest.pt" and state["step"] == 4:
-            raise _Crash  # the process dies right after writing the step-4 checkpoint
-
-    monkeypatch.setattr(ldm_module, "save_checkpoint", save_then_die)
-    with pytest.raises(_Crash):
+    crash_after_checkpoint(monkeypatch, ldm_module, step=4)
+    with pytest.raises(Crash):
         train_diffusion(dataset, ae_run, tmp_path / "crashed", cfg)
     monkeypatch.undo()
     train_diffusion(dataset, ae_run, tmp_path / "crashed", cfg, resume=True)

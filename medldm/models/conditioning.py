@@ -17,6 +17,11 @@ import torch
 CATEGORIES = {"sex": ("M", "F"), "diagnosis": ("CN", "MCI", "AD")}
 
 
+def condition_width(key: str) -> int:
+    """Slots of one condition in the context vector: one per category, or value + known flag."""
+    return len(CATEGORIES[key]) if key in CATEGORIES else 2
+
+
 def _number(value: Any, key: str, where: str) -> float | None:
     if value is None or value == "":
         return None
@@ -79,18 +84,15 @@ class ConditionEncoder:
             return cls(state["keys"], {"age": age} if "age" in state["keys"] else {})
         return cls(state["keys"], state["numeric"])
 
-    def width(self, key: str) -> int:
-        return len(CATEGORIES[key]) if key in CATEGORIES else 2
-
     @property
     def dim(self) -> int:
-        return sum(self.width(k) for k in self.keys)
+        return sum(condition_width(k) for k in self.keys)
 
     def encode_one(self, labels: Mapping[str, Any]) -> torch.Tensor:
         """Vector (dim,) for one subject; missing labels are the null condition (zeros), never a value."""
         parts = []
         for key in self.keys:
-            v = torch.zeros(self.width(key))
+            v = torch.zeros(condition_width(key))
             value = labels.get(key)
             if value is not None and value != "":
                 if key in CATEGORIES:
@@ -111,7 +113,7 @@ class ConditionEncoder:
         keep_all = torch.rand(out.shape[0], generator=generator, device=generator.device) >= prob_all
         start = 0
         for key in self.keys:
-            width = self.width(key)
+            width = condition_width(key)
             keep = (torch.rand(out.shape[0], generator=generator, device=generator.device) >= prob) & keep_all
             out[:, :, start:start + width] *= keep.to(out.device, out.dtype)[:, None, None]
             start += width

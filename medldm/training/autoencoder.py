@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from medldm.training.loop import (
     Deadline,
     NonFiniteGuard,
     ResumableBatches,
+    StepLog,
     autocast,
     finish_run,
     gather_rng_states,
@@ -38,6 +38,7 @@ from medldm.training.loop import (
     restore_rng_states,
     seed_everything,
     set_warmup_lr,
+    stopped_by_time_limit,
 )
 from medldm.versions import versions
 from medldm.viz import three_plane
@@ -177,7 +178,7 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
 
     progress = tqdm(total=tc.steps, initial=step, desc="autoencoder", unit="step", disable=not ctx.is_main)
     net.train()
-    last_log, last_log_step = time.perf_counter(), step
+    step_log = StepLog(step)
     while step < tc.steps:
         set_warmup_lr(opt_g, tc.lr, tc.warmup_steps, step)
         adv_on = disc is not None and step >= cfg.adversarial_start
@@ -233,16 +234,9 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
 
         final = step == tc.steps or deadline.reached(ctx)
         if writer and (step % tc.log_every == 0 or final):
-            now = time.perf_counter()
-            sec_per_step = (now - last_log) / max(step - last_log_step, 1)
-            last_log, last_log_step = now, step
+            sec_per_step = step_log.write(writer, step, opt_g, guard, ctx.device)
             for k, v in totals.items():
                 writer.add_scalar(f"train/{k}", v.item(), step)
-            writer.add_scalar("train/lr", opt_g.param_groups[0]["lr"], step)
-            writer.add_scalar("train/seconds_per_step", sec_per_step, step)
-            writer.add_scalar("train/skipped_nonfinite", guard.skipped, step)
-            if ctx.device.type == "cuda":
-                writer.add_scalar("train/gpu_max_memory_gib", torch.cuda.max_memory_allocated(ctx.device) / 2**30, step)
             volumes_per_s = tc.batch_size * tc.grad_accum * ctx.world_size / sec_per_step
             progress.set_postfix(loss=f"{totals['loss'].item():.4f}", l1=f"{totals['l1'].item():.4f}",
                                  vol_s=f"{volumes_per_s:.1f}")
@@ -262,9 +256,7 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
             checkpoint("latest.pt", rngs)
         if is_val or is_ckpt:
             barrier(ctx)
-        if final and step < tc.steps:
-            log.info("train.time_limit_minutes=%g reached at step %d: continue with --resume", tc.time_limit_minutes,
-                     step)
+        if stopped_by_time_limit(tc.time_limit_minutes, step, tc.steps, final):
             break
     finish_run(ctx, progress, writer, guard, step)
     return latest

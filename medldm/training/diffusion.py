@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,11 @@ from medldm.inference.sample import ddim_sample
 from medldm.models.conditioning import ConditionEncoder
 from medldm.models.networks import build_scheduler, build_unet
 from medldm.training.checkpoint import autoencoder_checkpoint, file_sha256, load_checkpoint, save_checkpoint
-from medldm.training.dist import DistContext, barrier, init_distributed
+from medldm.training.dist import barrier, init_distributed
 from medldm.training.loop import (
     Deadline,
     NonFiniteGuard,
+    StepLog,
     autocast,
     finish_run,
     gather_rng_states,
@@ -34,6 +34,7 @@ from medldm.training.loop import (
     restore_rng_states,
     seed_everything,
     set_warmup_lr,
+    stopped_by_time_limit,
 )
 from medldm.versions import versions
 from medldm.viz import grid, three_plane
@@ -202,7 +203,7 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
     buckets = torch.zeros(2, TIMESTEP_BUCKETS, device=ctx.device)  # loss sum and count per bucket of t
     progress = tqdm(total=tc.steps, initial=step, desc="diffusion", unit="step", disable=not ctx.is_main)
     net.train()
-    last_log, last_log_step = time.perf_counter(), step
+    step_log = StepLog(step)
     while step < tc.steps:
         set_warmup_lr(optimizer, tc.lr, tc.warmup_steps, step)
         optimizer.zero_grad(set_to_none=True)
@@ -237,21 +238,14 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
         final = step == tc.steps or deadline.reached(ctx)
 
         if writer and (step % tc.log_every == 0 or final):
-            now = time.perf_counter()
-            sec_per_step = (now - last_log) / max(step - last_log_step, 1)
-            last_log, last_log_step = now, step
+            step_log.write(writer, step, optimizer, guard, ctx.device)
             writer.add_scalar("train/loss", loss_sum.item(), step)
-            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-            writer.add_scalar("train/seconds_per_step", sec_per_step, step)
-            writer.add_scalar("train/skipped_nonfinite", guard.skipped, step)
             width = scheduler.num_train_timesteps // TIMESTEP_BUCKETS
             for b, (total, count) in enumerate(buckets.T.tolist()):
                 if count:
                     writer.add_scalar(f"loss_by_timestep/t{b * width:04d}-{(b + 1) * width - 1:04d}", total / count,
                                       step)
             buckets.zero_()
-            if ctx.device.type == "cuda":
-                writer.add_scalar("train/gpu_max_memory_gib", torch.cuda.max_memory_allocated(ctx.device) / 2**30, step)
             progress.set_postfix(loss=f"{loss_sum.item():.4f}")
         is_val = step % tc.val_every == 0 or final
         is_ckpt = step % tc.checkpoint_every == 0 or final
@@ -272,9 +266,7 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
             checkpoint("latest.pt", rngs)
         if is_val or is_ckpt:
             barrier(ctx)
-        if final and step < tc.steps:
-            log.info("train.time_limit_minutes=%g reached at step %d: continue with --resume", tc.time_limit_minutes,
-                     step)
+        if stopped_by_time_limit(tc.time_limit_minutes, step, tc.steps, final):
             break
     finish_run(ctx, progress, writer, guard, step)
     return latest

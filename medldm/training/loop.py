@@ -168,6 +168,34 @@ class Deadline:
         return bool(flag.item())
 
 
+class StepLog:
+    """What both trainers log every ``train.log_every`` steps besides their losses: lr, step time, skips, memory."""
+
+    def __init__(self, step: int) -> None:
+        self.time, self.step = time.perf_counter(), step
+
+    def write(self, writer: Any, step: int, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard,
+              device: torch.device) -> float:
+        """Log the scalars at ``step``; returns the mean seconds per step since the last call."""
+        now = time.perf_counter()
+        seconds = (now - self.time) / max(step - self.step, 1)
+        self.time, self.step = now, step
+        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+        writer.add_scalar("train/seconds_per_step", seconds, step)
+        writer.add_scalar("train/skipped_nonfinite", guard.skipped, step)
+        if device.type == "cuda":
+            writer.add_scalar("train/gpu_max_memory_gib", torch.cuda.max_memory_allocated(device) / 2**30, step)
+        return seconds
+
+
+def stopped_by_time_limit(minutes: float, step: int, steps: int, final: bool) -> bool:
+    """True when the run ends here before ``steps`` because ``train.time_limit_minutes`` ran out (and says so)."""
+    if final and step < steps:
+        log.info("train.time_limit_minutes=%g reached at step %d: continue with --resume", minutes, step)
+        return True
+    return False
+
+
 def no_sync(module: torch.nn.Module, sync: bool):
     """Skip DDP's gradient all-reduce on the micro-batches before the last one of an accumulated step."""
     if not sync and hasattr(module, "no_sync"):
