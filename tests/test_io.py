@@ -2,7 +2,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medldm.data.io import load_volume, save_volume
+from medldm.data.io import load_volume, save_dicom_series, save_volume
 
 
 def _write_dicom_series(folder, volume_zyx, spacing, origin):
@@ -85,3 +85,35 @@ def test_dicom_series_with_a_missing_slice_or_two_series_is_refused(tmp_path):
     writer.Execute(stray)
     with pytest.raises(ValueError, match="mixed series"):
         load_volume(tmp_path / "mixed")
+
+
+@pytest.mark.parametrize("affine", [
+    np.array([[1.5, 0, 0, -90], [0, 1.5, 0, -126], [0, 0, 1.5, -72], [0, 0, 0, 1]]),  # RAS, as exported
+    np.array([[-1.0, 0, 0, 90], [0, 1.2, 0, -100], [0, 0, 2.0, -50], [0, 0, 0, 1]]),  # LAS: left-handed in DICOM
+    np.array([[0, 0, 2.0, -90], [-2.0, 0, 0, 110], [0, 2.0, 0, -130], [0, 0, 0, 1]]),  # sagittal slices
+])
+def test_dicom_export_reads_back_with_the_same_world_geometry(tmp_path, affine):
+    data = np.random.default_rng(0).integers(0, 4096, size=(7, 6, 5)).astype(np.int16)
+    files = save_dicom_series(tmp_path / "series", data, affine, {"0010|0010": "SYNTHETIC^TEST"})
+    assert len(files) == 5 and all(f.is_file() for f in files)
+    assert not [p for p in tmp_path.iterdir() if p.name != "series"]  # no temporary folder left
+    back, back_affine = load_volume(tmp_path / "series")
+    # the reader may order the slices the other way round: compare voxel by voxel in world space
+    to_back = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.io_orientation(back_affine))
+    np.testing.assert_array_equal(back, nib.orientations.apply_orientation(data, to_back))
+    for ijk in np.ndindex(2, 2, 2):
+        corner = np.array(ijk) * (np.array(data.shape) - 1)
+        world = affine @ [*corner, 1]
+        back_ijk = np.linalg.solve(back_affine, world)[:3]
+        np.testing.assert_allclose(back_ijk, np.round(back_ijk), atol=1e-3)  # a voxel centre in both
+        assert data[tuple(corner)] == back[tuple(np.round(back_ijk).astype(int))]
+
+
+def test_int16_nifti_stores_12_bit_levels_that_read_back_as_intensities(tmp_path):
+    x = np.linspace(-0.1, 1.1, 60).reshape(3, 4, 5)
+    save_volume(tmp_path / "v.nii.gz", x, np.eye(4) * [2, 2, 2, 1], dtype="int16")
+    img = nib.load(tmp_path / "v.nii.gz")
+    assert img.get_data_dtype() == np.int16
+    raw = np.asanyarray(img.dataobj.get_unscaled())
+    assert raw.min() == 0 and raw.max() == 4095  # clipped to [0, 1], then 0..4095
+    np.testing.assert_allclose(img.get_fdata(), np.clip(x, 0, 1), atol=0.5 / 4095 + 1e-6)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -103,18 +106,73 @@ def from_sitk(image: Any) -> tuple[np.ndarray, np.ndarray]:
     return data, _LPS_TO_RAS @ lps
 
 
-def to_sitk(data: np.ndarray, affine: np.ndarray) -> Any:
-    """(array in i, j, k order, RAS+ affine) -> SimpleITK float32 image with the same world geometry."""
+def to_sitk(data: np.ndarray, affine: np.ndarray, dtype: Any = np.float32) -> Any:
+    """(array in i, j, k order, RAS+ affine) -> SimpleITK image of ``dtype`` with the same world geometry."""
     import SimpleITK as sitk
 
     lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(data, dtype=np.float32).transpose(2, 1, 0)))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(data, dtype=dtype).transpose(2, 1, 0)))
     image.SetSpacing(spacing.tolist())
     image.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
     image.SetOrigin(lps[:3, 3].tolist())
     return image
 
+
+def new_uid() -> str:
+    """A globally unique DICOM UID from a random UUID (the 2.25 root needs no registered organisation)."""
+    return f"2.25.{uuid.uuid4().int}"
+
+
+def save_dicom_series(folder: str | Path, data: np.ndarray, affine: np.ndarray, tags: dict[str, str]) -> list[Path]:
+    """Write an integer volume as one classic MR DICOM series (one file per slice along the third axis).
+
+    ``tags`` ("gggg|eeee" -> value) go into every slice (study/series UIDs, new ones when not given; patient and
+    series description); each slice gets its own SOPInstanceUID, InstanceNumber and ImagePositionPatient. The folder appears
+    complete or not at all. A left-handed affine is written with its third axis reversed, because DICOM
+    readers take the slice normal as row x column: the world geometry is unchanged.
+    """
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    data = np.asarray(data)
+    if not np.issubdtype(data.dtype, np.integer) or data.ndim != 3:
+        raise ValueError(f"{folder}: DICOM export needs a 3D integer volume, got {data.dtype} {list(data.shape)}")
+    affine = np.asarray(affine, dtype=np.float64)
+    if np.linalg.det((_LPS_TO_RAS @ affine)[:3, :3]) < 0:
+        data = data[:, :, ::-1]
+        affine = affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, data.shape[2] - 1], [0, 0, 0, 1]])
+    image = to_sitk(data, affine, dtype=np.int16)
+    # one study, series and frame of reference for all slices unless the caller names them
+    tags = {"0020|000d": new_uid(), "0020|000e": new_uid(), "0020|0052": new_uid(), **tags}
+    d = image.GetDirection()
+    orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))  # row, then column cosines
+    thickness = f"{image.GetSpacing()[2]:.6f}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    files = []
+    try:
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()  # our UIDs, not GDCM's
+        for k in range(image.GetDepth()):
+            # a one-slice 3D image keeps the slice spacing, which GDCM writes as SpacingBetweenSlices
+            slice_ = image[:, :, k:k + 1]
+            position = "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
+            for key, value in {**tags, "0008|0016": MR_IMAGE_STORAGE, "0008|0018": new_uid(),
+                               "0020|0013": str(k + 1), "0020|0032": position, "0020|0037": orientation,
+                               "0018|0050": thickness, "0018|0088": thickness}.items():
+                slice_.SetMetaData(key, value)
+            files.append(folder / f"IM{k + 1:04d}.dcm")
+            writer.SetFileName(str(tmp / files[-1].name))
+            writer.Execute(slice_)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return files
+
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"  # classic MR: every viewer and PACS reads it
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -127,22 +185,32 @@ def atomic_path(final: Path) -> Path:
     return Path(tmp)
 
 
+# integer storage: value = round(intensity in [0, 1] x levels); NIfTI readers get [0, 1] back through scl_slope
+INTEGER_LEVELS = {"uint8": (np.uint8, 255), "int16": (np.int16, 4095)}
+
+
+def to_integer(data: np.ndarray, dtype: str) -> np.ndarray:
+    """[0, 1] intensities as the stored integers of ``dtype`` (uint8: 0..255, int16: 0..4095, a 12-bit MR range)."""
+    np_type, levels = INTEGER_LEVELS[dtype]
+    return np.round(np.clip(data, 0, 1) * levels).astype(np_type)
+
+
 def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, descrip: str | None = None,
                 dtype: str = "float32") -> None:
     """Write a NIfTI with ``affine`` as both qform and sform (scanner space), atomically, with a fresh header
-    (nothing from the source carried over). ``dtype="uint8"`` stores [0, 1] data as 0..255 with scl_slope 1/255,
-    which readers turn back into [0, 1]."""
+    (nothing from the source carried over). ``dtype`` uint8 or int16 stores [0, 1] data as integers
+    (``to_integer``) with scl_slope 1/levels, which readers turn back into [0, 1]."""
     path = Path(path)
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise ValueError(f"{path}: refusing to write an invalid affine {affine.tolist()}")
-    if dtype == "uint8":
-        img = nib.Nifti1Image(np.round(np.clip(data, 0, 1) * 255).astype(np.uint8), affine)
-        img.header.set_slope_inter(1 / 255, 0.0)
+    if dtype in INTEGER_LEVELS:
+        img = nib.Nifti1Image(to_integer(data, dtype), affine)
+        img.header.set_slope_inter(1 / INTEGER_LEVELS[dtype][1], 0.0)
     elif dtype == "float32":
         img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
     else:
-        raise ValueError(f"{path}: unsupported dtype {dtype!r} (float32 or uint8)")
+        raise ValueError(f"{path}: unsupported dtype {dtype!r} (float32, int16 or uint8)")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
@@ -151,6 +219,20 @@ def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, descrip:
     tmp = atomic_path(path)
     try:
         nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_csv(path: str | Path, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
+    """Write a CSV atomically (a crash never leaves half a table)."""
+    path = Path(path)
+    tmp = atomic_path(path)
+    try:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -7,7 +7,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from medldm.config import PreprocessConfig, to_dict
 from medldm.data.dataset import MANIFEST_COLUMNS
 from medldm.data.discovery import ScanRecord, discover_scans
 from medldm.data.intensity import head_mask, n4_correct, normalise
-from medldm.data.io import atomic_path, load_volume, save_volume, write_json
+from medldm.data.io import load_volume, save_volume, write_csv, write_json
 from medldm.data.qc import write_qc
 from medldm.data.registration import Template, load_template, register_to_template
 from medldm.data.splits import assign_splits
@@ -274,22 +273,10 @@ def _map_diagnosis(raw: str | None, cfg: PreprocessConfig) -> str | None:
     return table.get(raw.strip().upper()) if raw else None
 
 
-def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
-    tmp = atomic_path(path)
-    try:
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
-    _write_csv(path, list(MANIFEST_COLUMNS), rows)
+    write_csv(path, list(MANIFEST_COLUMNS), rows)
 
 
 def _write_failures(path: Path, failures: list[tuple[str, str]]) -> None:
     """failures.csv: one row per failed scan (a header alone when none failed, so a stale list never stays)."""
-    _write_csv(path, ["path", "error"], [{"path": p, "error": e} for p, e in failures])
+    write_csv(path, ["path", "error"], [{"path": p, "error": e} for p, e in failures])
