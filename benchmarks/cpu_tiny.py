@@ -16,7 +16,7 @@ import time
 import torch
 
 from medldm.config import load_config
-from medldm.inference.sample import ddim_sample
+from medldm.inference.sample import sample_latents
 from medldm.models.conditioning import ConditionEncoder
 from medldm.models.networks import build_autoencoder, build_scheduler, build_unet
 from medldm.training.autoencoder import kl_loss
@@ -76,7 +76,7 @@ def main() -> None:
 
     def sample_one() -> None:
         with torch.no_grad():
-            out = ddim_sample(unet, ddim, torch.randn(1, *latent), context[:1], guidance=3.0)
+            out = sample_latents(unet, ddim, torch.randn(1, *latent), context[:1], guidance=3.0)
             ae.decode(out)
 
     rows = [

@@ -62,18 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="volumes encoded together (default 4)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
 
-    p = sub.add_parser("sample", help="DDIM-sample synthetic volumes and export NIfTI + previews")
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("sample", help="sample synthetic volumes (DDIM or DDPM) and export NIfTI/DICOM + previews")
+    p.add_argument("--run", type=Path, required=True, help="diffusion run dir")
+    p.add_argument("--out", type=Path, required=True, help="output folder (refused if it holds earlier samples)")
     p.add_argument("--num", type=int, default=4)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
+                   help="ddim (default, --steps) or ddpm (every training timestep, e.g. 1000)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default 50)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED+i, whatever the batch size")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--condition", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="e.g. --condition age=75 sex=F diagnosis=AD (within the training range; "
                         "conditions not given are unknown)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--decode-tile", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="decode in overlapping tiles of this many image voxels (a multiple of the autoencoder's "
+                        "downsampling) to fit a smaller GPU; default: the whole volume at once")
+    p.add_argument("--format", dest="fmt", choices=("nifti", "dicom", "both"), default="nifti",
+                   help="NIfTI .nii.gz (default), one DICOM series folder per volume, or both")
+    p.add_argument("--dtype", choices=("int16", "float32"), default="int16", help="NIfTI voxel type (default int16)")
+    p.add_argument("--overwrite", action="store_true", help="replace the samples already in --out")
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when there is one)")
 
     p = sub.add_parser("evaluate", help="SSIM/MS-SSIM/PSNR of reconstructions and diversity of samples")
     p.add_argument("--data", type=Path, required=True)
@@ -126,9 +136,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "sample":
         from medldm.inference.sample import sample_run
 
-        paths = sample_run(args.run, args.out, args.num, steps=args.steps, eta=args.eta, seed=args.seed,
-                           conditions=_key_values(args.condition, "--condition"), guidance=args.guidance,
-                           batch_size=args.batch_size)
+        paths = sample_run(args.run, args.out, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                           seed=args.seed, conditions=_key_values(args.condition, "--condition"),
+                           guidance=args.guidance, batch_size=args.batch_size, decode_tile=args.decode_tile,
+                           fmt=args.fmt, dtype=args.dtype, overwrite=args.overwrite, device=args.device)
         print(f"wrote {len(paths)} synthetic volumes to {args.out}")
     elif args.command == "evaluate":
         from medldm.evaluation.report import evaluate

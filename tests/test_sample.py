@@ -3,23 +3,46 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
+import torch
 
+from medldm import __version__
+from medldm.config import load_config
 from medldm.data.dataset import read_dataset_info
-from medldm.inference.sample import sample_run
+from medldm.data.io import load_volume
+from medldm.inference.sample import load_diffusion, sample_latents, sample_run
+from medldm.models.networks import build_scheduler
 
-from .conftest import train_age_range
+from .conftest import LDM_FAST, train_age_range
+
+LEVEL = 1 / 4095  # one int16 step of the exported intensities
+
+
+def volume(path):
+    return np.asanyarray(nib.load(path).dataobj)
+
+
+@pytest.fixture(scope="module")
+def short_schedule_run(dataset, ae_run, tmp_path_factory):
+    """A diffusion model trained with 20 timesteps, so a full DDPM chain takes a second on the CPU."""
+    from medldm.training.diffusion import train_diffusion
+
+    run = tmp_path_factory.mktemp("runs") / "ldm20"
+    train_diffusion(dataset, ae_run, run, load_config("diffusion", None, [*LDM_FAST, "scheduler.num_train_timesteps=20"]))
+    return run
 
 
 def test_same_seed_same_volume_and_batch_size_does_not_matter(ldm_run, tmp_path):
     a = sample_run(ldm_run, tmp_path / "a", num=3, steps=5, seed=11, batch_size=3)
+    again = sample_run(ldm_run, tmp_path / "again", num=3, steps=5, seed=11, batch_size=3)
     b = sample_run(ldm_run, tmp_path / "b", num=3, steps=5, seed=11, batch_size=1)
     c = sample_run(ldm_run, tmp_path / "c", num=1, steps=5, seed=12)
-    va = [np.asanyarray(nib.load(p).dataobj) for p in a]
-    vb = [np.asanyarray(nib.load(p).dataobj) for p in b]
-    for x, y in zip(va, vb):
-        np.testing.assert_allclose(x, y, atol=1e-5)
-    assert not np.allclose(va[0], va[1])
-    np.testing.assert_allclose(va[1], np.asanyarray(nib.load(c[0]).dataobj), atol=1e-5)  # seed 12 = sample 1 of seed 11
+    for x, y, z in zip(a, again, b):
+        np.testing.assert_array_equal(volume(x), volume(y))  # bit-identical on the CPU
+        # batched and one-by-one differ only by float rounding: at most one stored level
+        np.testing.assert_allclose(volume(x), volume(z), atol=LEVEL * 1.01)
+    assert not np.allclose(volume(a[0]), volume(a[1]))
+    np.testing.assert_allclose(volume(a[1]), volume(c[0]), atol=LEVEL * 1.01)  # seed 12 = sample 1 of seed 11
 
 
 def test_stochastic_ddim_is_reproducible(ldm_run, tmp_path):
@@ -28,33 +51,148 @@ def test_stochastic_ddim_is_reproducible(ldm_run, tmp_path):
     b = sample_run(ldm_run, tmp_path / "b", num=2, steps=4, eta=1.0, seed=5, batch_size=1)
     deterministic = sample_run(ldm_run, tmp_path / "d", num=2, steps=4, eta=0.0, seed=5, batch_size=2)
     for x, y, z, d in zip(a, again, b, deterministic):
-        vx = np.asanyarray(nib.load(x).dataobj)
-        np.testing.assert_array_equal(vx, np.asanyarray(nib.load(y).dataobj))  # bit-identical on the CPU
-        # per-sample step noise: the batch size changes only float rounding
-        np.testing.assert_allclose(vx, np.asanyarray(nib.load(z).dataobj), atol=1e-5)
-        assert not np.allclose(vx, np.asanyarray(nib.load(d).dataobj), atol=1e-3)  # eta really adds noise
+        np.testing.assert_array_equal(volume(x), volume(y))
+        np.testing.assert_allclose(volume(x), volume(z), atol=LEVEL * 1.01)  # per-sample step noise
+        assert not np.allclose(volume(x), volume(d), atol=1e-3)  # eta really adds noise
 
 
-def test_export_is_synthetic_in_the_reference_space_with_provenance(dataset, ldm_run, tmp_path):
+def test_ddpm_runs_every_timestep_reproducibly_and_refuses_a_short_chain(short_schedule_run, tmp_path):
+    a = sample_run(short_schedule_run, tmp_path / "a", num=2, sampler="ddpm", seed=3, batch_size=2)
+    again = sample_run(short_schedule_run, tmp_path / "again", num=2, sampler="ddpm", seed=3, batch_size=2)
+    one = sample_run(short_schedule_run, tmp_path / "one", num=1, sampler="ddpm", seed=4, batch_size=1)
+    np.testing.assert_array_equal(volume(a[0]), volume(again[0]))
+    np.testing.assert_allclose(volume(a[1]), volume(one[0]), atol=LEVEL * 1.01)
+    side = json.loads((tmp_path / "a" / "sample_0003.json").read_text())
+    assert side["sampler"] == "DDPM" and side["steps"] == 20 and side["eta"] is None
+    ddim = sample_run(short_schedule_run, tmp_path / "ddim", num=1, steps=20, seed=3)
+    assert not np.allclose(volume(ddim[0]), volume(a[0]), atol=1e-2)  # DDPM's step noise: another sampler
+    with pytest.raises(ValueError, match="runs all 20 training timesteps"):
+        sample_run(short_schedule_run, tmp_path / "x", num=1, sampler="ddpm", steps=10)
+    with pytest.raises(ValueError, match="more than the 20 timesteps"):
+        sample_run(short_schedule_run, tmp_path / "y", num=1, steps=50)
+
+
+def test_nifti_has_the_reference_geometry_for_nibabel_and_simpleitk(dataset, ldm_run, tmp_path):
+    paths = sample_run(ldm_run, tmp_path / "s", num=1, steps=3, seed=0)
+    floats = sample_run(ldm_run, tmp_path / "f", num=1, steps=3, seed=0, dtype="float32")
+    ref = read_dataset_info(dataset)["reference"]
+    real = nib.load(dataset / ref["image"])
+    img = nib.load(paths[0])
+    assert img.get_data_dtype() == np.int16 and img.shape == real.shape == tuple(ref["shape"])
+    np.testing.assert_allclose(img.affine, real.affine, atol=1e-6)
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S") == nib.aff2axcodes(real.affine)
+    np.testing.assert_allclose(img.header.get_zooms(), ref["spacing"], atol=1e-6)
+    assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
+    data = img.get_fdata()
+    assert 0.0 <= data.min() and data.max() <= 1.0 + 1e-6  # scl_slope is a float32
+    np.testing.assert_allclose(data, nib.load(floats[0]).get_fdata(), atol=LEVEL / 2 + 1e-6)  # int16 = rounding only
+
+    itk = sitk.ReadImage(str(paths[0]))
+    np.testing.assert_allclose(itk.GetSpacing(), ref["spacing"], atol=1e-5)
+    corners = [(0, 0, 0), (img.shape[0] - 1, 0, 0), (0, img.shape[1] - 1, img.shape[2] - 1), (5, 7, 9)]
+    for ijk in corners:
+        ras = real.affine @ [*ijk, 1]
+        lps = itk.TransformIndexToPhysicalPoint(ijk)
+        np.testing.assert_allclose([-lps[0], -lps[1], lps[2]], ras[:3], atol=1e-4)  # same world point
+    np.testing.assert_allclose(sitk.GetArrayFromImage(itk).transpose(2, 1, 0), data, atol=1e-6)
+
+
+def test_dicom_series_reads_back_as_the_same_volume_and_says_synthetic(dataset, ldm_run, tmp_path):
+    age = max(train_age_range(dataset))
+    out = tmp_path / "s"
+    paths = sample_run(ldm_run, out, num=2, steps=3, seed=0, fmt="both", conditions={"age": str(age), "sex": "F"})
+    ref = read_dataset_info(dataset)["reference"]
+    uids = set()
+    for p in paths:
+        folder = p.with_name(p.name.replace(".nii.gz", "_dicom"))
+        data, affine = load_volume(folder)  # SimpleITK series reader, positions checked, RAS affine
+        np.testing.assert_allclose(affine, ref["affine"], atol=1e-4)
+        np.testing.assert_array_equal(data, nib.load(p).dataobj.get_unscaled())  # the same integers, slice by slice
+        files = sorted(folder.glob("*.dcm"))
+        assert len(files) == ref["shape"][2]
+        header = sitk.ImageFileReader()
+        header.SetFileName(str(files[0]))
+        header.ReadImageInformation()
+        tag = header.GetMetaData
+        assert tag("0010|0010").strip() == "SYNTHETIC^MEDLDM" and tag("0010|0020").startswith("SYNTH-")
+        assert tag("0008|0060").strip() == "MR" and tag("0008|0016").strip() == "1.2.840.10008.5.1.4.1.1.4"
+        assert "SYNTHETIC" in tag("0008|103e") and "SYNTHETIC" in tag("0008|0008")
+        assert tag("0010|0040").strip() == "F" and tag("0010|1010").strip() == f"{round(age):03d}Y"
+        side = json.loads(p.with_name(p.name.replace(".nii.gz", ".json")).read_text())
+        assert side["dicom"]["series_instance_uid"] == tag("0020|000e").strip("\0 ")
+        uids.update({tag("0020|000d").strip("\0 "), tag("0020|000e").strip("\0 ")})
+    assert len(uids) == 4  # a new study and series per volume
+    assert "sample_0000_dicom" in (out / "samples.csv").read_text()
+
+
+def test_sidecar_and_header_record_provenance(dataset, ldm_run, tmp_path):
     out = tmp_path / "s"
     age = max(train_age_range(dataset))
-    paths = sample_run(ldm_run, out, num=2, steps=3, seed=0, conditions={"age": str(age), "sex": "F"}, guidance=2.0)
-    reference = read_dataset_info(dataset)["reference"]
-    real = nib.load(dataset / reference["image"])
-    for p in paths:
-        img = nib.load(p)
-        np.testing.assert_allclose(img.affine, real.affine, atol=1e-5)
-        assert not np.allclose(img.affine, np.eye(4))
-        assert img.header["descrip"].tobytes().decode().startswith("SYNTHETIC medldm")
-        assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
-        assert img.shape == real.shape
-        side = json.loads(p.with_name(p.name.replace(".nii.gz", ".json")).read_text())
-        assert side["synthetic"] is True and side["steps"] == 3 and side["guidance"] == 2.0
+    paths = sample_run(ldm_run, out, num=2, steps=3, eta=0.5, seed=7, conditions={"age": str(age), "sex": "F"},
+                       guidance=2.0)
+    for p, seed in zip(paths, (7, 8)):
+        assert p.name == f"sample_{seed:04d}.nii.gz"
+        assert nib.load(p).header["descrip"].tobytes().decode().rstrip("\0") == f"SYNTHETIC medldm {__version__}"
+        side = json.loads(p.with_name(f"sample_{seed:04d}.json").read_text())
+        assert side["synthetic"] is True and side["seed"] == seed and side["file"] == p.name
+        assert (side["sampler"], side["steps"], side["eta"], side["guidance"]) == ("DDIM", 3, 0.5, 2.0)
         assert side["conditions"] == {"age": age, "sex": "F"}
         assert len(side["diffusion_sha256"]) == 64 and len(side["autoencoder_sha256"]) == 64
-        assert p.with_name(p.name.replace(".nii.gz", ".png")).is_file()
-    assert (out / "samples.csv").read_text().count("\n") == 3
+        assert side["diffusion_config"]["scheduler"]["num_train_timesteps"] == 1000
+        assert "channels" in side["autoencoder_config"]["model"]
+        assert {"medldm", "torch", "monai", "nibabel"} <= set(side["versions"]) and side["created"]
+        assert "4095" in side["intensity"] and side["dtype"] == "int16" and side["decode"] == "whole volume"
+        assert p.with_name(f"sample_{seed:04d}.png").is_file()
+    rows = (out / "samples.csv").read_text().splitlines()
+    assert rows[0] == "file,dicom,seed,conditions" and len(rows) == 3 and rows[1].startswith("sample_0007.nii.gz")
     assert (out / "contact_sheet.png").is_file()
+
+
+def test_existing_samples_are_kept_unless_overwrite(ldm_run, tmp_path):
+    out = tmp_path / "s"
+    sample_run(ldm_run, out, num=3, steps=2, seed=0)
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        sample_run(ldm_run, out, num=1, steps=2, seed=0)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+    sample_run(ldm_run, out, num=1, steps=2, seed=5, overwrite=True)
+    names = sorted(p.name for p in out.iterdir())
+    # the earlier samples are gone (a stale sample_0001 would pass as part of this run), the user's file is not
+    assert names == ["contact_sheet.png", "notes.txt", "sample_0005.json", "sample_0005.nii.gz", "sample_0005.png",
+                     "samples.csv"]
+
+
+def test_unwritable_output_and_bad_options_fail_before_sampling(ldm_run, tmp_path, monkeypatch):
+    import medldm.inference.sample as sample_module
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(sample_module, "sample_latents", no_sampling)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="cannot write there"):
+        sample_run(ldm_run, blocker / "out", num=1)
+    with pytest.raises(ValueError, match="multiple of the autoencoder's downsampling"):
+        sample_run(ldm_run, tmp_path / "t", num=1, decode_tile=[10, 16, 16])
+    with pytest.raises(ValueError, match="--format"):
+        sample_run(ldm_run, tmp_path / "f", num=1, fmt="png")
+    with pytest.raises(ValueError, match="--sampler"):
+        sample_run(ldm_run, tmp_path / "g", num=1, sampler="euler")
+
+
+def test_tiled_decode_matches_the_whole_volume(ldm_run, tmp_path):
+    whole = sample_run(ldm_run, tmp_path / "w", num=1, steps=3, seed=2)[0]
+    same = sample_run(ldm_run, tmp_path / "s", num=1, steps=3, seed=2, decode_tile=[32, 32, 32])[0]
+    tiled = sample_run(ldm_run, tmp_path / "t", num=1, steps=3, seed=2, decode_tile=[24, 24, 24])[0]
+    np.testing.assert_array_equal(volume(whole), volume(same))  # a tile as large as the volume = one decode
+    a, b = nib.load(whole).get_fdata(), nib.load(tiled).get_fdata()
+    assert a.shape == b.shape
+    # overlapping tiles blended: the same image, but each tile's GroupNorm statistics shift its intensities
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.8  # a misplaced or mis-scaled tile gives ~0
+    assert 0 <= b.min() and b.max() <= 1 + 1e-6
+    assert json.loads(tiled.with_name("sample_0002.json").read_text())["decode"] == {"tile_image_voxels": [24, 24, 24]}
 
 
 def test_unknown_or_out_of_range_conditions_are_refused_before_sampling(dataset, ldm_run, tmp_path):
@@ -64,26 +202,21 @@ def test_unknown_or_out_of_range_conditions_are_refused_before_sampling(dataset,
         sample_run(ldm_run, tmp_path / "b", num=1, steps=2, conditions={"age": str(max(train_age_range(dataset)) + 1)})
     with pytest.raises(ValueError, match="conditioned on"):
         sample_run(ldm_run, tmp_path / "c", num=1, steps=2, conditions={"height": "180"})
-    assert not any(tmp_path.iterdir())  # nothing written
+    assert not any(p.name.startswith("sample") for d in tmp_path.iterdir() for p in d.iterdir())
 
 
 def test_guidance_moves_samples_and_no_condition_is_unconditional(dataset, ldm_run, tmp_path):
-    import torch
-
-    from medldm.inference.sample import ddim_sample, load_diffusion
-    from medldm.models.networks import build_scheduler
-
     unet, meta = load_diffusion(ldm_run)
     scheduler = build_scheduler(meta["cfg"].scheduler, "ddim")
     scheduler.set_timesteps(4)
     noise = torch.randn([2, *meta["latent_shape"]], generator=torch.Generator().manual_seed(0))
     enc = meta["encoder"]
     context = enc.encode([{"age": max(train_age_range(dataset)), "diagnosis": "AD"}] * 2)
-    plain = ddim_sample(unet, scheduler, noise, context, guidance=1.0)
-    guided = ddim_sample(unet, scheduler, noise, context, guidance=3.0)
-    null = ddim_sample(unet, scheduler, noise, enc.encode([{}] * 2), guidance=1.0)
+    plain = sample_latents(unet, scheduler, noise, context, guidance=1.0)
+    guided = sample_latents(unet, scheduler, noise, context, guidance=3.0)
+    null = sample_latents(unet, scheduler, noise, enc.encode([{}] * 2), guidance=1.0)
     assert not torch.allclose(plain, guided, atol=1e-4)  # guidance extrapolates away from the null prediction
     # guided = null + 3 (cond - null) at every step; at guidance 0 it is the unconditional model
-    torch.testing.assert_close(ddim_sample(unet, scheduler, noise, context, guidance=0.0), null)
+    torch.testing.assert_close(sample_latents(unet, scheduler, noise, context, guidance=0.0), null)
     side = sample_run(ldm_run, tmp_path / "u", num=1, steps=4, seed=0)[0].with_name("sample_0000.json")
     assert json.loads(side.read_text())["conditions"] == {}

@@ -1,19 +1,21 @@
-"""DDIM sampling of latents (with classifier-free guidance) and decoding to volumes."""
+"""DDIM/DDPM sampling of latents (with classifier-free guidance), decoding, and export of synthetic volumes."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
 from medldm.config import config_from_dict
-from medldm.inference.encode import load_autoencoder_file
-from medldm.inference.export import write_samples
+from medldm.inference.encode import decode_latents, load_autoencoder_file
+from medldm.inference.export import SampleWriter, prepare_output_dir, remove_previous_outputs
 from medldm.models.conditioning import ConditionEncoder
 from medldm.models.networks import build_scheduler, build_unet
 from medldm.training.checkpoint import best_checkpoint, file_sha256, load_checkpoint
@@ -36,40 +38,50 @@ def load_diffusion(run_dir: str | Path, device: torch.device | str = "cpu") -> t
     return model.to(device).eval(), meta
 
 
+SAMPLERS = ("ddim", "ddpm")
+
+
 @torch.no_grad()
-def ddim_sample(
+def sample_latents(
     unet: torch.nn.Module,
-    scheduler: Any,
+    scheduler: DDPMScheduler | DDIMScheduler,
     noise: torch.Tensor,
     context: torch.Tensor | None,
     guidance: float = 1.0,
     eta: float = 0.0,
     generators: list[torch.Generator] | None = None,
     progress: bool = False,
+    amp: bool = True,
 ) -> torch.Tensor:
-    """Run the reverse process from ``noise``; ``scheduler.set_timesteps`` must have been called.
+    """Run the reverse process from ``noise`` with a DDIM or DDPM scheduler (``set_timesteps`` already called).
 
-    Guidance > 1 mixes the conditional and the null-context predictions (classifier-free guidance).
-    With eta > 0 each sample draws its step noise from its own generator, so a sample does not depend
-    on the batch it was generated in.
+    Guidance != 1 mixes the conditional and the null-context predictions (classifier-free guidance). When a step
+    draws noise (DDPM, or DDIM with eta > 0) each sample draws it from its own generator, so a sample does not
+    depend on the batch it was generated in. The UNet runs in bf16 autocast on CUDA (``amp``); the scheduler
+    arithmetic stays float32.
     """
     x = noise
     guided = context is not None and guidance != 1.0
-    for t in tqdm(scheduler.timesteps, desc="ddim", leave=False, disable=not progress):
+    ddpm = isinstance(scheduler, DDPMScheduler)
+    step_args = {} if ddpm else {"eta": eta}
+    per_sample = generators is not None and (ddpm or eta > 0)
+    name = "ddpm" if ddpm else "ddim"
+    for t in tqdm(scheduler.timesteps, desc=name, unit="step", leave=False, disable=not progress):
         tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        if guided:
-            both = unet(torch.cat([x, x]), timesteps=torch.cat([tt, tt]),
-                        context=torch.cat([context, torch.zeros_like(context)]))
-            cond, uncond = both.chunk(2)
-            pred = uncond + guidance * (cond - uncond)
-        else:
-            pred = unet(x, timesteps=tt, context=context)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and x.device.type == "cuda"):
+            if guided:
+                both = unet(torch.cat([x, x]), timesteps=torch.cat([tt, tt]),
+                            context=torch.cat([context, torch.zeros_like(context)]))
+                cond, uncond = both.chunk(2)
+                pred = uncond + guidance * (cond - uncond)
+            else:
+                pred = unet(x, timesteps=tt, context=context)
         pred = pred.float()
-        if eta > 0 and generators is not None:
-            x = torch.cat([scheduler.step(pred[i : i + 1], int(t), x[i : i + 1], eta=eta, generator=g)[0]
+        if per_sample:
+            x = torch.cat([scheduler.step(pred[i : i + 1], int(t), x[i : i + 1], generator=g, **step_args)[0]
                            for i, g in enumerate(generators)])
         else:
-            x, _ = scheduler.step(pred, int(t), x, eta=eta)
+            x = scheduler.step(pred, int(t), x, **step_args)[0]
     return x
 
 
@@ -77,19 +89,33 @@ def sample_run(
     run_dir: str | Path,
     out_dir: str | Path,
     num: int,
-    steps: int = 50,
+    sampler: str = "ddim",
+    steps: int | None = None,
     eta: float = 0.0,
     seed: int = 0,
     conditions: Mapping[str, str] | None = None,
     guidance: float = 1.0,
     batch_size: int = 4,
+    decode_tile: Sequence[int] | None = None,
+    fmt: str = "nifti",
+    dtype: str = "int16",
+    overwrite: bool = False,
     device: str | None = None,
 ) -> list[Path]:
-    """Sample ``num`` volumes from a diffusion run and export them (NIfTI, JSON sidecar, PNG) to ``out_dir``."""
-    if num < 1 or steps < 1 or batch_size < 1:
+    """Sample ``num`` volumes from a diffusion run and export each as it is decoded (see ``SampleWriter``).
+
+    ``steps`` defaults to 50 for DDIM; DDPM always runs every training timestep. Sample i uses seed ``seed + i``
+    whatever the batch size. ``decode_tile`` (image voxels, a multiple of the autoencoder's downsampling)
+    decodes in overlapping tiles to bound GPU memory. Everything that can be checked (output folder, conditions,
+    options) is checked before sampling starts.
+    """
+    if num < 1 or batch_size < 1 or (steps is not None and steps < 1):
         raise ValueError("--num, --steps and --batch-size must be >= 1")
     if eta < 0:
         raise ValueError("--eta must be >= 0")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    out_dir = prepare_output_dir(out_dir, overwrite)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     unet, meta = load_diffusion(run_dir, dev)
     ae_info = meta["autoencoder"]
@@ -102,31 +128,82 @@ def sample_run(
     context_one = encoder.encode([labels]).to(dev) if encoder.keys else None
     if guidance != 1.0 and not labels:
         log.warning("--guidance %.2f has no effect without --condition", guidance)
-    scheduler = build_scheduler(meta["cfg"].scheduler, "ddim")
+        guidance = 1.0
+    scheduler = build_scheduler(meta["cfg"].scheduler, sampler)
+    steps = _check_steps(sampler, steps, meta["cfg"].scheduler.num_train_timesteps, eta)
     scheduler.set_timesteps(steps, device=dev)
-
-    latent_shape = meta["latent_shape"]
-    scale = meta["scale_factor"]
-    volumes, seeds = [], []
-    start = time.perf_counter()
-    for first in tqdm(range(0, num, batch_size), desc="sample", unit="batch"):
-        idx = list(range(first, min(first + batch_size, num)))
-        # one generator per sample: sample i is the same volume whatever the batch size
-        gens = [torch.Generator(dev).manual_seed(seed + i) for i in idx]
-        noise = torch.stack([torch.randn(latent_shape, generator=g, device=dev) for g in gens])
-        context = context_one.expand(len(idx), -1, -1) if context_one is not None else None
-        z = ddim_sample(unet, scheduler, noise, context, guidance if labels else 1.0, eta, gens, progress=True)
-        with torch.no_grad():
-            x = autoencoder.decode(z / scale).float().clamp(0, 1)
-        volumes.extend(v[0].cpu().numpy() for v in x)
-        seeds.extend(seed + i for i in idx)
-    elapsed = time.perf_counter() - start
-    log.info("sampled %d volumes in %.1f s (%.2f s per volume)", num, elapsed, elapsed / num)
+    latent_shape, scale, reference = meta["latent_shape"], meta["scale_factor"], meta["reference"]
+    tile = latent_tile(decode_tile, reference["shape"], latent_shape[1:])
+    if tile:
+        log.warning("--decode-tile is approximate: the decoder normalises each tile with its own GroupNorm statistics, "
+                    "so intensities shift between tiles; decode whole volumes when one fits (see README)")
 
     provenance = {
-        "steps": steps, "eta": eta, "guidance": guidance, "conditions": labels, "scheduler": "DDIM",
-        "diffusion_checkpoint": meta["checkpoint"], "diffusion_sha256": meta["sha256"],
+        "sampler": sampler.upper(), "steps": steps, "eta": eta if sampler == "ddim" else None, "guidance": guidance,
+        "conditions": labels, "diffusion_checkpoint": meta["checkpoint"], "diffusion_sha256": meta["sha256"],
         "autoencoder_checkpoint": ae_meta["checkpoint"], "autoencoder_sha256": ae_meta["sha256"],
-        "scale_factor": scale, "diffusion_config": meta["config"], "seconds_per_volume": elapsed / num,
+        "scale_factor": scale, "decode": {"tile_image_voxels": list(decode_tile)} if tile else "whole volume",
+        "device": str(dev), "precision": "bf16 autocast" if dev.type == "cuda" else "float32",
+        "format": fmt, "dtype": dtype, "diffusion_config": meta["config"], "autoencoder_config": ae_meta["config"],
     }
-    return write_samples(out_dir, volumes, seeds, meta["reference"], provenance)
+    writer = SampleWriter(out_dir, reference, provenance, fmt, dtype)
+    if overwrite:
+        remove_previous_outputs(out_dir)
+
+    paths: list[Path] = []
+    timer = {"diffusion": 0.0, "decode": 0.0, "export": 0.0}
+    start = time.perf_counter()
+    with tqdm(total=num, desc="sample", unit="volume") as progress:
+        for first in range(0, num, batch_size):
+            seeds = list(range(seed + first, seed + min(first + batch_size, num)))
+            gens = [torch.Generator(dev).manual_seed(s) for s in seeds]
+            noise = torch.stack([torch.randn(latent_shape, generator=g, device=dev) for g in gens])
+            context = context_one.expand(len(seeds), -1, -1) if context_one is not None else None
+            with _timed(timer, "diffusion", dev):
+                z = sample_latents(unet, scheduler, noise, context, guidance, eta, gens, progress=True)
+            with _timed(timer, "decode", dev), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                volumes = decode_latents(autoencoder, z / scale, tile).cpu().numpy()
+            with _timed(timer, "export", dev):
+                paths.extend(writer.write(v[0], s) for v, s in zip(volumes, seeds))
+            progress.update(len(seeds))
+    writer.close()
+    total = time.perf_counter() - start
+    log.info("%d volumes in %.1f s: %.2f s per volume (diffusion %.2f, decode %.2f, export %.2f) -> %s", num, total,
+             total / num, *(timer[k] / num for k in ("diffusion", "decode", "export")), out_dir)
+    return paths
+
+
+def _check_steps(sampler: str, steps: int | None, train_steps: int, eta: float) -> int:
+    if sampler == "ddpm":
+        # MONAI's DDPM step assumes consecutive timesteps, so a shorter DDPM chain would be silently wrong
+        if steps not in (None, train_steps):
+            raise ValueError(f"--sampler ddpm runs all {train_steps} training timesteps; drop --steps {steps} "
+                             "or use --sampler ddim for fewer steps")
+        if eta:
+            raise ValueError("--eta applies to DDIM only; DDPM steps are always stochastic")
+        return train_steps
+    steps = 50 if steps is None else steps
+    if steps > train_steps:
+        raise ValueError(f"--steps {steps} is more than the {train_steps} timesteps the model was trained with")
+    return steps
+
+
+def latent_tile(tile: Sequence[int] | None, image_shape: Sequence[int], latent_shape: Sequence[int]) -> list[int] | None:
+    """An image-voxel decode tile as latent voxels; a clear error when it does not fit the downsampling."""
+    if not tile:
+        return None
+    factors = [i // z for i, z in zip(image_shape, latent_shape)]
+    if len(tile) != len(factors) or any(t < f or t % f for t, f in zip(tile, factors)):
+        raise ValueError(f"--decode-tile {' '.join(map(str, tile))}: give {len(factors)} sizes in image voxels, each a "
+                         f"multiple of the autoencoder's downsampling {factors} (the volume is "
+                         f"{' x '.join(map(str, image_shape))})")
+    return [t // f for t, f in zip(tile, factors)]
+
+
+@contextmanager
+def _timed(timer: dict[str, float], key: str, device: torch.device):
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # GPU work is asynchronous; time it where it finishes
+    timer[key] += time.perf_counter() - start

@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from medldm.config import ConfigError, DiffusionConfig, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest
-from medldm.inference.encode import latents_path, load_autoencoder_file
-from medldm.inference.sample import ddim_sample
+from medldm.inference.encode import decode_latents, latents_path, load_autoencoder_file
+from medldm.inference.sample import sample_latents
 from medldm.models.conditioning import ConditionEncoder
 from medldm.models.networks import build_scheduler, build_unet
 from medldm.training.checkpoint import autoencoder_checkpoint, file_sha256, load_checkpoint, save_checkpoint
@@ -314,7 +314,7 @@ class Preview:
         for i in range(len(self.noise)):
             context = self.context[i:i + 1] if self.context is not None else None
             with autocast(self.device, self.amp):
-                z = ddim_sample(unet, self.scheduler, self.noise[i:i + 1], context, self.guidance)
-                x = self.decoder.decode(z / self.scale).float().clamp(0, 1)
+                z = sample_latents(unet, self.scheduler, self.noise[i:i + 1], context, self.guidance)
+                x = decode_latents(self.decoder, z / self.scale)
             tiles.append(three_plane(x[0, 0].cpu().numpy()))
         return grid(tiles, columns=1)
