@@ -76,14 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. --condition age=75 sex=F diagnosis=AD (within the training range; "
                         "conditions not given are unknown)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--decode-tile", type=int, nargs=3, metavar=("X", "Y", "Z"),
-                   help="decode in overlapping tiles of this many image voxels (a multiple of the autoencoder's "
-                        "downsampling) to fit a smaller GPU; default: the whole volume at once")
     p.add_argument("--format", dest="fmt", choices=("nifti", "dicom", "both"), default="nifti",
                    help="NIfTI .nii.gz (default), one DICOM series folder per volume, or both")
     p.add_argument("--dtype", choices=("int16", "float32"), default="int16", help="NIfTI voxel type (default int16)")
     p.add_argument("--overwrite", action="store_true", help="replace the samples already in --out")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when there is one)")
+    p.add_argument("--autoencoder", type=Path, help="AE run dir (or checkpoint) when the runs were moved since "
+                                                     "training; the file with the recorded SHA-256 is used")
+    p.add_argument("--decode-device", help="where volumes are decoded (default: --device); cpu when the GPU is "
+                                           "too small for one decode (10.4 GiB at 1 mm 160x224x160)")
 
     p = sub.add_parser("evaluate", help="SSIM/MS-SSIM/PSNR of reconstructions and diversity of samples")
     p.add_argument("--data", type=Path, required=True)
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
         paths = sample_run(args.run, args.out, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
                            seed=args.seed, conditions=_key_values(args.condition, "--condition"),
-                           guidance=args.guidance, batch_size=args.batch_size, decode_tile=args.decode_tile,
+                           guidance=args.guidance, batch_size=args.batch_size, decode_device=args.decode_device, autoencoder_run=args.autoencoder,
                            fmt=args.fmt, dtype=args.dtype, overwrite=args.overwrite, device=args.device)
         print(f"wrote {len(paths)} synthetic volumes to {args.out}")
     elif args.command == "evaluate":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,22 +73,11 @@ def posterior_mean(model: torch.nn.Module, x: torch.Tensor, cfg: AutoencoderConf
 
 
 @torch.no_grad()
-def decode_latents(model: torch.nn.Module, z: torch.Tensor, tile: Sequence[int] | None = None,
-                   overlap: float = 0.5, tile_batch: int = 1) -> torch.Tensor:
-    """Volumes (float32, clamped to [0, 1]) from unscaled latents, one volume at a time so the peak memory is one
-    decode. ``tile`` (latent voxels) decodes overlapping tiles blended with Gaussian weights instead, so a
-    full-resolution volume decodes on a smaller GPU (``tile_batch`` tiles per forward pass; MONAI scales the tiles
-    to image size). Tiles are an approximation: GroupNorm normalises each tile with its own statistics.
-    """
-    whole = not tile or all(t >= s for t, s in zip(tile, z.shape[2:]))
-    out = []
-    for one in z.split(1):
-        if whole:
-            x = model.decode(one)
-        else:
-            x = sliding_window_inference(one, list(tile), tile_batch, model.decode, overlap=overlap, mode="gaussian")
-        out.append(x.float().clamp(0, 1))
-    return torch.cat(out)
+def decode_latents(model: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Volumes (float32, clamped to [0, 1]) from unscaled latents, one volume at a time: the peak memory is one
+    decode whatever the batch. (Tiles would need less, but GroupNorm would then normalise each tile with its own
+    statistics, which leaves a visible grid: benchmarks/RESULTS.md.)"""
+    return torch.cat([model.decode(one).float().clamp(0, 1) for one in z.split(1)])
 
 
 def latents_path(ae_run: str | Path) -> Path:

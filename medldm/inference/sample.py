@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,8 @@ def sample_run(
     conditions: Mapping[str, str] | None = None,
     guidance: float = 1.0,
     batch_size: int = 4,
-    decode_tile: Sequence[int] | None = None,
+    decode_device: str | None = None,
+    autoencoder_run: str | Path | None = None,
     fmt: str = "nifti",
     dtype: str = "int16",
     overwrite: bool = False,
@@ -105,9 +106,10 @@ def sample_run(
     """Sample ``num`` volumes from a diffusion run and export each as it is decoded (see ``SampleWriter``).
 
     ``steps`` defaults to 50 for DDIM; DDPM always runs every training timestep. Sample i uses seed ``seed + i``
-    whatever the batch size. ``decode_tile`` (image voxels, a multiple of the autoencoder's downsampling)
-    decodes in overlapping tiles to bound GPU memory. Everything that can be checked (output folder, conditions,
-    options) is checked before sampling starts.
+    whatever the batch size. Volumes are decoded one at a time on ``decode_device`` (default: the sampling
+    device; "cpu" when a GPU is too small for one decode). Everything that can be checked (output folder,
+    conditions, options) is checked before sampling starts. ``autoencoder_run`` (a run dir or checkpoint file) is
+    where to find the autoencoder when the run was moved from where it was trained.
     """
     if num < 1 or batch_size < 1 or (steps is not None and steps < 1):
         raise ValueError("--num, --steps and --batch-size must be >= 1")
@@ -115,14 +117,11 @@ def sample_run(
         raise ValueError("--eta must be >= 0")
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    dev = _device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    decode_dev = _device(decode_device, "--decode-device") if decode_device else dev
     out_dir = prepare_output_dir(out_dir, overwrite)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     unet, meta = load_diffusion(run_dir, dev)
-    ae_info = meta["autoencoder"]
-    autoencoder, ae_meta = load_autoencoder_file(ae_info["checkpoint"], dev)
-    if ae_meta["sha256"] != ae_info["sha256"]:
-        raise ValueError(f"the autoencoder checkpoint {ae_meta['checkpoint']} changed since this diffusion model was "
-                         "trained on its latents; restore that file or retrain the diffusion model")
+    autoencoder, ae_meta = load_autoencoder_file(find_autoencoder(meta["autoencoder"], autoencoder_run), decode_dev)
     encoder: ConditionEncoder = meta["encoder"]
     labels = encoder.parse(conditions or {})
     context_one = encoder.encode([labels]).to(dev) if encoder.keys else None
@@ -133,17 +132,13 @@ def sample_run(
     steps = _check_steps(sampler, steps, meta["cfg"].scheduler.num_train_timesteps, eta)
     scheduler.set_timesteps(steps, device=dev)
     latent_shape, scale, reference = meta["latent_shape"], meta["scale_factor"], meta["reference"]
-    tile = latent_tile(decode_tile, reference["shape"], latent_shape[1:])
-    if tile:
-        log.warning("--decode-tile is approximate: the decoder normalises each tile with its own GroupNorm statistics, "
-                    "so intensities shift between tiles; decode whole volumes when one fits (see README)")
 
     provenance = {
         "sampler": sampler.upper(), "steps": steps, "eta": eta if sampler == "ddim" else None, "guidance": guidance,
         "conditions": labels, "diffusion_checkpoint": meta["checkpoint"], "diffusion_sha256": meta["sha256"],
         "autoencoder_checkpoint": ae_meta["checkpoint"], "autoencoder_sha256": ae_meta["sha256"],
-        "scale_factor": scale, "decode": {"tile_image_voxels": list(decode_tile)} if tile else "whole volume",
-        "device": str(dev), "precision": "bf16 autocast" if dev.type == "cuda" else "float32",
+        "scale_factor": scale, "device": str(dev), "decode_device": str(decode_dev),
+        "precision": "bf16 autocast on CUDA" if "cuda" in (dev.type, decode_dev.type) else "float32",
         "format": fmt, "dtype": dtype, "diffusion_config": meta["config"], "autoencoder_config": ae_meta["config"],
     }
     writer = SampleWriter(out_dir, reference, provenance, fmt, dtype)
@@ -161,9 +156,10 @@ def sample_run(
             context = context_one.expand(len(seeds), -1, -1) if context_one is not None else None
             with _timed(timer, "diffusion", dev):
                 z = sample_latents(unet, scheduler, noise, context, guidance, eta, gens, progress=True)
-            with _timed(timer, "decode", dev), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                volumes = decode_latents(autoencoder, z / scale, tile).cpu().numpy()
-            with _timed(timer, "export", dev):
+            with _timed(timer, "decode", decode_dev), torch.autocast("cuda", dtype=torch.bfloat16,
+                                                                     enabled=decode_dev.type == "cuda"):
+                volumes = decode_latents(autoencoder, z.to(decode_dev) / scale).cpu().numpy()
+            with _timed(timer, "export", torch.device("cpu")):
                 paths.extend(writer.write(v[0], s) for v, s in zip(volumes, seeds))
             progress.update(len(seeds))
     writer.close()
@@ -188,16 +184,36 @@ def _check_steps(sampler: str, steps: int | None, train_steps: int, eta: float) 
     return steps
 
 
-def latent_tile(tile: Sequence[int] | None, image_shape: Sequence[int], latent_shape: Sequence[int]) -> list[int] | None:
-    """An image-voxel decode tile as latent voxels; a clear error when it does not fit the downsampling."""
-    if not tile:
-        return None
-    factors = [i // z for i, z in zip(image_shape, latent_shape)]
-    if len(tile) != len(factors) or any(t < f or t % f for t, f in zip(tile, factors)):
-        raise ValueError(f"--decode-tile {' '.join(map(str, tile))}: give {len(factors)} sizes in image voxels, each a "
-                         f"multiple of the autoencoder's downsampling {factors} (the volume is "
-                         f"{' x '.join(map(str, image_shape))})")
-    return [t // f for t, f in zip(tile, factors)]
+def find_autoencoder(trained_with: dict[str, str], where: str | Path | None = None) -> Path:
+    """The autoencoder checkpoint a diffusion model was trained with: the recorded path, or the file in ``where``
+    (a run dir or a checkpoint) with the recorded SHA-256; a clear error when neither is that file."""
+    want = trained_with["sha256"]
+    if where is None:
+        path = Path(trained_with["checkpoint"])
+        if not path.is_file():
+            raise FileNotFoundError(f"the autoencoder checkpoint {path} that this diffusion model was trained with is "
+                                    "missing (run dirs moved?); pass --autoencoder AE_RUN")
+        if file_sha256(path) != want:
+            raise ValueError(f"the autoencoder checkpoint {path} changed since this diffusion model was trained on its "
+                             "latents; restore that file, pass --autoencoder with a copy of it, or retrain")
+        return path
+    where = Path(where)
+    candidates = [where] if where.is_file() else sorted((where / "checkpoints").glob("*.pt"))
+    for path in candidates:
+        if file_sha256(path) == want:
+            return path
+    raise ValueError(f"--autoencoder {where}: none of {[c.name for c in candidates]} is the checkpoint this diffusion "
+                     f"model was trained with (SHA-256 {want[:12]}…, was {trained_with['checkpoint']})")
+
+
+def _device(name: str, flag: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{flag} {name!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {name}: this machine has no CUDA GPU (torch {torch.__version__})")
+    return dev
 
 
 @contextmanager
