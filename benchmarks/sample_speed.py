@@ -121,7 +121,7 @@ def main() -> None:
     autoencoder = build_autoencoder(ae_cfg.model).to(device).eval()
     unet = build_unet(ldm_cfg.model, latent[0], dim).to(device).eval()
     scheduler = build_scheduler(ldm_cfg.scheduler, "ddim")
-    scheduler.set_timesteps(args.steps, device=device)
+    scheduler.set_timesteps(args.steps)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     reference = {"affine": np.diag([1.5, 1.5, 1.5, 1.0]).tolist(), "shape": image, "image": None}
     results: dict = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name(device)
@@ -138,7 +138,7 @@ def main() -> None:
 
     # warm-up (cuDNN autotuning, allocator) at every batch size, with a 2-step schedule
     warm = build_scheduler(ldm_cfg.scheduler, "ddim")
-    warm.set_timesteps(2, device=device)
+    warm.set_timesteps(2)
     for batch in args.batches:
         with amp:
             decode_latents(autoencoder, sample(batch, warm)[:1])

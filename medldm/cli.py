@@ -139,8 +139,9 @@ def run(args: argparse.Namespace) -> int:
 
         paths = sample_run(args.run, args.out, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
                            seed=args.seed, conditions=_key_values(args.condition, "--condition"),
-                           guidance=args.guidance, batch_size=args.batch_size, decode_device=args.decode_device, autoencoder_run=args.autoencoder,
-                           fmt=args.fmt, dtype=args.dtype, overwrite=args.overwrite, device=args.device)
+                           guidance=args.guidance, batch_size=args.batch_size, fmt=args.fmt, dtype=args.dtype,
+                           overwrite=args.overwrite, device=args.device, decode_device=args.decode_device,
+                           autoencoder_run=args.autoencoder)
         print(f"wrote {len(paths)} synthetic volumes to {args.out}")
     elif args.command == "evaluate":
         from medldm.evaluation.report import evaluate

@@ -130,7 +130,7 @@ def sample_run(
         guidance = 1.0
     scheduler = build_scheduler(meta["cfg"].scheduler, sampler)
     steps = _check_steps(sampler, steps, meta["cfg"].scheduler.num_train_timesteps, eta)
-    scheduler.set_timesteps(steps, device=dev)
+    scheduler.set_timesteps(steps)  # timesteps on the CPU: int(t) then never waits for the GPU
     latent_shape, scale, reference = meta["latent_shape"], meta["scale_factor"], meta["reference"]
 
     provenance = {

@@ -296,7 +296,7 @@ class Preview:
         self.device, self.scale, self.guidance, self.amp = device, scale, pc.guidance, cfg.train.amp
         self.decoder, _ = load_autoencoder_file(ae_checkpoint, device)
         self.scheduler = build_scheduler(cfg.scheduler, "ddim")
-        self.scheduler.set_timesteps(pc.ddim_steps, device=device)
+        self.scheduler.set_timesteps(pc.ddim_steps)  # on the CPU: int(t) then never waits for the GPU
         self.labels = [{k: val_rows[i % len(val_rows)].get(k) for k in encoder.keys} for i in range(pc.num)]
         self.context = encoder.encode(self.labels).to(device) if encoder.keys else None
         self.noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(cfg.train.seed + i))
@@ -314,7 +314,7 @@ class Preview:
         for i in range(len(self.noise)):
             context = self.context[i:i + 1] if self.context is not None else None
             with autocast(self.device, self.amp):
-                z = sample_latents(unet, self.scheduler, self.noise[i:i + 1], context, self.guidance)
+                z = sample_latents(unet, self.scheduler, self.noise[i:i + 1], context, self.guidance, amp=self.amp)
                 x = decode_latents(self.decoder, z / self.scale)
             tiles.append(three_plane(x[0, 0].cpu().numpy()))
         return grid(tiles, columns=1)
