@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                            guidance=args.guidance, batch_size=args.batch_size, fmt=args.fmt, dtype=args.dtype,
                            overwrite=args.overwrite, device=args.device, decode_device=args.decode_device,
                            autoencoder_run=args.autoencoder)
-        print(f"wrote {len(paths)} synthetic volumes to {args.out}")
+        print(f"wrote {len(paths)} synthetic volume{'s' * (len(paths) != 1)} to {args.out}")
     elif args.command == "evaluate":
         from medldm.evaluation.report import evaluate
 

@@ -242,3 +242,23 @@ def test_moved_runs_find_their_autoencoder_by_hash(ae_run, ldm_run, tmp_path):
     torch.save(state, other / "checkpoints" / "best.pt")
     with pytest.raises(ValueError, match="is the checkpoint this diffusion model was trained with"):
         sample_run(moved / "ldm", tmp_path / "d", num=1, steps=2, autoencoder_run=other)
+
+
+def test_writer_pages_the_contact_sheet_and_lists_only_finished_volumes(tmp_path, monkeypatch):
+    import imageio.v3 as iio
+
+    from medldm.inference import export
+
+    monkeypatch.setattr(export, "SHEET_PAGE", 2)
+    reference = {"affine": np.diag([2.0, 2.0, 2.0, 1.0]).tolist(), "shape": [8, 10, 12], "image": None}
+    writer = export.SampleWriter(tmp_path, reference, {"conditions": {"age": 70.0}})
+    rng = np.random.default_rng(0)
+    for seed in (5, 6, 7):
+        writer.write(rng.random((8, 10, 12)), seed)
+        rows = (tmp_path / "samples.csv").read_text().splitlines()
+        assert len(rows) == 1 + seed - 4  # the manifest grows with each finished volume
+    writer.close()
+    first, second = iio.imread(tmp_path / "contact_sheet.png"), iio.imread(tmp_path / "contact_sheet_2.png")
+    assert first.shape[0] == second.shape[0] and first.shape[1] > second.shape[1]  # two tiles, then one
+    with pytest.raises(ValueError, match="differs from the reference"):
+        writer.write(np.zeros((8, 10, 11)), 9)
