@@ -83,6 +83,7 @@ class SampleWriter:
         self.shape = list(reference["shape"])
         self.reference_image = reference.get("image")
         self.provenance = provenance
+        self.versions = versions()
         self.created = dt.datetime.now(dt.timezone.utc)
         self.rows: list[dict[str, Any]] = []
         self.tiles: list[np.ndarray] = []  # previews of the contact sheet page being filled
@@ -96,7 +97,7 @@ class SampleWriter:
         nifti = self.out_dir / f"{stem}.nii.gz"
         dicom = self.out_dir / f"{stem}_dicom"
         side: dict[str, Any] = {"synthetic": True, "seed": seed, **self.provenance, "intensity": self.intensity(),
-                                "versions": versions(), "created": self.created.isoformat(timespec="seconds"),
+                                "versions": self.versions, "created": self.created.isoformat(timespec="seconds"),
                                 "reference_image": self.reference_image}
         if self.fmt in ("nifti", "both"):
             save_volume(nifti, volume, self.affine, descrip=DESCRIP, dtype=self.dtype)
