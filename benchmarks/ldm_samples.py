@@ -33,6 +33,7 @@ import torch
 
 from medldm.config import load_config, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest, volume_dataset
+from medldm.evaluation.memorisation import NearestTraining, memorisation
 from medldm.evaluation.metrics import VolumeMetrics, pairwise_similarity
 from medldm.inference.encode import encode_dataset, latents_path
 from medldm.inference.sample import sample_run
@@ -81,12 +82,6 @@ def unet_speed(config: Path, latent: list[int], batch: int, device: torch.device
 
 
 @torch.no_grad()
-def nearest_training_ssim(volumes: list[torch.Tensor], train: list[torch.Tensor], metrics: VolumeMetrics) -> list[float]:
-    """SSIM of each volume to its most similar training volume (all training volumes as one batch)."""
-    stack = torch.stack(train)
-    return [float(metrics.ssim(v[None].expand_as(stack), stack).max()) for v in volumes]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path)
@@ -163,10 +158,14 @@ def main() -> None:
     results["ms_ssim_scales"] = metrics.scales
     results["diversity"] = {"synthetic": pairwise_similarity(synthetic, metrics, 1000, 0),
                             "real_held_out": pairwise_similarity(real, metrics, 1000, 0)}
-    nearest_syn = nearest_training_ssim(synthetic, train, metrics)
-    nearest_real = nearest_training_ssim(real, train, metrics)
+    # every training volume is a candidate here (the set is small): exact nearest neighbours
+    nearest = NearestTraining(lambda i: train[i], len(train), metrics, candidates=len(train))
+    mem = memorisation(synthetic, real, nearest)
+    nearest_syn = [e["ssim"] for e in mem["synthetic"]]
+    nearest_real = [e["ssim"] for e in mem["real_test"]]
     results["nearest_training_ssim"] = {"synthetic": nearest_syn, "real_held_out": nearest_real,
-                                        "synthetic_max": max(nearest_syn), "real_held_out_max": max(nearest_real)}
+                                        "synthetic_max": max(nearest_syn), "real_held_out_max": max(nearest_real),
+                                        "flagged": mem["flagged"], "threshold": mem["threshold_ssim"]}
     save_png(args.out / "samples.png", grid([three_plane(v[0].numpy()) for v in synthetic], columns=4))
     save_png(args.out / "real.png", grid([three_plane(v[0].numpy()) for v in real], columns=4))
     (args.out / "results.json").write_text(json.dumps(results, indent=1))

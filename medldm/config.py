@@ -411,6 +411,14 @@ class EvaluateConfig:
     # random pairs for the diversity (pairwise MS-SSIM) estimate; all pairs when there are fewer
     diversity_pairs: int = 1000
     seed: int = 0
+    # memorisation: a pre-filter (volumes average-pooled by prefilter_factor, L2) keeps nearest_candidates training
+    # volumes per query for exact SSIM; samples closer than this percentile of real test volumes are flagged
+    prefilter_factor: int = 4
+    nearest_candidates: int = 5
+    memorisation_percentile: float = 99.0
+    # FID on MedicalNet ResNet features: a local .pth (nothing is downloaded); empty = FID skipped, as the report says
+    fid_weights: str = ""
+    fid_depth: int = 10
 
     def validate(self, prefix: str = "evaluate") -> None:
         if self.kernel_size < 3 or self.kernel_size % 2 == 0:
@@ -419,6 +427,10 @@ class EvaluateConfig:
             raise ConfigError(f"{prefix}.kernel_sigma must be > 0")
         if self.diversity_pairs < 1:
             raise ConfigError(f"{prefix}.diversity_pairs must be >= 1")
+        if self.prefilter_factor < 1 or self.nearest_candidates < 1:
+            raise ConfigError(f"{prefix}.prefilter_factor and {prefix}.nearest_candidates must be >= 1")
+        if not 0 < self.memorisation_percentile <= 100:
+            raise ConfigError(f"{prefix}.memorisation_percentile must be in (0, 100]")
 
 
 STAGES: dict[str, type] = {

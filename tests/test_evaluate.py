@@ -1,10 +1,14 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from medldm.config import load_config
-from medldm.evaluation.metrics import VolumeMetrics, ms_ssim_scales, random_pairs
+from medldm.data.dataset import read_dataset_info, read_manifest
+from medldm.data.io import load_volume, save_volume
+from medldm.evaluation.memorisation import NearestTraining, memorisation
+from medldm.evaluation.metrics import VolumeMetrics, ms_ssim_scales, pairwise_similarity, random_pairs
 from medldm.evaluation.report import evaluate
 from medldm.inference.sample import sample_run
 
@@ -23,7 +27,7 @@ def test_a_volume_compared_with_itself_scores_one():
 def test_ms_ssim_scales_fit_the_volume():
     assert ms_ssim_scales((160, 224, 160), 11) == 4
     assert ms_ssim_scales((32, 32, 32), 3) == 4
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(ValueError, match="too small .* at least 11 voxels"):
         ms_ssim_scales((8, 8, 8), 11)
 
 
@@ -33,20 +37,64 @@ def test_random_pairs_are_distinct_and_capped():
     assert len(set(pairs)) == 50 and all(i < j for i, j in pairs)
 
 
-def test_report_has_reconstruction_and_diversity(dataset, ae_run, ldm_run, tmp_path):
+def test_report_has_reconstruction_diversity_and_memorisation(dataset, ae_run, ldm_run, tmp_path):
     samples = tmp_path / "samples"
     sample_run(ldm_run, samples, num=3, steps=3, seed=0)
+    # a planted copy of a training volume among the samples: the privacy check must catch it, and only it
+    train = [r for r in read_manifest(dataset) if r["split"] == "train"]
+    data, affine = load_volume(dataset / train[1]["image"])
+    save_volume(samples / "sample_9999.nii.gz", data, affine, dtype="int16")
     out = tmp_path / "report"
     report = evaluate(dataset, out, load_config("evaluate"), autoencoder=ae_run, samples=samples)
     rec = report["reconstruction"]
     assert rec["ssim"]["n"] == report["test_volumes"] >= 2
     assert 0.0 < rec["ms_ssim"]["mean"] <= 1.0
+    assert rec["worst"][0] == min(rec["per_subject"], key=lambda s: s["ssim"])["image"]
     gen = report["generation"]
-    assert gen["synthetic"]["pairs"] == 3
+    assert gen["synthetic"]["pairs"] == 6 and len(gen["synthetic"]["ms_ssim_scores"]) == 6
     assert gen["ms_ssim_difference"] == pytest.approx(gen["synthetic"]["ms_ssim_mean"] - gen["real_test"]["ms_ssim_mean"])
-    assert json.loads((out / "report.json").read_text())["generation"]["num_samples"] == 3
-    assert "MS-SSIM" in (out / "report.md").read_text()
-    assert (out / "reconstructions.png").is_file() and (out / "synthetic_vs_real.png").is_file()
+    mem = gen["memorisation"]
+    assert mem["flagged"] == [3] and gen["files"][3] == "sample_9999.nii.gz"
+    copy = mem["synthetic"][3]
+    assert copy["nearest_train_image"] == train[1]["image"] and copy["ssim"] == pytest.approx(1.0, abs=1e-3)
+    assert len(mem["real_test"]) == report["test_volumes"]
+    assert gen["mmd"]["synthetic_vs_test"] >= gen["mmd"]["train_vs_test"]  # noise-like tiny samples are further away
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["generation"]["num_samples"] == 4 and saved["generation"]["memorisation"]["flagged"] == [3]
+    md = (out / "report.md").read_text()
+    assert "MS-SSIM" in md and "1 of 4 synthetic volumes are closer" in md and "sample_9999.nii.gz" in md
+    assert gen["conditioning"]["synthetic"]["skipped"] == "fewer than 3 different ages"  # sampled without an age
+    assert "## Conditioning check: age" in md
+    for png in ("reconstructions_worst.png", "synthetic_vs_real.png", "nearest_training.png"):
+        assert (out / png).is_file()
+
+
+def test_noise_is_not_similar_and_not_a_copy():
+    g = torch.Generator().manual_seed(0)
+    metrics = VolumeMetrics((32, 32, 32), kernel_size=3, kernel_sigma=0.5)
+    # "subjects": one smooth anatomy with individual variation; the synthetic set is pure noise
+    anatomy = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 32, 32, 32, generator=g), 5, 1, 2)[0]
+    subject = lambda: (anatomy + 0.05 * torch.randn(1, 32, 32, 32, generator=g)).clamp(0, 1)  # noqa: E731
+    train = [subject() for _ in range(6)]
+    test = [subject() for _ in range(4)]
+    noise = [torch.rand(1, 32, 32, 32, generator=g) for _ in range(3)]
+    nearest = NearestTraining(lambda i: train[i], len(train), metrics, factor=4, candidates=3)
+    mem = memorisation([*noise, train[4].clone()], test, nearest)
+    assert mem["flagged"] == [3] and mem["synthetic"][3]["nearest_train"] == 4
+    assert all(e["ssim"] < 0.2 for e in mem["synthetic"][:3])  # independent noise: nothing alike
+    pairs = pairwise_similarity(noise, metrics, 10, 0)
+    assert pairs["pairs"] == 3 and pairs["ssim_mean"] < 0.1
+    assert pairwise_similarity([noise[0]] * 3, metrics, 10, 0)["ms_ssim_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_samples_of_another_shape_or_spacing_are_refused(dataset, tmp_path):
+    ref = read_dataset_info(dataset)["reference"]
+    samples = tmp_path / "s"
+    affine = np.asarray(ref["affine"])
+    save_volume(samples / "a.nii.gz", np.zeros(ref["shape"]) + 0.5, affine)
+    save_volume(samples / "b.nii.gz", np.zeros(ref["shape"]) + 0.5, affine @ np.diag([2.0, 1, 1, 1]))
+    with pytest.raises(ValueError, match=r"b.nii.gz .* never resamples"):
+        evaluate(dataset, tmp_path / "r", load_config("evaluate"), samples=samples)
 
 
 def test_nothing_to_evaluate_is_an_error(dataset, tmp_path):
@@ -59,3 +107,43 @@ def test_ms_ssim_runs_on_every_volume_size_it_accepts():
     for shape in ((96, 112, 96), (32, 32, 32), (24, 40, 24)):
         a = torch.rand(1, *shape)
         assert VolumeMetrics(shape)(a, a)["ms_ssim"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_age_check_finds_ventricles_that_grow_with_the_requested_age():
+    from medldm.evaluation.anatomy import age_trend, csf_fraction
+
+    grid = np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij")) - 15.5
+    radius = np.sqrt((grid ** 2).sum(0))
+    ages = [50, 60, 70, 80, 55, 75]
+    volumes = []
+    for age in ages:  # a bright "brain" ball with a dark "ventricle" that widens with age
+        v = np.where(radius < 14, 0.8, 0.0)
+        v[radius < (age - 30) / 10] = 0.1
+        volumes.append(v)
+    trend = age_trend(ages, [csf_fraction(v) for v in volumes])
+    assert trend["n"] == 6 and trend["pearson_r"] > 0.95 and trend["slope_per_decade"] > 0
+    assert age_trend([70, 70, 70], [0.1, 0.2, 0.3])["skipped"] == "fewer than 3 different ages"
+
+
+def test_fid_uses_local_medicalnet_weights_or_says_why_not(dataset, ldm_run, tmp_path):
+    from medldm.evaluation.fid import medicalnet
+
+    samples = tmp_path / "samples"
+    sample_run(ldm_run, samples, num=3, steps=2, seed=0)
+    report = evaluate(dataset, tmp_path / "r0", load_config("evaluate"), samples=samples)
+    assert "fid_weights is empty" in report["generation"]["fid"]["skipped"]
+    assert "FID skipped" in (tmp_path / "r0" / "report.md").read_text()
+    # a checkpoint in the MedicalNet release layout: DataParallel prefixes and a segmentation head
+    net = medicalnet(10)
+    weights = tmp_path / "resnet_10.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}
+                | {"module.conv_seg.0.weight": torch.zeros(1)}}, weights)
+    cfg = load_config("evaluate", None, [f"fid_weights={weights}"])
+    fid = evaluate(dataset, tmp_path / "r1", cfg, samples=samples)["generation"]["fid"]
+    assert np.isfinite(fid["synthetic_vs_test"]) and np.isfinite(fid["train_vs_test"]) and fid["depth"] == 10
+    with pytest.raises(ValueError, match="does not fit a MedicalNet resnet18"):
+        evaluate(dataset, tmp_path / "r2", load_config("evaluate", None, [f"fid_weights={weights}", "fid_depth=18"]),
+                 samples=samples)
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        evaluate(dataset, tmp_path / "r3", load_config("evaluate", None, [f"fid_weights={tmp_path / 'no.pth'}"]),
+                 samples=samples)

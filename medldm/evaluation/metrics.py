@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
+from tqdm.auto import tqdm
 
 # the standard five-scale MS-SSIM weights (Wang et al. 2003)
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -22,7 +24,8 @@ def ms_ssim_scales(shape: Sequence[int], kernel_size: int) -> int:
         if all(s // div > kernel_size - 1 for s in shape):
             n = k
     if n == 0:
-        raise ValueError(f"volumes of shape {list(shape)} are too small for MS-SSIM with kernel_size={kernel_size}")
+        raise ValueError(f"volumes of shape {list(shape)} are too small for MS-SSIM with kernel_size={kernel_size}: "
+                         f"every side needs at least {kernel_size} voxels; lower evaluate.kernel_size (odd, >= 3)")
     return n
 
 
@@ -37,6 +40,11 @@ class VolumeMetrics:
         self.ms_ssim = MultiScaleSSIMMetric(spatial_dims=3, data_range=data_range, kernel_size=kernel_size,
                                             kernel_sigma=kernel_sigma, weights=tuple((w / w.sum()).tolist()))
         self.psnr = PSNRMetric(max_val=data_range)
+
+    @torch.no_grad()
+    def ssim_only(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """SSIM of two (1, X, Y, Z) volumes, on ``a``'s device."""
+        return float(self.ssim(a[None].float(), b[None].float().to(a.device)).mean())
 
     @torch.no_grad()
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -62,16 +70,22 @@ def random_pairs(n: int, max_pairs: int, seed: int) -> list[tuple[int, int]]:
     return sorted(chosen)
 
 
-def pairwise_similarity(volumes: Sequence[torch.Tensor], metrics: VolumeMetrics, max_pairs: int,
-                        seed: int) -> dict[str, float]:
-    """Mean pairwise MS-SSIM and SSIM of a set of volumes (lower = more diverse)."""
+@torch.no_grad()
+def pairwise_similarity(volumes: Sequence[torch.Tensor], metrics: VolumeMetrics, max_pairs: int, seed: int,
+                        device: torch.device | str = "cpu", batch_size: int = 8, desc: str = "pairs") -> dict[str, Any]:
+    """Mean pairwise MS-SSIM and SSIM of a set of volumes (lower = more diverse), with every pair's scores.
+
+    Pairs go through the metrics ``batch_size`` at a time on ``device`` (the GPU when there is one).
+    """
     pairs = random_pairs(len(volumes), max_pairs, seed)
     if not pairs:
         raise ValueError("diversity needs at least two volumes")
     ms, ss = [], []
-    for i, j in pairs:
-        m = metrics(volumes[i], volumes[j])
-        ms.append(m["ms_ssim"])
-        ss.append(m["ssim"])
+    for first in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch"):
+        chunk = pairs[first:first + batch_size]
+        a = torch.stack([volumes[i] for i, _ in chunk]).float().to(device)
+        b = torch.stack([volumes[j] for _, j in chunk]).float().to(device)
+        ms += metrics.ms_ssim(a, b).flatten().tolist()
+        ss += metrics.ssim(a, b).flatten().tolist()
     return {"pairs": len(pairs), "ms_ssim_mean": float(np.mean(ms)), "ms_ssim_std": float(np.std(ms)),
-            "ssim_mean": float(np.mean(ss))}
+            "ssim_mean": float(np.mean(ss)), "ssim_std": float(np.std(ss)), "ms_ssim_scores": ms, "ssim_scores": ss}

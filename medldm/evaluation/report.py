@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,75 +27,171 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 def evaluate(data_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig, autoencoder: str | Path | None = None,
              samples: str | Path | None = None, device: str | None = None) -> dict[str, Any]:
-    """Evaluate an autoencoder run and/or a samples dir against the dataset's test split."""
+    """Evaluate an autoencoder run and/or a samples dir against the dataset's test split (and, for memorisation,
+    its train split)."""
     if autoencoder is None and samples is None:
         raise ValueError("nothing to evaluate: give --autoencoder AE_RUN and/or --samples SAMPLES_DIR")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = read_manifest(data_dir)
-    shape = read_dataset_info(data_dir)["reference"]["shape"]
+    reference = read_dataset_info(data_dir)["reference"]
     test = split_rows(rows, "test")
     if not test:
         raise ValueError(f"{data_dir}/manifest.csv has no test-split volumes; preprocess with split.test_fraction > 0")
-    metrics = VolumeMetrics(shape, cfg.kernel_size, cfg.kernel_sigma)
-    real = [torch.from_numpy(load_volume(data_dir / r["image"])[0])[None] for r in test]
+    metrics = VolumeMetrics(reference["shape"], cfg.kernel_size, cfg.kernel_sigma)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    real = [_load(data_dir / r["image"]) for r in test]
     report: dict[str, Any] = {"data_dir": str(data_dir.resolve()), "test_volumes": len(test), "config": to_dict(cfg),
-                              "ms_ssim_scales": metrics.scales, "versions": versions()}
+                              "ms_ssim_scales": metrics.scales, "device": str(dev), "versions": versions()}
 
     if autoencoder is not None:
-        report["reconstruction"] = _reconstruction(Path(autoencoder), test, real, metrics, out_dir, device)
+        report["reconstruction"] = _reconstruction(Path(autoencoder), test, real, metrics, out_dir, dev)
     if samples is not None:
-        report["generation"] = _generation(Path(samples), real, metrics, cfg, out_dir)
+        report["generation"] = _generation(Path(samples), data_dir, rows, reference, real, metrics, cfg, out_dir, dev)
     write_json(out_dir / "report.json", report)
     (out_dir / "report.md").write_text(render_markdown(report))
     return report
 
 
+def _load(path: Path) -> torch.Tensor:
+    return torch.from_numpy(load_volume(path)[0])[None]
+
+
 def _reconstruction(ae_run: Path, test: list[dict[str, Any]], real: list[torch.Tensor], metrics: VolumeMetrics,
-                    out_dir: Path, device: str | None) -> dict[str, Any]:
+                    out_dir: Path, dev: torch.device) -> dict[str, Any]:
     from medldm.config import config_from_dict
     from medldm.inference.encode import load_autoencoder, reconstruct
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_autoencoder(ae_run, dev)
     ae_cfg = config_from_dict("autoencoder", meta["config"])
-    per_subject, tiles = [], []
+    per_subject, recons = [], []
     for row, x in tqdm(list(zip(test, real)), desc="reconstruct", unit="volume"):
         recon = reconstruct(model, x[None].to(dev), ae_cfg).float().clamp(0, 1)[0].cpu()
         per_subject.append({"image": row["image"], **metrics(recon, x)})
-        if len(tiles) < 4:
-            a, b = x[0].numpy(), recon[0].numpy()
-            tiles += [three_plane(a), three_plane(b), three_plane(np.abs(a - b), vmax=0.25)]
-    save_png(out_dir / "reconstructions.png", grid(tiles, columns=3))
+        recons.append(recon)
+    # the five worst by SSIM: where a reader should look first
+    worst = sorted(range(len(per_subject)), key=lambda i: per_subject[i]["ssim"])[:5]
+    tiles = []
+    for i in worst:
+        a, b = real[i][0].numpy(), recons[i][0].numpy()
+        tiles += [three_plane(a), three_plane(b), three_plane(np.abs(a - b), vmax=0.25)]
+    save_png(out_dir / "reconstructions_worst.png", grid(tiles, columns=3))
     keys = ("ssim", "ms_ssim", "psnr", "mae")
     return {"checkpoint": meta["checkpoint"], "per_subject": per_subject,
-            **{k: _summary([s[k] for s in per_subject]) for k in keys}}
+            "worst": [per_subject[i]["image"] for i in worst], **{k: _summary([s[k] for s in per_subject]) for k in keys}}
 
 
-def _generation(samples_dir: Path, real: list[torch.Tensor], metrics: VolumeMetrics, cfg: EvaluateConfig,
-                out_dir: Path) -> dict[str, Any]:
+def load_samples(samples_dir: Path, reference: dict[str, Any]) -> tuple[list[Path], list[torch.Tensor]]:
+    """The synthetic NIfTI volumes of a samples dir; refused unless every one has the dataset's shape and spacing."""
     files = sorted(samples_dir.glob("*.nii.gz"))
+    spacing = np.linalg.norm(np.asarray(reference["affine"])[:3, :3], axis=0)
+    volumes, bad = [], []
+    for f in files:
+        data, affine = load_volume(f)
+        if list(data.shape) != list(reference["shape"]) or not np.allclose(
+                np.linalg.norm(affine[:3, :3], axis=0), spacing, atol=1e-3):
+            bad.append(f"{f.name} ({list(data.shape)} at {np.round(np.linalg.norm(affine[:3, :3], axis=0), 3).tolist()} mm)")
+        volumes.append(torch.from_numpy(data)[None])
+    if bad:
+        raise ValueError(f"{samples_dir}: {', '.join(bad[:5])} do not match the dataset's {reference['shape']} at "
+                         f"{np.round(spacing, 3).tolist()} mm; evaluation never resamples: sample from a model of "
+                         "this dataset")
+    return files, volumes
+
+
+def _generation(samples_dir: Path, data_dir: Path, rows: list[dict[str, Any]], reference: dict[str, Any],
+                real: list[torch.Tensor], metrics: VolumeMetrics, cfg: EvaluateConfig, out_dir: Path,
+                dev: torch.device) -> dict[str, Any]:
+    from medldm.evaluation.memorisation import NearestTraining, memorisation, pooled
+
+    feature_net = None
+    if cfg.fid_weights:  # checked (file, architecture) before any long work
+        from medldm.evaluation.fid import medicalnet
+
+        feature_net = medicalnet(cfg.fid_depth, cfg.fid_weights)
+    files, synthetic = load_samples(samples_dir, reference)
     if len(files) < 2:
         raise ValueError(f"{samples_dir}: diversity needs at least 2 synthetic .nii.gz volumes, found {len(files)}")
-    synthetic = [torch.from_numpy(load_volume(f)[0])[None] for f in files]
-    bad = [f.name for f, v in zip(files, synthetic) if v.shape != real[0].shape]
-    if bad:
-        raise ValueError(f"{samples_dir}: {bad} do not have the dataset's shape {list(real[0].shape[1:])}")
     out: dict[str, Any] = {"samples_dir": str(samples_dir.resolve()), "num_samples": len(files),
-                           "synthetic": pairwise_similarity(synthetic, metrics, cfg.diversity_pairs, cfg.seed)}
+                           "files": [f.name for f in files],
+                           "synthetic": pairwise_similarity(synthetic, metrics, cfg.diversity_pairs, cfg.seed, dev,
+                                                            desc="pairs (synthetic)")}
     if len(real) >= 2:
-        out["real_test"] = pairwise_similarity(real, metrics, cfg.diversity_pairs, cfg.seed)
+        out["real_test"] = pairwise_similarity(real, metrics, cfg.diversity_pairs, cfg.seed, dev, desc="pairs (real)")
         out["ms_ssim_difference"] = out["synthetic"]["ms_ssim_mean"] - out["real_test"]["ms_ssim_mean"]
     else:
         out["real_test"] = None
         log.warning("only one test volume: real-real diversity is not available")
+
+    train = split_rows(rows, "train")
+    nearest = NearestTraining(lambda i: _load(data_dir / train[i]["image"]), len(train), metrics,
+                              cfg.prefilter_factor, cfg.nearest_candidates, dev)
+    mem = memorisation(synthetic, real, nearest, cfg.memorisation_percentile)
+    for entry in mem["synthetic"] + mem["real_test"]:
+        entry["nearest_train_image"] = train[entry["nearest_train"]]["image"]
+    for entry, f in zip(mem["synthetic"], files):
+        entry["file"] = f.name
+    out["memorisation"] = mem
+    # the flagged pairs, else the five closest: synthetic volume above, its nearest training volume below
+    shown = mem["flagged"] or sorted(range(len(synthetic)), key=lambda i: -mem["synthetic"][i]["ssim"])[:5]
+    tiles = [three_plane(synthetic[i][0].numpy()) for i in shown[:8]]
+    tiles += [three_plane(nearest.load(mem["synthetic"][i]["nearest_train"])[0].numpy()) for i in shown[:8]]
+    save_png(out_dir / "nearest_training.png", grid(tiles, columns=len(shown[:8])))
+
+    # distribution distance on the pre-filter's pooled volumes; train-vs-test is the yardstick for "as close as real"
+    syn_f = torch.stack([pooled(v, cfg.prefilter_factor) for v in synthetic])
+    real_f = torch.stack([pooled(v, cfg.prefilter_factor) for v in real])
+    if len(real) >= 2:
+        out["mmd"] = {"synthetic_vs_test": _mmd(real_f, syn_f, cfg.seed),
+                      "train_vs_test": _mmd(real_f, nearest.features.cpu(), cfg.seed) if len(train) >= 2 else None,
+                      "features": f"volumes average-pooled by {cfg.prefilter_factor}, linear kernel (MONAI MMDMetric)"}
     tiles = [three_plane(v[0].numpy()) for v in synthetic[:4]] + [three_plane(v[0].numpy()) for v in real[:4]]
     save_png(out_dir / "synthetic_vs_real.png", grid(tiles, columns=4))
+    out["conditioning"] = _age_check(files, synthetic, split_rows(rows, "test"), real)
+    if feature_net is None:
+        out["fid"] = {"skipped": "evaluate.fid_weights is empty: FID needs a local MedicalNet ResNet checkpoint (e.g. "
+                                 "resnet_10_23dataset.pth of the MedicalNet release with evaluate.fid_depth=10); "
+                                 "nothing is downloaded"}
+    else:
+        from medldm.evaluation.fid import features, fid
+
+        real_f = features(feature_net, real, dev)
+        train_f = features(feature_net, [nearest.load(i) for i in range(min(len(train), len(synthetic)))], dev)
+        out["fid"] = {"synthetic_vs_test": fid(features(feature_net, synthetic, dev), real_f),
+                      "train_vs_test": fid(train_f, real_f), "weights": cfg.fid_weights, "depth": cfg.fid_depth}
     return out
 
 
+def _age_check(files: list[Path], synthetic: list[torch.Tensor], test: list[dict[str, Any]],
+               real: list[torch.Tensor]) -> dict[str, Any]:
+    """The CSF-like share of the brain against the requested age (from each sample's sidecar), beside real scans."""
+    from medldm.evaluation.anatomy import age_trend, csf_fraction
+
+    ages = []
+    for f in files:
+        side = f.with_name(f.name.replace(".nii.gz", ".json"))
+        conditions = (json.loads(side.read_text()).get("conditions") or {}) if side.is_file() else {}
+        ages.append(float(conditions["age"]) if conditions.get("age") is not None else float("nan"))
+    synth = [csf_fraction(v[0].numpy()) for v in synthetic]
+    real_ages = [float(r["age"]) if r.get("age") is not None else float("nan") for r in test]
+    return {"quantity": "share of head/brain voxels darker than half their median (CSF-like)",
+            "synthetic": age_trend(ages, synth), "real_test": age_trend(real_ages, [csf_fraction(v[0].numpy())
+                                                                                   for v in real]),
+            "requested_ages": ages, "synthetic_values": synth}
+
+
+def _mmd(a: torch.Tensor, b: torch.Tensor, seed: int) -> float:
+    """MONAI's unbiased MMD; it needs sets of one size, so the larger set is subsampled (seeded)."""
+    from monai.metrics import MMDMetric
+
+    n = min(len(a), len(b))
+    g = torch.Generator().manual_seed(seed)
+    a, b = (x[torch.randperm(len(x), generator=g)[:n]] for x in (a, b))
+    return float(MMDMetric()(a, b))
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    """A short human-readable report."""
+    """Tables a reader can paste into a paper, and the pictures."""
     lines = ["# medldm evaluation", "", f"Dataset: `{report['data_dir']}` ({report['test_volumes']} test volumes). "
              f"MS-SSIM with {report['ms_ssim_scales']} scales.", ""]
     rec = report.get("reconstruction")
@@ -103,16 +200,53 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "| metric | mean | std |", "|---|---|---|"]
         for k in ("ssim", "ms_ssim", "psnr", "mae"):
             lines.append(f"| {k.upper().replace('_', '-')} | {rec[k]['mean']:.4f} | {rec[k]['std']:.4f} |")
-        lines += ["", "![reconstructions](reconstructions.png) (rows: input, reconstruction, |difference|)", ""]
+        lines += ["", f"Worst by SSIM: {', '.join(f'`{w}`' for w in rec['worst'])}.", "",
+                  "![worst reconstructions](reconstructions_worst.png) (per row: input, reconstruction, "
+                  "|difference| x4; the five worst subjects)", ""]
     gen = report.get("generation")
     if gen:
         syn, real = gen["synthetic"], gen["real_test"]
         lines += ["## Generation diversity (mean pairwise similarity; lower is more diverse)", "",
                   "| set | pairs | MS-SSIM | SSIM |", "|---|---|---|---|",
-                  f"| synthetic ({gen['num_samples']}) | {syn['pairs']} | {syn['ms_ssim_mean']:.4f} | {syn['ssim_mean']:.4f} |"]
+                  f"| synthetic ({gen['num_samples']}) | {syn['pairs']} | {syn['ms_ssim_mean']:.4f} ± "
+                  f"{syn['ms_ssim_std']:.4f} | {syn['ssim_mean']:.4f} |"]
         if real:
-            lines.append(f"| real test | {real['pairs']} | {real['ms_ssim_mean']:.4f} | {real['ssim_mean']:.4f} |")
+            lines.append(f"| real test | {real['pairs']} | {real['ms_ssim_mean']:.4f} ± {real['ms_ssim_std']:.4f} | "
+                         f"{real['ssim_mean']:.4f} |")
             lines += ["", f"Synthetic minus real MS-SSIM: {gen['ms_ssim_difference']:+.4f} "
                       "(near 0: as varied as real brains; well above 0: too similar to each other)."]
-        lines += ["", "![synthetic vs real](synthetic_vs_real.png) (top: synthetic, bottom: real test)", ""]
+        if gen.get("mmd"):
+            m = gen["mmd"]
+            yard = f"{m['train_vs_test']:.5f}" if m["train_vs_test"] is not None else "n/a"
+            lines += ["", f"MMD to the real test volumes ({m['features']}): synthetic {m['synthetic_vs_test']:.5f}, "
+                      f"real training volumes {yard} (lower is closer)."]
+        f = gen["fid"]
+        lines += ["", f"FID skipped: {f['skipped']}." if "skipped" in f else
+                  f"FID to the real test volumes (MedicalNet resnet{f['depth']} features): synthetic "
+                  f"{f['synthetic_vs_test']:.4f}, real training volumes {f['train_vs_test']:.4f} (lower is closer)."]
+        mem = gen["memorisation"]
+        real_s = [e["ssim"] for e in mem["real_test"]]
+        syn_s = [e["ssim"] for e in mem["synthetic"]]
+        lines += ["", "## Memorisation: nearest training volume (SSIM)", "",
+                  "| set | n | median | max |", "|---|---|---|---|",
+                  f"| synthetic | {len(syn_s)} | {np.median(syn_s):.4f} | {max(syn_s):.4f} |",
+                  f"| real test (never trained on) | {len(real_s)} | {np.median(real_s):.4f} | {max(real_s):.4f} |", "",
+                  f"Threshold: the {mem['percentile']:g}th percentile of the real test volumes' nearest-training SSIM, "
+                  f"{mem['threshold_ssim']:.4f}. **{len(mem['flagged'])} of {len(syn_s)} synthetic volumes are "
+                  "closer to a training volume than that** and may be copies"
+                  + (": " + ", ".join(f"`{mem['synthetic'][i]['file']}` ~ `{mem['synthetic'][i]['nearest_train_image']}`"
+                                     f" ({mem['synthetic'][i]['ssim']:.4f})" for i in mem["flagged"][:20]) if mem["flagged"]
+                     else "."),
+                  "", "![nearest training volumes](nearest_training.png) (top: synthetic, bottom: its nearest training "
+                  "volume; the flagged ones, else the five closest)", ""]
+        lines += ["![synthetic vs real](synthetic_vs_real.png) (top: synthetic, bottom: real test)", ""]
+        cond = gen["conditioning"]
+        lines += ["## Conditioning check: age", "", f"Measured: {cond['quantity']}, against the requested age "
+                  "(synthetic, from each sample's sidecar) and the true age (real test).", "",
+                  "| set | n | Pearson r | slope per decade |", "|---|---|---|---|"]
+        for name, key in (("synthetic (requested age)", "synthetic"), ("real test (true age)", "real_test")):
+            t = cond[key]
+            lines.append(f"| {name} | {t['n']} | " + (f"{t['pearson_r']:+.3f} | {t['slope_per_decade']:+.4f} |"
+                                                   if t["pearson_r"] is not None else f"skipped: {t['skipped']} | |"))
+        lines.append("")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,68 @@
+"""Is a synthetic volume a copy of a training patient? Nearest training volume by SSIM, judged against real ones.
+
+For every query volume (synthetic, and each real test volume as the yardstick) a cheap pre-filter (L2 distance of
+volumes average-pooled by ``factor``) picks ``candidates`` training volumes; exact 3D SSIM on those picks the
+nearest. A synthetic volume is flagged when it is closer to its nearest training volume than the given
+percentile of the real test volumes' nearest-training SSIMs: a real unseen subject is the closest a
+non-copy is expected to come.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from medldm.evaluation.metrics import VolumeMetrics
+
+
+def pooled(volume: torch.Tensor, factor: int) -> torch.Tensor:
+    """A (1, X, Y, Z) volume average-pooled by ``factor`` and flattened: the pre-filter's feature."""
+    return F.avg_pool3d(volume[None].float(), factor, ceil_mode=True).flatten()
+
+
+class NearestTraining:
+    """Nearest training volume by SSIM for any query, without holding the training set in memory.
+
+    ``load(i)`` returns training volume i as a (1, X, Y, Z) tensor; the pooled features of all of them are
+    computed once (one pass, with a progress bar), full volumes are reloaded only as candidates (a few cached).
+    """
+
+    def __init__(self, load: Callable[[int], torch.Tensor], count: int, metrics: VolumeMetrics, factor: int = 4,
+                 candidates: int = 5, device: torch.device | str = "cpu") -> None:
+        if count < 1:
+            raise ValueError("memorisation check: the dataset has no training volumes to compare with")
+        self.metrics, self.factor, self.k, self.device = metrics, factor, min(candidates, count), torch.device(device)
+        self.load = lru_cache(maxsize=32)(load)
+        self.features = torch.stack([pooled(load(i), factor) for i in tqdm(range(count), desc="training features",
+                                                                         unit="volume")]).to(self.device)
+
+    def __call__(self, volume: torch.Tensor) -> tuple[int, float]:
+        """(index of the nearest training volume, its SSIM to ``volume``)."""
+        distance = torch.cdist(pooled(volume, self.factor)[None].to(self.device), self.features)[0]
+        shortlist = torch.topk(distance, self.k, largest=False).indices.tolist()
+        ssims = [self.metrics.ssim_only(volume, self.load(i)) for i in shortlist]
+        best = int(np.argmax(ssims))
+        return shortlist[best], float(ssims[best])
+
+
+def memorisation(synthetic: Sequence[torch.Tensor], real_test: Sequence[torch.Tensor], nearest: NearestTraining,
+                 percentile: float = 99.0) -> dict[str, Any]:
+    """Nearest-training SSIM of every synthetic and real test volume, the threshold and the flagged samples."""
+    if not real_test:
+        raise ValueError("memorisation check: needs real test volumes for the threshold")
+    real = [nearest(v) for v in tqdm(real_test, desc="nearest training (real test)", unit="volume")]
+    synth = [nearest(v) for v in tqdm(synthetic, desc="nearest training (synthetic)", unit="volume")]
+    threshold = float(np.percentile([s for _, s in real], percentile))
+    flagged = [i for i, (_, s) in enumerate(synth) if s > threshold]
+    return {
+        "percentile": percentile, "threshold_ssim": threshold,
+        "real_test": [{"nearest_train": j, "ssim": s} for j, s in real],
+        "synthetic": [{"nearest_train": j, "ssim": s, "flagged": s > threshold} for j, s in synth],
+        "flagged": flagged,
+    }
