@@ -65,7 +65,7 @@ def test_report_has_reconstruction_diversity_and_memorisation(dataset, ae_run, l
     assert "MS-SSIM" in md and "1 of 4 synthetic volumes are closer" in md and "sample_9999.nii.gz" in md
     assert gen["conditioning"]["synthetic"]["skipped"] == "fewer than 3 different ages"  # sampled without an age
     assert "## Conditioning check: age" in md
-    for png in ("reconstructions_worst.png", "synthetic_vs_real.png", "nearest_training.png"):
+    for png in ("reconstructions_worst.png", "synthetic_vs_real.png", "nearest_training.png", "scores.png"):
         assert (out / png).is_file()
 
 

@@ -15,6 +15,7 @@ from medldm.config import EvaluateConfig, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest, split_rows
 from medldm.data.io import load_volume, write_json
 from medldm.evaluation.metrics import VolumeMetrics, pairwise_similarity
+from medldm.evaluation.plots import score_plots
 from medldm.versions import versions
 from medldm.viz import grid, save_png, three_plane
 
@@ -145,9 +146,11 @@ def _generation(samples_dir: Path, data_dir: Path, rows: list[dict[str, Any]], r
         out["mmd"] = {"synthetic_vs_test": _mmd(real_f, syn_f, cfg.seed),
                       "train_vs_test": _mmd(real_f, nearest.features.cpu(), cfg.seed) if len(train) >= 2 else None,
                       "features": f"volumes average-pooled by {cfg.prefilter_factor}, linear kernel (MONAI MMDMetric)"}
-    tiles = [three_plane(v[0].numpy()) for v in synthetic[:4]] + [three_plane(v[0].numpy()) for v in real[:4]]
-    save_png(out_dir / "synthetic_vs_real.png", grid(tiles, columns=4))
+    n = min(8, len(synthetic), len(real))
+    tiles = [three_plane(v[0].numpy()) for v in synthetic[:n]] + [three_plane(v[0].numpy()) for v in real[:n]]
+    save_png(out_dir / "synthetic_vs_real.png", grid(tiles, columns=n))
     out["conditioning"] = _age_check(files, synthetic, split_rows(rows, "test"), real)
+    score_plots(out_dir / "scores.png", out)
     if feature_net is None:
         out["fid"] = {"skipped": "evaluate.fid_weights is empty: FID needs a local MedicalNet ResNet checkpoint (e.g. "
                                  "resnet_10_23dataset.pth of the MedicalNet release with evaluate.fid_depth=10); "
@@ -159,6 +162,9 @@ def _generation(samples_dir: Path, data_dir: Path, rows: list[dict[str, Any]], r
         train_f = features(feature_net, [nearest.load(i) for i in range(min(len(train), len(synthetic)))], dev)
         out["fid"] = {"synthetic_vs_test": fid(features(feature_net, synthetic, dev), real_f),
                       "train_vs_test": fid(train_f, real_f), "weights": cfg.fid_weights, "depth": cfg.fid_depth}
+        if min(len(synthetic), len(real)) < real_f.shape[1]:
+            out["fid"]["note"] = (f"fewer volumes than the {real_f.shape[1]} features: the covariances are singular "
+                                  "and FID is biased; compare values only at equal set sizes")
     return out
 
 
@@ -174,10 +180,11 @@ def _age_check(files: list[Path], synthetic: list[torch.Tensor], test: list[dict
         ages.append(float(conditions["age"]) if conditions.get("age") is not None else float("nan"))
     synth = [csf_fraction(v[0].numpy()) for v in synthetic]
     real_ages = [float(r["age"]) if r.get("age") is not None else float("nan") for r in test]
+    real_values = [csf_fraction(v[0].numpy()) for v in real]
     return {"quantity": "share of head/brain voxels darker than half their median (CSF-like)",
-            "synthetic": age_trend(ages, synth), "real_test": age_trend(real_ages, [csf_fraction(v[0].numpy())
-                                                                                   for v in real]),
-            "requested_ages": ages, "synthetic_values": synth}
+            "synthetic": age_trend(ages, synth), "real_test": age_trend(real_ages, real_values),
+            "requested_ages": ages, "synthetic_values": synth, "real_ages": real_ages,
+            "real_values": real_values}
 
 
 def _mmd(a: torch.Tensor, b: torch.Tensor, seed: int) -> float:
@@ -223,7 +230,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f = gen["fid"]
         lines += ["", f"FID skipped: {f['skipped']}." if "skipped" in f else
                   f"FID to the real test volumes (MedicalNet resnet{f['depth']} features): synthetic "
-                  f"{f['synthetic_vs_test']:.4f}, real training volumes {f['train_vs_test']:.4f} (lower is closer)."]
+                  f"{f['synthetic_vs_test']:.4f}, real training volumes {f['train_vs_test']:.4f} (lower is closer)"
+                  + (f"; {f['note']}." if "note" in f else ".")]
         mem = gen["memorisation"]
         real_s = [e["ssim"] for e in mem["real_test"]]
         syn_s = [e["ssim"] for e in mem["synthetic"]]
@@ -239,7 +247,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                      else "."),
                   "", "![nearest training volumes](nearest_training.png) (top: synthetic, bottom: its nearest training "
                   "volume; the flagged ones, else the five closest)", ""]
-        lines += ["![synthetic vs real](synthetic_vs_real.png) (top: synthetic, bottom: real test)", ""]
+        lines += ["![synthetic vs real](synthetic_vs_real.png) (top: synthetic, bottom: real test)", "",
+                  "![scores](scores.png) (pairwise MS-SSIM, nearest-training SSIM with the flagging threshold, "
+                  "and the age check; synthetic red, real blue)", ""]
         cond = gen["conditioning"]
         lines += ["## Conditioning check: age", "", f"Measured: {cond['quantity']}, against the requested age "
                   "(synthetic, from each sample's sidecar) and the true age (real test).", "",
