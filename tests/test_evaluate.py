@@ -123,6 +123,12 @@ def test_age_check_finds_ventricles_that_grow_with_the_requested_age():
     trend = age_trend(ages, [csf_fraction(v) for v in volumes])
     assert trend["n"] == 6 and trend["pearson_r"] > 0.95 and trend["slope_per_decade"] > 0
     assert age_trend([70, 70, 70], [0.1, 0.2, 0.3])["skipped"] == "fewer than 3 different ages"
+    # three seeds far apart, each a little darker with age: pooled, the seeds hide it; within seed it is clear
+    seeds = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    values = [0.10, 0.11, 0.12, 0.40, 0.41, 0.42, 0.25, 0.26, 0.27]
+    trend = age_trend([50, 65, 80] * 3, values, seeds)
+    assert abs(trend["pearson_r"]) < 0.2 and trend["within_seed_r"] == pytest.approx(1.0)
+    assert trend["within_seed_slope_per_decade"] == pytest.approx(0.01 / 1.5)
 
 
 def test_fid_uses_local_medicalnet_weights_or_says_why_not(dataset, ldm_run, tmp_path):
