@@ -44,7 +44,8 @@ class NearestTraining:
 
     def __call__(self, volume: torch.Tensor) -> tuple[int, float]:
         """(index of the nearest training volume, its SSIM to ``volume``)."""
-        distance = torch.cdist(pooled(volume, self.factor)[None].to(self.device), self.features)[0]
+        volume = volume.to(self.device)
+        distance = torch.cdist(pooled(volume, self.factor)[None], self.features)[0]
         shortlist = torch.topk(distance, self.k, largest=False).indices.tolist()
         ssims = [self.metrics.ssim_only(volume, self.load(i)) for i in shortlist]
         best = int(np.argmax(ssims))
