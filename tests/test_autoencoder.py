@@ -179,7 +179,7 @@ def test_a_dataset_without_a_validation_split_is_refused(dataset, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(dataset, data)
     manifest = data / "manifest.csv"
-    manifest.write_text(manifest.read_text().replace(",val,", ",train,"))
+    manifest.write_text(manifest.read_text(encoding="utf-8").replace(",val,", ",train,"))
     with pytest.raises(ValueError, match="no val-split volumes"):
         train_autoencoder(data, tmp_path / "ae", load_config("autoencoder", None, AE_FAST))
 

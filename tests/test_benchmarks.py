@@ -11,7 +11,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def test_sampling_benchmark_runs_at_tiny_size(tmp_path):
     subprocess.run([sys.executable, str(BENCHMARKS / "sample_speed.py"), "--tiny", "--out", str(tmp_path),
                     "--steps", "2", "--batches", "1", "2", "--device", "cpu"], check=True, capture_output=True)
-    result = json.loads((tmp_path / "sample_speed.json").read_text())
+    result = json.loads((tmp_path / "sample_speed.json").read_text(encoding="utf-8"))
     assert result["image"] == [32, 32, 32] and result["latent"][1:] == [8, 8, 8]
     assert [r["batch"] for r in result["batches"]] == [1, 2]
     for row in result["batches"]:

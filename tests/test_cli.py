@@ -27,14 +27,14 @@ def test_every_stage_through_the_cli(tmp_path, capsys):
                  "--samples", str(samples)]) == 0
     printed = capsys.readouterr().out
     assert "wrote 2 synthetic volumes" in printed and "report.md" in printed
-    assert json.loads((samples / "sample_0000.json").read_text())["conditions"] == {"age": age, "sex": "M"}
+    assert json.loads((samples / "sample_0000.json").read_text(encoding="utf-8"))["conditions"] == {"age": age, "sex": "M"}
     again = ["sample", "--run", str(ldm), "--out", str(samples), "--num", "1", "--steps", "2"]
     assert main(again) == 2 and "pass --overwrite" in capsys.readouterr().err
     assert main([*again, "--overwrite", "--format", "both", "--dtype", "float32"]) == 0
     assert (samples / "sample_0000_dicom").is_dir() and not (samples / "sample_0001.nii.gz").exists()
     assert nib.load(samples / "sample_0000.nii.gz").get_data_dtype() == "float32"
     assert nib.load(samples / "sample_0000.nii.gz").shape == (32, 32, 32)
-    assert json.loads((report / "report.json").read_text())["reconstruction"]["ssim"]["n"] >= 2
+    assert json.loads((report / "report.json").read_text(encoding="utf-8"))["reconstruction"]["ssim"]["n"] >= 2
     for run in (ae, ldm):
         assert (run / "config.yaml").is_file() and (run / "checkpoints" / "latest.pt").is_file()
 

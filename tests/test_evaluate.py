@@ -59,9 +59,9 @@ def test_report_has_reconstruction_diversity_and_memorisation(dataset, ae_run, l
     assert copy["nearest_train_image"] == train[1]["image"] and copy["ssim"] == pytest.approx(1.0, abs=1e-3)
     assert len(mem["real_test"]) == report["test_volumes"]
     assert gen["mmd"]["synthetic_vs_test"] >= gen["mmd"]["train_vs_test"]  # noise-like tiny samples are further away
-    saved = json.loads((out / "report.json").read_text())
+    saved = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert saved["generation"]["num_samples"] == 4 and saved["generation"]["memorisation"]["flagged"] == [3]
-    md = (out / "report.md").read_text()
+    md = (out / "report.md").read_text(encoding="utf-8")
     assert "MS-SSIM" in md and "1 of 4 synthetic volumes are closer" in md and "sample_9999.nii.gz" in md
     assert gen["conditioning"]["synthetic"]["skipped"] == "fewer than 3 different ages"  # sampled without an age
     assert "## Conditioning check: age" in md
@@ -138,7 +138,7 @@ def test_fid_uses_local_medicalnet_weights_or_says_why_not(dataset, ldm_run, tmp
     sample_run(ldm_run, samples, num=3, steps=2, seed=0)
     report = evaluate(dataset, tmp_path / "r0", load_config("evaluate"), samples=samples)
     assert "fid_weights is empty" in report["generation"]["fid"]["skipped"]
-    assert "FID skipped" in (tmp_path / "r0" / "report.md").read_text()
+    assert "FID skipped" in (tmp_path / "r0" / "report.md").read_text(encoding="utf-8")
     # a checkpoint in the MedicalNet release layout: DataParallel prefixes and a segmentation head
     net = medicalnet(10)
     weights = tmp_path / "resnet_10.pth"

@@ -117,7 +117,7 @@ def test_adni_tree_and_collection_csv(adni: Path) -> None:
 def test_flat_layout(tmp_path: Path) -> None:
     csv_path = write_phantoms(tmp_path, num=3, layout="flat", seed=5)
     assert csv_path == tmp_path / "participants.csv"
-    assert csv_path.read_text().splitlines()[0] == "subject_id,file,age,sex,diagnosis"
+    assert csv_path.read_text(encoding="utf-8").splitlines()[0] == "subject_id,file,age,sex,diagnosis"
     rows = read_rows(csv_path)
     assert [r["subject_id"] for r in rows] == ["sub-0001", "sub-0002", "sub-0003"]
     for row in rows:

@@ -36,7 +36,7 @@ def test_volume_is_ras_resampled_cropped_normalised_and_stays_in_place():
 
 def test_dataset_dir_layout_labels_and_split(dataset, raw_adni):
     rows = read_manifest(dataset)
-    info = json.loads((dataset / "preprocess.json").read_text())
+    info = json.loads((dataset / "preprocess.json").read_text(encoding="utf-8"))
     assert len(rows) == info["num_scans"] >= 8
     assert {r["split"] for r in rows} == {"train", "val", "test"}
     by_subject = {}

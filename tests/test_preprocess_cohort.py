@@ -112,9 +112,9 @@ def test_manifest_records_source_hashes_and_qc_is_complete(dataset):
     assert all(float(s["foreground_ml"]) > 0 for s in summary)
     for r in rows:
         assert (qc / "scans" / r["image"].split("/")[-1].replace(".nii.gz", ".png")).is_file()
-        sidecar = json.loads((dataset / r["image"].replace(".nii.gz", ".json")).read_text())
+        sidecar = json.loads((dataset / r["image"].replace(".nii.gz", ".json")).read_text(encoding="utf-8"))
         assert sidecar["source_sha256"] == r["source_sha256"]
-    page = (qc / "index.html").read_text()
+    page = (qc / "index.html").read_text(encoding="utf-8")
     assert page.count("<figure") == len(rows) and (qc / "overview.png").is_file()
 
 
@@ -137,7 +137,7 @@ def test_outliers_are_flagged():
         flagged = write_qc(out, rows, stats)
         assert [f["image"] for f in flagged] == ["images/s7_bl.nii.gz"]
         assert "foreground_ml low" in flagged[0]["flags"]
-        assert 'border:3px solid' in (out / "qc" / "index.html").read_text()
+        assert 'border:3px solid' in (out / "qc" / "index.html").read_text(encoding="utf-8")
 
 
 def test_cli_exit_code_says_whether_anything_failed(tmp_path, good_scans, capsys):

@@ -62,7 +62,7 @@ def test_ddpm_runs_every_timestep_reproducibly_and_refuses_a_short_chain(short_s
     one = sample_run(short_schedule_run, tmp_path / "one", num=1, sampler="ddpm", seed=4, batch_size=1)
     np.testing.assert_array_equal(volume(a[0]), volume(again[0]))
     np.testing.assert_allclose(volume(a[1]), volume(one[0]), atol=LEVEL * 1.01)
-    side = json.loads((tmp_path / "a" / "sample_0003.json").read_text())
+    side = json.loads((tmp_path / "a" / "sample_0003.json").read_text(encoding="utf-8"))
     assert side["sampler"] == "DDPM" and side["steps"] == 20 and side["eta"] is None
     ddim = sample_run(short_schedule_run, tmp_path / "ddim", num=1, steps=20, seed=3)
     assert not np.allclose(volume(ddim[0]), volume(a[0]), atol=1e-2)  # DDPM's step noise: another sampler
@@ -118,11 +118,11 @@ def test_dicom_series_reads_back_as_the_same_volume_and_says_synthetic(dataset, 
         assert tag("0008|0060").strip() == "MR" and tag("0008|0016").strip() == "1.2.840.10008.5.1.4.1.1.4"
         assert "SYNTHETIC" in tag("0008|103e") and "SYNTHETIC" in tag("0008|0008")
         assert tag("0010|0040").strip() == "F" and tag("0010|1010").strip() == f"{round(age):03d}Y"
-        side = json.loads(p.with_name(p.name.replace(".nii.gz", ".json")).read_text())
+        side = json.loads(p.with_name(p.name.replace(".nii.gz", ".json")).read_text(encoding="utf-8"))
         assert side["dicom"]["series_instance_uid"] == tag("0020|000e").strip("\0 ")
         uids.update({tag("0020|000d").strip("\0 "), tag("0020|000e").strip("\0 ")})
     assert len(uids) == 4  # a new study and series per volume
-    assert "sample_0000_dicom" in (out / "samples.csv").read_text()
+    assert "sample_0000_dicom" in (out / "samples.csv").read_text(encoding="utf-8")
 
 
 def test_sidecar_and_header_record_provenance(dataset, ldm_run, tmp_path):
@@ -133,7 +133,7 @@ def test_sidecar_and_header_record_provenance(dataset, ldm_run, tmp_path):
     for p, seed in zip(paths, (7, 8)):
         assert p.name == f"sample_{seed:04d}.nii.gz"
         assert nib.load(p).header["descrip"].tobytes().decode().rstrip("\0") == f"SYNTHETIC medldm {__version__}"
-        side = json.loads(p.with_name(f"sample_{seed:04d}.json").read_text())
+        side = json.loads(p.with_name(f"sample_{seed:04d}.json").read_text(encoding="utf-8"))
         assert side["synthetic"] is True and side["seed"] == seed and side["file"] == p.name
         assert (side["sampler"], side["steps"], side["eta"], side["guidance"]) == ("DDIM", 3, 0.5, 2.0)
         assert side["conditions"] == {"age": age, "sex": "F"}
@@ -143,7 +143,7 @@ def test_sidecar_and_header_record_provenance(dataset, ldm_run, tmp_path):
         assert {"medldm", "torch", "monai", "nibabel"} <= set(side["versions"]) and side["created"]
         assert "4095" in side["intensity"] and side["dtype"] == "int16"
         assert p.with_name(f"sample_{seed:04d}.png").is_file()
-    rows = (out / "samples.csv").read_text().splitlines()
+    rows = (out / "samples.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "file,dicom,seed,conditions" and len(rows) == 3 and rows[1].startswith("sample_0007.nii.gz")
     assert (out / "contact_sheet.png").is_file()
 
@@ -185,7 +185,7 @@ def test_decoding_on_another_device_gives_the_same_volume(ldm_run, tmp_path):
     cpu = sample_run(ldm_run, tmp_path / "b", num=1, steps=3, seed=2, decode_device="cpu")[0]
     # identical on a CPU-only machine; with a GPU the default decode runs in bf16
     np.testing.assert_allclose(volume(here), volume(cpu), atol=0.05 if torch.cuda.is_available() else 0)
-    side = json.loads(cpu.with_name("sample_0002.json").read_text())
+    side = json.loads(cpu.with_name("sample_0002.json").read_text(encoding="utf-8"))
     assert side["decode_device"] == "cpu"
     with pytest.raises(ValueError, match="--decode-device 'gpu'"):
         sample_run(ldm_run, tmp_path / "c", num=1, decode_device="gpu")
@@ -216,7 +216,7 @@ def test_guidance_moves_samples_and_no_condition_is_unconditional(dataset, ldm_r
     # guided = null + 3 (cond - null) at every step; at guidance 0 it is the unconditional model
     torch.testing.assert_close(sample_latents(unet, scheduler, noise, context, guidance=0.0), null)
     side = sample_run(ldm_run, tmp_path / "u", num=1, steps=4, seed=0)[0].with_name("sample_0000.json")
-    assert json.loads(side.read_text())["conditions"] == {}
+    assert json.loads(side.read_text(encoding="utf-8"))["conditions"] == {}
 
 
 def test_moved_runs_find_their_autoencoder_by_hash(ae_run, ldm_run, tmp_path):
@@ -255,7 +255,7 @@ def test_writer_pages_the_contact_sheet_and_lists_only_finished_volumes(tmp_path
     rng = np.random.default_rng(0)
     for seed in (5, 6, 7):
         writer.write(rng.random((8, 10, 12)), seed)
-        rows = (tmp_path / "samples.csv").read_text().splitlines()
+        rows = (tmp_path / "samples.csv").read_text(encoding="utf-8").splitlines()
         assert len(rows) == 1 + seed - 4  # the manifest grows with each finished volume
     writer.close()
     first, second = iio.imread(tmp_path / "contact_sheet.png"), iio.imread(tmp_path / "contact_sheet_2.png")

@@ -19,7 +19,7 @@ def read_manifest(data_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(data_dir) / "manifest.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {data_dir} the output of `medldm preprocess`?")
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in ("subject_id", "image", "split") if c not in (reader.fieldnames or [])]
         if missing:
@@ -37,7 +37,7 @@ def read_dataset_info(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / "preprocess.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {data_dir} the output of `medldm preprocess`?")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def split_rows(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:

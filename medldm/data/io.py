@@ -229,7 +229,7 @@ def write_csv(path: str | Path, fieldnames: list[str], rows: list[dict[str, Any]
     path = Path(path)
     tmp = atomic_path(path)
     try:
-        with tmp.open("w", newline="") as f:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(rows)
@@ -243,7 +243,7 @@ def write_json(path: str | Path, data: Any) -> None:
     path = Path(path)
     tmp = atomic_path(path)
     try:
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

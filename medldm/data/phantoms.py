@@ -374,13 +374,13 @@ def _write_adni(out_dir: Path, num: int, rng: np.random.Generator, adnimerge: bo
             _save_dicom(aligned[choice])
             rows[aligned[choice].row][-1] = "DCM"
     csv_path = out_dir / "ADNI_phantoms_collection.csv"
-    with open(csv_path, "w", newline="") as f:
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(_COLLECTION_HEADER)
         writer.writerows(row + [downloaded] for row in rows)
     if adnimerge:
         merge_rows.sort(key=lambda row: (int(row[0]), row[3]))
-        with open(out_dir / "ADNIMERGE.csv", "w", newline="") as f:
+        with open(out_dir / "ADNIMERGE.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(ADNIMERGE_HEADER)
             writer.writerows(merge_rows)
@@ -401,7 +401,7 @@ def _write_flat(out_dir: Path, num: int, rng: np.random.Generator) -> Path:
         rows.append([subject_id, file, "" if subject_rng.random() < 0.1 else f"{age:.1f}",
                      "" if subject_rng.random() < 0.05 else sex, diagnosis])
     csv_path = out_dir / "participants.csv"
-    with open(csv_path, "w", newline="") as f:
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(("subject_id", "file", "age", "sex", "diagnosis"))
         writer.writerows(rows)

@@ -127,7 +127,7 @@ def _run_job(job: _Job) -> dict[str, Any]:
     side = _sidecar(job.out_path)
     if job.out_path.is_file() and side.is_file():
         try:
-            previous = json.loads(side.read_text())
+            previous = json.loads(side.read_text(encoding="utf-8"))
             if previous.get("config_hash") == job.cfg_hash:
                 if not job.qc_png.is_file():  # qc/ was deleted: redraw the picture, keep the volume
                     save_png(job.qc_png, three_plane(load_volume(job.out_path)[0]))
@@ -165,7 +165,7 @@ def _previous_splits(output_dir: Path) -> dict[str, str]:
     path = output_dir / "manifest.csv"
     if not path.is_file():
         return {}
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         return {r["subject_id"]: r["split"] for r in csv.DictReader(f)}
 
 

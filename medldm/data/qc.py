@@ -49,7 +49,7 @@ def write_qc(output_dir: Path, rows: list[dict[str, Any]], stats: list[dict[str,
             "foreground_mean": s["foreground_mean"], "registration_metric": s.get("registration_metric", ""),
             "flags": "; ".join(f),
         })
-    with (qc / "summary.csv").open("w", newline="") as fh:
+    with (qc / "summary.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(summary[0]))
         writer.writeheader()
         writer.writerows(summary)
@@ -86,4 +86,4 @@ def _html(qc: Path, summary: list[dict[str, Any]], pngs: list[Path]) -> None:
         "<!doctype html><meta charset=utf-8><title>medldm QC</title><style>body{font:13px sans-serif;background:#111;"
         "color:#ddd}figure{display:inline-block;margin:4px;width:300px}img{width:300px}</style>"
         f"<h1>medldm preprocessing QC</h1><p>{len(summary)} scans, {flagged} flagged (robust z &gt; {Z_LIMIT} on "
-        f"{', '.join(SCREENED)}); axial, coronal and sagittal mid-slices.</p>" + "".join(cards) + "\n")
+        f"{', '.join(SCREENED)}); axial, coronal and sagittal mid-slices.</p>" + "".join(cards) + "\n", encoding="utf-8")

@@ -50,7 +50,7 @@ def evaluate(data_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig, aut
     if samples is not None:
         report["generation"] = _generation(Path(samples), data_dir, rows, reference, real, metrics, cfg, out_dir, dev)
     write_json(out_dir / "report.json", report)
-    (out_dir / "report.md").write_text(render_markdown(report))
+    (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
     return report
 
 
@@ -177,7 +177,7 @@ def _age_check(files: list[Path], synthetic: list[torch.Tensor], test: list[dict
     ages, seeds = [], []
     for f in files:
         side_path = f.with_name(f.name.replace(".nii.gz", ".json"))
-        side = json.loads(side_path.read_text()) if side_path.is_file() else {}
+        side = json.loads(side_path.read_text(encoding="utf-8")) if side_path.is_file() else {}
         conditions = side.get("conditions") or {}
         ages.append(float(conditions["age"]) if conditions.get("age") is not None else float("nan"))
         seeds.append(side.get("seed", -1 - len(seeds)))  # no sidecar: a seed of its own
