@@ -159,13 +159,13 @@ def _generation(samples_dir: Path, data_dir: Path, rows: list[dict[str, Any]], r
     else:
         from medldm.evaluation.fid import features, fid
 
-        real_f = features(feature_net, real, dev)
-        train_f = features(feature_net, [nearest.load(i) for i in range(min(len(train), len(synthetic)))], dev)
-        out["fid"] = {"synthetic_vs_test": fid(features(feature_net, synthetic, dev), real_f),
-                      "train_vs_test": fid(train_f, real_f), "weights": cfg.fid_weights, "depth": cfg.fid_depth}
-        if min(len(synthetic), len(real)) < real_f.shape[1]:
-            out["fid"]["note"] = (f"fewer volumes than the {real_f.shape[1]} features: the covariances are singular "
-                                  "and FID is biased; compare values only at equal set sizes")
+        test_feat = features(feature_net, real, dev)
+        train_feat = features(feature_net, [nearest.load(i) for i in range(min(len(train), len(synthetic)))], dev)
+        out["fid"] = {"synthetic_vs_test": fid(features(feature_net, synthetic, dev), test_feat),
+                      "train_vs_test": fid(train_feat, test_feat), "weights": cfg.fid_weights, "depth": cfg.fid_depth}
+        if min(len(synthetic), len(real)) < test_feat.shape[1]:
+            out["fid"]["note"] = (f"fewer volumes than the {test_feat.shape[1]} features: the covariances are "
+                                  "singular and FID is biased; compare values only at equal set sizes")
     return out
 
 
