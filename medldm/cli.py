@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--autoencoder", type=Path)
-    p.add_argument("--samples", type=Path)
+    p.add_argument("--samples", type=Path, nargs="+", help="one or more sample dirs (e.g. one per requested age)")
     _add_config_args(p)
 
     p = sub.add_parser("demo", help="the whole pipeline on generated phantoms with the tiny configs (CPU)")

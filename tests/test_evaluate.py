@@ -153,3 +153,21 @@ def test_fid_uses_local_medicalnet_weights_or_says_why_not(dataset, ldm_run, tmp
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         evaluate(dataset, tmp_path / "r3", load_config("evaluate", None, [f"fid_weights={tmp_path / 'no.pth'}"]),
                  samples=samples)
+
+
+def test_samples_from_several_dirs_give_the_within_seed_age_check(dataset, ldm_run, tmp_path):
+    from .conftest import train_age_range
+
+    low, high = train_age_range(dataset)
+    dirs = []
+    for age in (low, (low + high) / 2, high):  # the same two seeds at three requested ages
+        dirs.append(tmp_path / f"age{age:.0f}")
+        sample_run(ldm_run, dirs[-1], num=2, steps=2, seed=0, conditions={"age": f"{age}"})
+    report = evaluate(dataset, tmp_path / "r", load_config("evaluate"), samples=dirs)
+    gen = report["generation"]
+    assert gen["num_samples"] == 6 and gen["files"][0] == f"{dirs[0].name}/sample_0000.nii.gz"
+    trend = gen["conditioning"]["synthetic"]
+    assert trend["n"] == 6 and trend["seeds_at_several_ages"] == 2 and -1 <= trend["within_seed_r"] <= 1
+    assert "within seed (2 seeds at several ages)" in (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        evaluate(dataset, tmp_path / "r2", load_config("evaluate"), samples=[dirs[0], tmp_path / "nope"])

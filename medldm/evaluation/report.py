@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,9 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def evaluate(data_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig, autoencoder: str | Path | None = None,
-             samples: str | Path | None = None, device: str | None = None) -> dict[str, Any]:
-    """Evaluate an autoencoder run and/or a samples dir against the dataset's test split (and, for memorisation,
-    its train split)."""
+             samples: str | Path | Sequence[str | Path] | None = None, device: str | None = None) -> dict[str, Any]:
+    """Evaluate an autoencoder run and/or samples (one or more sample dirs, e.g. one per requested age) against
+    the dataset's test split (and, for memorisation, its train split)."""
     if autoencoder is None and samples is None:
         raise ValueError("nothing to evaluate: give --autoencoder AE_RUN and/or --samples SAMPLES_DIR")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -48,7 +49,8 @@ def evaluate(data_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig, aut
     if autoencoder is not None:
         report["reconstruction"] = _reconstruction(Path(autoencoder), test, real, metrics, out_dir, dev)
     if samples is not None:
-        report["generation"] = _generation(Path(samples), data_dir, rows, reference, real, metrics, cfg, out_dir, dev)
+        dirs = [Path(samples)] if isinstance(samples, (str, Path)) else [Path(d) for d in samples]
+        report["generation"] = _generation(dirs, data_dir, rows, reference, real, metrics, cfg, out_dir, dev)
     write_json(out_dir / "report.json", report)
     (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
     return report
@@ -83,25 +85,28 @@ def _reconstruction(ae_run: Path, test: list[dict[str, Any]], real: list[torch.T
             "worst": [per_subject[i]["image"] for i in worst], **{k: _summary([s[k] for s in per_subject]) for k in keys}}
 
 
-def load_samples(samples_dir: Path, reference: dict[str, Any]) -> tuple[list[Path], list[torch.Tensor]]:
-    """The synthetic NIfTI volumes of a samples dir; refused unless every one has the dataset's shape and spacing."""
-    files = sorted(samples_dir.glob("*.nii.gz"))
+def load_samples(dirs: Sequence[Path], reference: dict[str, Any]) -> tuple[list[Path], list[torch.Tensor]]:
+    """The synthetic NIfTI volumes of sample dirs; refused unless every one has the dataset's shape and spacing."""
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"--samples {', '.join(missing)}: no such folder")
+    files = [f for d in dirs for f in sorted(d.glob("*.nii.gz"))]
     spacing = np.linalg.norm(np.asarray(reference["affine"])[:3, :3], axis=0)
     volumes, bad = [], []
     for f in files:
         data, affine = load_volume(f)
         if list(data.shape) != list(reference["shape"]) or not np.allclose(
                 np.linalg.norm(affine[:3, :3], axis=0), spacing, atol=1e-3):
-            bad.append(f"{f.name} ({list(data.shape)} at {np.round(np.linalg.norm(affine[:3, :3], axis=0), 3).tolist()} mm)")
+            bad.append(f"{f} ({list(data.shape)} at {np.round(np.linalg.norm(affine[:3, :3], axis=0), 3).tolist()} mm)")
         volumes.append(torch.from_numpy(data)[None].half())
     if bad:
-        raise ValueError(f"{samples_dir}: {', '.join(bad[:5])} do not match the dataset's {reference['shape']} at "
+        raise ValueError(f"--samples: {', '.join(bad[:5])} do not match the dataset's {reference['shape']} at "
                          f"{np.round(spacing, 3).tolist()} mm; evaluation never resamples: sample from a model of "
                          "this dataset")
     return files, volumes
 
 
-def _generation(samples_dir: Path, data_dir: Path, rows: list[dict[str, Any]], reference: dict[str, Any],
+def _generation(dirs: list[Path], data_dir: Path, rows: list[dict[str, Any]], reference: dict[str, Any],
                 real: list[torch.Tensor], metrics: VolumeMetrics, cfg: EvaluateConfig, out_dir: Path,
                 dev: torch.device) -> dict[str, Any]:
     from medldm.evaluation.memorisation import NearestTraining, memorisation, pooled
@@ -111,11 +116,13 @@ def _generation(samples_dir: Path, data_dir: Path, rows: list[dict[str, Any]], r
         from medldm.evaluation.fid import medicalnet
 
         feature_net = medicalnet(cfg.fid_depth, cfg.fid_weights)
-    files, synthetic = load_samples(samples_dir, reference)
+    files, synthetic = load_samples(dirs, reference)
     if len(files) < 2:
-        raise ValueError(f"{samples_dir}: diversity needs at least 2 synthetic .nii.gz volumes, found {len(files)}")
-    out: dict[str, Any] = {"samples_dir": str(samples_dir.resolve()), "num_samples": len(files),
-                           "files": [f.name for f in files],
+        raise ValueError(f"--samples {' '.join(map(str, dirs))}: diversity needs at least 2 synthetic .nii.gz "
+                         f"volumes, found {len(files)}")
+    names = [f.name if len(dirs) == 1 else f"{f.parent.name}/{f.name}" for f in files]
+    out: dict[str, Any] = {"samples_dirs": [str(d.resolve()) for d in dirs], "num_samples": len(files),
+                           "files": names,
                            "synthetic": pairwise_similarity(synthetic, metrics, cfg.diversity_pairs, cfg.seed, dev,
                                                             desc="pairs (synthetic)")}
     if len(real) >= 2:
@@ -131,8 +138,8 @@ def _generation(samples_dir: Path, data_dir: Path, rows: list[dict[str, Any]], r
     mem = memorisation(synthetic, real, nearest, cfg.memorisation_percentile)
     for entry in mem["synthetic"] + mem["real_test"]:
         entry["nearest_train_image"] = train[entry["nearest_train"]]["image"]
-    for entry, f in zip(mem["synthetic"], files):
-        entry["file"] = f.name
+    for entry, name in zip(mem["synthetic"], names):
+        entry["file"] = name
     out["memorisation"] = mem
     # the flagged pairs, else the five closest: synthetic volume above, its nearest training volume below
     shown = mem["flagged"] or sorted(range(len(synthetic)), key=lambda i: -mem["synthetic"][i]["ssim"])[:5]
