@@ -128,8 +128,8 @@ def save_dicom_series(folder: str | Path, data: np.ndarray, affine: np.ndarray, 
     """Write an integer volume as one classic MR DICOM series (one file per slice along the third axis).
 
     ``tags`` ("gggg|eeee" -> value) go into every slice (study/series UIDs, new ones when not given; patient and
-    series description); each slice gets its own SOPInstanceUID, InstanceNumber and ImagePositionPatient. The folder appears
-    complete or not at all. A left-handed affine is written with its third axis reversed, because DICOM
+    series description); each slice gets its own SOPInstanceUID, InstanceNumber and ImagePositionPatient. The
+    folder appears complete or not at all. A left-handed affine is written with its third axis reversed, because DICOM
     readers take the slice normal as row x column: the world geometry is unchanged.
     """
     import SimpleITK as sitk

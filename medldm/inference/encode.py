@@ -25,7 +25,8 @@ def load_autoencoder(run_dir: str | Path, device: torch.device | str = "cpu") ->
     return load_autoencoder_file(autoencoder_checkpoint(run_dir), device)
 
 
-def load_autoencoder_file(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_autoencoder_file(path: str | Path, device: torch.device | str = "cpu",
+                          sha256: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """An autoencoder checkpoint file in eval mode, and its metadata (with the file's SHA-256)."""
     path = Path(path)
     state = load_checkpoint(path)
@@ -42,7 +43,9 @@ def load_autoencoder_file(path: str | Path, device: torch.device | str = "cpu") 
                          f"({str(e).splitlines()[0]}); the file is damaged or was edited") from None
     meta = {k: v for k, v in state.items() if k not in ("model", "ema", "discriminator", "optimizer",
                                                          "optimizer_d", "rng")}
-    meta.update(checkpoint=str(path.resolve()), sha256=file_sha256(path), weights="ema" if state.get("ema") else "model")
+    # a caller that has just verified the file's hash passes it: large checkpoints are not hashed twice
+    meta.update(checkpoint=str(path.resolve()), sha256=sha256 or file_sha256(path),
+                weights="ema" if state.get("ema") else "model")
     return model.to(device).eval(), meta
 
 

@@ -121,7 +121,8 @@ def sample_run(
     decode_dev = _device(decode_device, "--decode-device") if decode_device else dev
     out_dir = prepare_output_dir(out_dir, overwrite)
     unet, meta = load_diffusion(run_dir, dev)
-    autoencoder, ae_meta = load_autoencoder_file(find_autoencoder(meta["autoencoder"], autoencoder_run), decode_dev)
+    ae_path = find_autoencoder(meta["autoencoder"], autoencoder_run)  # hashed there: the recorded SHA-256
+    autoencoder, ae_meta = load_autoencoder_file(ae_path, decode_dev, sha256=meta["autoencoder"]["sha256"])
     encoder: ConditionEncoder = meta["encoder"]
     labels = encoder.parse(conditions or {})
     context_one = encoder.encode([labels]).to(dev) if encoder.keys else None
