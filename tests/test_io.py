@@ -1,8 +1,9 @@
+import locale
 import nibabel as nib
 import numpy as np
 import pytest
 
-from medldm.data.io import load_volume, save_dicom_series, save_volume
+from medldm.data.io import keep_locale, load_volume, save_dicom_series, save_volume
 
 
 def _write_dicom_series(folder, volume_zyx, spacing, origin):
@@ -26,7 +27,8 @@ def _write_dicom_series(folder, volume_zyx, spacing, origin):
         }.items():
             img.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(img)
+        with keep_locale():  # GDCM leaves the process in the C locale
+            writer.Execute(img)
 
 
 def test_dicom_series_loads_with_a_ras_affine_that_matches_its_positions(tmp_path):
@@ -82,7 +84,8 @@ def test_dicom_series_with_a_missing_slice_or_two_series_is_refused(tmp_path):
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     writer.SetFileName(str(tmp_path / "mixed" / "other.dcm"))
-    writer.Execute(stray)
+    with keep_locale():
+        writer.Execute(stray)
     with pytest.raises(ValueError, match="mixed series"):
         load_volume(tmp_path / "mixed")
 
@@ -94,7 +97,10 @@ def test_dicom_series_with_a_missing_slice_or_two_series_is_refused(tmp_path):
 ])
 def test_dicom_export_reads_back_with_the_same_world_geometry(tmp_path, affine):
     data = np.random.default_rng(0).integers(0, 4096, size=(7, 6, 5)).astype(np.int16)
+    caller_locale = locale.setlocale(locale.LC_ALL)
     files = save_dicom_series(tmp_path / "series", data, affine, {"0010|0010": "SYNTHETIC^TEST"})
+    # GDCM switches the process to the C locale; left so, Python would read text files as ASCII afterwards
+    assert locale.setlocale(locale.LC_ALL) == caller_locale
     assert len(files) == 5 and all(f.is_file() for f in files)
     assert not [p for p in tmp_path.iterdir() if p.name != "series"]  # no temporary folder left
     back, back_affine = load_volume(tmp_path / "series")

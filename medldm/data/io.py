@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import locale
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -163,13 +166,25 @@ def save_dicom_series(folder: str | Path, data: np.ndarray, affine: np.ndarray, 
                 slice_.SetMetaData(key, value)
             files.append(folder / f"IM{k + 1:04d}.dcm")
             writer.SetFileName(str(tmp / files[-1].name))
-            writer.Execute(slice_)
+            with keep_locale():
+                writer.Execute(slice_)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return files
+
+
+@contextmanager
+def keep_locale() -> Iterator[None]:
+    """Put the process locale back after GDCM's DICOM writer, which switches it to "C" and leaves it there: Python
+    (and torch) would then read every text file after it as ASCII."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"  # classic MR: every viewer and PACS reads it

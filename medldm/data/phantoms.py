@@ -20,6 +20,8 @@ import numpy as np
 from nibabel.orientations import axcodes2ornt
 from scipy.spatial.transform import Rotation
 
+from medldm.data.io import keep_locale
+
 ADNI_GROUPS = ("CN", "SMC", "EMCI", "LMCI", "MCI", "AD")
 FLAT_DIAGNOSES = ("CN", "MCI", "AD")
 LAYOUTS = ("adni", "flat")
@@ -293,7 +295,8 @@ def _save_dicom(scan: _WrittenScan) -> None:
         for key, value in {**tags, "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1)}.items():
             piece.SetMetaData(key, value)
         writer.SetFileName(str(scan.path.with_name(f"{scan.name_head}_{k + 1}_{scan.name_tail}.dcm")))
-        writer.Execute(piece)
+        with keep_locale():
+            writer.Execute(piece)
     scan.path.unlink()
 
 
