@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "training; the file with the recorded SHA-256 is used")
     p.add_argument("--decode-device", help="where volumes are decoded (default: --device); cpu when the GPU is "
                                            "too small for one decode (10.4 GiB at 1 mm 160x224x160)")
+    p.add_argument("--eager", action="store_true", help="no torch.compile and no CUDA graph (they cost a minute of "
+                                                         "compilation on the first run; see the run's speed section)")
 
     p = sub.add_parser("evaluate", help="SSIM/MS-SSIM/PSNR of reconstructions and diversity of samples")
     p.add_argument("--data", type=Path, required=True)
@@ -141,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
                            seed=args.seed, conditions=_key_values(args.condition, "--condition"),
                            guidance=args.guidance, batch_size=args.batch_size, fmt=args.fmt, dtype=args.dtype,
                            overwrite=args.overwrite, device=args.device, decode_device=args.decode_device,
-                           autoencoder_run=args.autoencoder)
+                           autoencoder_run=args.autoencoder, eager=args.eager)
         print(f"wrote {len(paths)} synthetic volume{'s' * (len(paths) != 1)} to {args.out}")
     elif args.command == "evaluate":
         from medldm.evaluation.report import evaluate

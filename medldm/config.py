@@ -211,6 +211,31 @@ class TrainConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """GPU speed levers. None changes the weights, so a run may resume with other settings; benchmarks/gpu_bench.py
+    measures each one against plain MONAI. The CPU always runs eager float32 unless compile is "on"."""
+
+    # torch.compile of the network's repeated blocks (regional: each block shape compiles once, in seconds, and the
+    # kernels are cached on disk): "auto" = on CUDA only, "on", "off"
+    compile: str = "auto"
+    # the sampler replays the UNet as a CUDA graph (one launch per step instead of about a thousand); CUDA only
+    cuda_graphs: bool = True
+    # torch's scaled_dot_product_attention (flash / memory-efficient kernels) in the attention blocks
+    sdpa: bool = True
+    # NDHWC ("channels last 3D") memory layout for the convolutions (CUDA only)
+    channels_last: bool = False
+    # autoencoder only: recompute the blocks of the N highest-resolution levels in the backward pass instead of
+    # keeping their activations (most of the training memory is there); 0 = keep everything
+    recompute_levels: int = 0
+
+    def validate(self, prefix: str) -> None:
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"{prefix}.compile={self.compile!r}: use auto (CUDA only), on or off")
+        if self.recompute_levels < 0:
+            raise ConfigError(f"{prefix}.recompute_levels must be >= 0 (0 = off)")
+
+
+@dataclass
 class DiscriminatorConfig:
     # MONAI PatchDiscriminator (instance norm: independent of the batch size, nothing to sync across GPUs)
     channels: int = 8
@@ -265,12 +290,17 @@ class AutoencoderConfig:
     ssim_weight: float = 0.0
     # EMA of the autoencoder weights, used for validation, best.pt and encoding; 0 = off
     ema_decay: float = 0.0
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def validate(self, prefix: str = "autoencoder") -> None:
         self.model.validate(f"{prefix}.model")
         self.discriminator.validate(f"{prefix}.discriminator")
         self.train.validate(f"{prefix}.train")
         self.sliding_window.validate(f"{prefix}.sliding_window")
+        self.speed.validate(f"{prefix}.speed")
+        if self.speed.recompute_levels > len(self.model.channels):
+            raise ConfigError(f"{prefix}.speed.recompute_levels={self.speed.recompute_levels}: the autoencoder has "
+                              f"only {len(self.model.channels)} levels")
         f = self.model.downsample_factor
         if self.patch_size and (len(self.patch_size) != 3 or any(p < f or p % f for p in self.patch_size)):
             raise ConfigError(f"{prefix}.patch_size={self.patch_size}: needs 3 sizes, each a multiple of the "
@@ -388,6 +418,7 @@ class DiffusionConfig:
     # where the latent cache lives during training: "device" (GPU memory), "host" (pinned CPU memory, a
     # copy per batch) or "auto" (device when it takes under a quarter of the free GPU memory)
     latents_on: str = "auto"
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def validate(self, prefix: str = "diffusion") -> None:
         self.model.validate(f"{prefix}.model")
@@ -395,6 +426,9 @@ class DiffusionConfig:
         self.conditioning.validate(f"{prefix}.conditioning")
         self.train.validate(f"{prefix}.train")
         self.preview.validate(f"{prefix}.preview")
+        self.speed.validate(f"{prefix}.speed")
+        if self.speed.recompute_levels:
+            raise ConfigError(f"{prefix}.speed.recompute_levels applies to the autoencoder only; set it to 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"{prefix}.ema_decay must be in [0, 1)")
         if self.min_snr_gamma < 0:

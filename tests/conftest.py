@@ -77,3 +77,13 @@ def ldm_run(dataset, ae_run, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "ldm"
     train_diffusion(dataset, ae_run, run, load_config("diffusion", None, LDM_FAST))
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    # tests marked gpu need CUDA: they run on GPU machines and are reported as skipped elsewhere
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -6,7 +6,7 @@ from medldm.config import ConfigError, load_config
 from medldm.data.dataset import read_manifest
 from medldm.training.autoencoder import check_shapes, train_autoencoder
 from medldm.training.checkpoint import load_checkpoint
-from medldm.training.loop import NonFiniteGuard, NonFiniteLossError
+from medldm.training.loop import NonFiniteGuard, NonFiniteLossError, adamw
 from medldm.training.losses import kl_loss
 
 from .conftest import AE_FAST, Crash, crash_after_checkpoint
@@ -52,14 +52,33 @@ def test_kl_is_zero_for_the_prior_and_positive_otherwise():
     assert kl_loss(mu + 1, sigma).item() == pytest.approx(0.5 * 3 * 64)
 
 
-def test_non_finite_losses_are_skipped_then_stop_the_run():
-    guard = NonFiniteGuard(limit=3)
-    assert guard.ok(torch.tensor(1.0), 1)
-    assert not guard.ok(torch.tensor(float("nan")), 2)
-    assert not guard.ok(torch.tensor(float("inf")), 3)
-    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
-        guard.ok(torch.tensor(float("nan")), 4)
-    assert guard.skipped == 3
+def test_steps_with_non_finite_gradients_leave_the_weights_alone_then_stop_the_run():
+    model = torch.nn.Linear(3, 1)
+    opt = adamw(model.parameters(), lr=0.1)
+    guard = NonFiniteGuard(torch.device("cpu"), limit=3)
+
+    def step(scale: float) -> dict[str, torch.Tensor]:
+        opt.zero_grad()
+        (model(torch.ones(1, 3)).sum() * scale).backward()
+        guard.step(opt, model.parameters(), grad_clip=1.0)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    after_good = step(1.0)
+    assert not torch.equal(after_good["weight"], before["weight"])
+    moments = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    for i, bad in enumerate((float("nan"), float("inf"))):
+        after_bad = step(bad)
+        assert all(torch.equal(after_bad[k], after_good[k]) for k in after_good)  # weights untouched
+        assert all(torch.equal(opt.state[model.weight][k], moments[k]) for k in moments)  # moments and step too
+        guard.check(2 + i)  # two in a row: not yet the limit
+    step(1.0)  # a good step resets the run of bad ones
+    step(float("nan")), step(float("nan"))
+    guard.check(6)
+    step(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row with non-finite gradients by step 7"):
+        guard.check(7)
+    assert guard.skipped == 5
 
 
 # every production feature at once, so the exact-resume test covers their state: adversarial term (from step 2),

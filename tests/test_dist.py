@@ -28,7 +28,7 @@ def _worker(rank: int, world: int, port: int, stage: str, args: tuple) -> None:
         built = []  # keep this rank's networks to compare the ranks after training
         for name in ("build_autoencoder", "build_discriminator"):
             real = getattr(ae, name)
-            setattr(ae, name, lambda cfg, real=real: built.append(real(cfg)) or built[-1])
+            setattr(ae, name, lambda cfg, real=real, **kw: built.append(real(cfg, **kw)) or built[-1])
         data, run, out = args
         overrides = AE_FAST + ["adversarial_start=1", "ema_decay=0.9", "train.grad_accum=2"]
         ae.train_autoencoder(data, run, load_config("autoencoder", None, overrides))

@@ -33,7 +33,7 @@ def load_autoencoder_file(path: str | Path, device: torch.device | str = "cpu",
     if state.get("kind") != "autoencoder":
         raise ValueError(f"{path} is not an autoencoder checkpoint (kind={state.get('kind')!r})")
     cfg = config_from_dict("autoencoder", state["config"])
-    model = build_autoencoder(cfg.model)
+    model = build_autoencoder(cfg.model, sdpa=cfg.speed.sdpa)
     # the EMA weights are the autoencoder's output when the run kept an EMA
     weights = state.get("ema") or state["model"]
     try:

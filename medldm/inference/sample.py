@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ from tqdm.auto import tqdm
 from medldm.config import config_from_dict
 from medldm.inference.encode import decode_latents, load_autoencoder_file
 from medldm.inference.export import SampleWriter, prepare_output_dir, remove_previous_outputs
+from medldm.inference.graphs import GraphedUNet
 from medldm.models.conditioning import ConditionEncoder
 from medldm.models.networks import build_scheduler, build_unet
+from medldm.models.speed import apply_speed
 from medldm.training.checkpoint import best_checkpoint, file_sha256, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,7 @@ def load_diffusion(run_dir: str | Path, device: torch.device | str = "cpu") -> t
         raise ValueError(f"{path} is not a diffusion checkpoint (kind={state.get('kind')!r})")
     cfg = config_from_dict("diffusion", state["config"])
     encoder = ConditionEncoder.from_state_dict(state["conditioning"])
-    model = build_unet(cfg.model, state["latent_shape"][0], encoder.dim if encoder.keys else None)
+    model = build_unet(cfg.model, state["latent_shape"][0], encoder.dim if encoder.keys else None, sdpa=cfg.speed.sdpa)
     model.load_state_dict(state["ema"])
     meta = {k: v for k, v in state.items() if k not in ("model", "ema", "optimizer", "rng")}
     meta.update(checkpoint=str(path.resolve()), sha256=file_sha256(path), cfg=cfg, encoder=encoder)
@@ -43,7 +46,7 @@ SAMPLERS = ("ddim", "ddpm")
 
 @torch.no_grad()
 def sample_latents(
-    unet: torch.nn.Module,
+    unet: Callable[..., torch.Tensor],
     scheduler: DDPMScheduler | DDIMScheduler,
     noise: torch.Tensor,
     context: torch.Tensor | None,
@@ -102,6 +105,7 @@ def sample_run(
     dtype: str = "int16",
     overwrite: bool = False,
     device: str | None = None,
+    eager: bool = False,
 ) -> list[Path]:
     """Sample ``num`` volumes from a diffusion run and export each as it is decoded (see ``SampleWriter``).
 
@@ -109,7 +113,9 @@ def sample_run(
     whatever the batch size. Volumes are decoded one at a time on ``decode_device`` (default: the sampling
     device; "cpu" when a GPU is too small for one decode). Everything that can be checked (output folder,
     conditions, options) is checked before sampling starts. ``autoencoder_run`` (a run dir or checkpoint file) is
-    where to find the autoencoder when the run was moved from where it was trained.
+    where to find the autoencoder when the run was moved from where it was trained. On CUDA the UNet is replayed as
+    a CUDA graph and both networks are compiled as the diffusion run's ``speed`` section says; ``eager`` switches
+    both off.
     """
     if num < 1 or batch_size < 1 or (steps is not None and steps < 1):
         raise ValueError("--num, --steps and --batch-size must be >= 1")
@@ -133,6 +139,15 @@ def sample_run(
     steps = _check_steps(sampler, steps, meta["cfg"].scheduler.num_train_timesteps, eta)
     scheduler.set_timesteps(steps)  # timesteps on the CPU: int(t) then never waits for the GPU
     latent_shape, scale, reference = meta["latent_shape"], meta["scale_factor"], meta["reference"]
+    speed = meta["cfg"].speed
+    if eager:
+        speed = dataclasses.replace(speed, compile="off", cuda_graphs=False)
+    speedups = apply_speed(unet, speed, dev, training=False) + apply_speed(autoencoder, speed, decode_dev, training=False)
+    net = unet
+    if speed.cuda_graphs and dev.type == "cuda":
+        net = GraphedUNet(unet)
+        speedups.append("UNet replayed as a CUDA graph")
+    log.info("speed: %s", ", ".join(speedups) or "eager")
 
     provenance = {
         "sampler": sampler.upper(), "steps": steps, "eta": eta if sampler == "ddim" else None, "guidance": guidance,
@@ -140,7 +155,8 @@ def sample_run(
         "autoencoder_checkpoint": ae_meta["checkpoint"], "autoencoder_sha256": ae_meta["sha256"],
         "scale_factor": scale, "device": str(dev), "decode_device": str(decode_dev),
         "precision": "bf16 autocast on CUDA" if "cuda" in (dev.type, decode_dev.type) else "float32",
-        "format": fmt, "dtype": dtype, "diffusion_config": meta["config"], "autoencoder_config": ae_meta["config"],
+        "format": fmt, "dtype": dtype, "speed": ", ".join(speedups) or "eager",
+        "diffusion_config": meta["config"], "autoencoder_config": ae_meta["config"],
     }
     writer = SampleWriter(out_dir, reference, provenance, fmt, dtype)
     if overwrite:
@@ -156,7 +172,7 @@ def sample_run(
             noise = torch.stack([torch.randn(latent_shape, generator=g, device=dev) for g in gens])
             context = context_one.expand(len(seeds), -1, -1) if context_one is not None else None
             with _timed(timer, "diffusion", dev):
-                z = sample_latents(unet, scheduler, noise, context, guidance, eta, gens, progress=True)
+                z = sample_latents(net, scheduler, noise, context, guidance, eta, gens, progress=True)
             with _timed(timer, "decode", decode_dev), torch.autocast("cuda", dtype=torch.bfloat16,
                                                                      enabled=decode_dev.type == "cuda"):
                 volumes = decode_latents(autoencoder, z.to(decode_dev) / scale).cpu().numpy()

@@ -8,8 +8,9 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from medldm.config import AutoencoderModelConfig, DiscriminatorConfig, SchedulerConfig, UNetConfig
 
 
-def build_autoencoder(cfg: AutoencoderModelConfig) -> AutoencoderKL:
-    """3D KL autoencoder, one input/output channel."""
+def build_autoencoder(cfg: AutoencoderModelConfig, sdpa: bool = False) -> AutoencoderKL:
+    """3D KL autoencoder, one input/output channel; ``sdpa`` runs its attention blocks (if any) with torch's
+    scaled_dot_product_attention (same weights, fused kernels)."""
     return AutoencoderKL(
         spatial_dims=3,
         in_channels=1,
@@ -22,6 +23,7 @@ def build_autoencoder(cfg: AutoencoderModelConfig) -> AutoencoderKL:
         with_encoder_nonlocal_attn=cfg.with_nonlocal_attn,
         with_decoder_nonlocal_attn=cfg.with_nonlocal_attn,
         use_checkpoint=cfg.activation_checkpointing,
+        use_flash_attention=sdpa,
     )
 
 
@@ -31,8 +33,9 @@ def build_discriminator(cfg: DiscriminatorConfig) -> PatchDiscriminator:
                               num_layers_d=cfg.num_layers, norm="INSTANCE")
 
 
-def build_unet(cfg: UNetConfig, latent_channels: int, context_dim: int | None) -> DiffusionModelUNet:
-    """3D diffusion UNet on latents; ``context_dim`` switches cross-attention conditioning on."""
+def build_unet(cfg: UNetConfig, latent_channels: int, context_dim: int | None, sdpa: bool = False) -> DiffusionModelUNet:
+    """3D diffusion UNet on latents; ``context_dim`` switches cross-attention conditioning on, ``sdpa`` runs the
+    attention with torch's scaled_dot_product_attention (same weights, flash / memory-efficient kernels)."""
     return DiffusionModelUNet(
         spatial_dims=3,
         in_channels=latent_channels,
@@ -44,6 +47,7 @@ def build_unet(cfg: UNetConfig, latent_channels: int, context_dim: int | None) -
         norm_num_groups=cfg.norm_num_groups,
         with_conditioning=context_dim is not None,
         cross_attention_dim=context_dim,
+        use_flash_attention=sdpa,
     )
 
 

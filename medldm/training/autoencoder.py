@@ -20,12 +20,14 @@ from medldm.data.dataset import read_dataset_info, read_manifest, split_rows, vo
 from medldm.evaluation.metrics import VolumeMetrics
 from medldm.inference.encode import reconstruct
 from medldm.models.networks import build_autoencoder, build_discriminator
+from medldm.models.speed import apply_speed
 from medldm.training.checkpoint import load_checkpoint, save_checkpoint
 from medldm.training.dist import DistContext, barrier, init_distributed
 from medldm.training.losses import adversarial_loss, build_perceptual_loss, kl_loss
 from medldm.training.loop import (
     Deadline,
     NonFiniteGuard,
+    adamw,
     ResumableBatches,
     StepLog,
     autocast,
@@ -121,11 +123,11 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
 
     # identical initial weights on every rank (DDP broadcasts them anyway; the EMA copy is made before that)
     torch.manual_seed(tc.seed)
-    model = build_autoencoder(cfg.model).to(ctx.device)
+    model = build_autoencoder(cfg.model, sdpa=cfg.speed.sdpa).to(ctx.device)
     disc = build_discriminator(cfg.discriminator).to(ctx.device) if cfg.adversarial_weight > 0 else None
     ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    opt_g = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.discriminator.lr) if disc is not None else None
+    opt_g = adamw(model.parameters(), tc.lr, tc.weight_decay)
+    opt_d = adamw(disc.parameters(), cfg.discriminator.lr) if disc is not None else None
     perceptual = build_perceptual_loss(cfg)
     perceptual = perceptual.to(ctx.device) if perceptual is not None else None
     ssim_loss = SSIMLoss(spatial_dims=3, data_range=1.0) if cfg.ssim_weight > 0 else None
@@ -146,6 +148,8 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
         step, best_ssim, skipped = state["step"], state["best_val_ssim"], state.get("skipped_nonfinite", 0)
         restore_rng_states(ctx, state["rng"], {"patch": patch_gen})
         log.info("resumed %s at step %d", run_dir, step)
+    # after the EMA copy (which stays a plain module) and before DDP wraps the model
+    speedups = apply_speed(model, cfg.speed, ctx.device)
     net = DistributedDataParallel(model) if ctx.world_size > 1 else model
     net_d = DistributedDataParallel(disc) if disc is not None and ctx.world_size > 1 else disc
     if ctx.device.type == "cuda":
@@ -156,8 +160,7 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
     data = ResumableBatches(train_ds, tc.batch_size, ctx, tc.seed, tc.num_workers)
     batches = data.batches(start=step * tc.grad_accum)
     writer = SummaryWriter(run_dir / "tensorboard") if ctx.is_main else None
-    guard = NonFiniteGuard()
-    guard.skipped = skipped
+    guard = NonFiniteGuard(ctx.device, skipped=skipped)
     deadline = Deadline(tc.time_limit_minutes)
     metrics = VolumeMetrics(image_shape)
     meta = {"kind": "autoencoder", "config": to_dict(cfg), "versions": versions(), "data_dir": str(data_dir.resolve()),
@@ -166,6 +169,7 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
         log.info("autoencoder: %d train / %d val volumes %s, %s, %.1fM parameters, effective batch %d", len(train_rows),
                  len(val_rows), image_shape, f"patches {cfg.patch_size}" if cfg.patch_size else "whole volumes",
                  sum(p.numel() for p in model.parameters()) / 1e6, tc.batch_size * tc.grad_accum * ctx.world_size)
+        log.info("speed: %s", ", ".join(speedups) or "eager (no compile, no recompute)")
 
     def checkpoint(name: str, rngs: list[dict[str, Any]]) -> None:
         save_checkpoint(run_dir / "checkpoints" / name, {
@@ -223,16 +227,15 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
                 totals[k] = totals.get(k, 0.0) + v.detach() / tc.grad_accum
         step += 1
         progress.update(1)
-        if guard.ok(sum(totals.values()), step):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt_g.step()
-            if adv_on:
-                torch.nn.utils.clip_grad_norm_(disc.parameters(), tc.grad_clip)
-                opt_d.step()
-            if ema is not None:
-                ema.update_parameters(model)
+        guard.step(opt_g, model.parameters(), tc.grad_clip)
+        if adv_on:
+            guard.step(opt_d, disc.parameters(), tc.grad_clip, count=False)
+        if ema is not None:
+            ema.update_parameters(model)
 
         final = step == tc.steps or deadline.reached(ctx)
+        if step % tc.log_every == 0 or final:
+            guard.check(step)  # on every rank: the one place the loop reads the skip counts
         if writer and (step % tc.log_every == 0 or final):
             sec_per_step = step_log.write(writer, step, opt_g, guard, ctx.device)
             for k, v in totals.items():

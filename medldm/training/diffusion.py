@@ -19,11 +19,13 @@ from medldm.inference.encode import decode_latents, latents_path, load_autoencod
 from medldm.inference.sample import sample_latents
 from medldm.models.conditioning import ConditionEncoder
 from medldm.models.networks import build_scheduler, build_unet
+from medldm.models.speed import apply_speed
 from medldm.training.checkpoint import autoencoder_checkpoint, file_sha256, load_checkpoint, save_checkpoint
 from medldm.training.dist import barrier, init_distributed
 from medldm.training.loop import (
     Deadline,
     NonFiniteGuard,
+    adamw,
     StepLog,
     autocast,
     finish_run,
@@ -150,7 +152,8 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
 
     # identical initial weights (and EMA copies) on every rank; per-rank randomness afterwards
     torch.manual_seed(tc.seed)
-    model = build_unet(cfg.model, latent_shape[0], encoder.dim if encoder.keys else None).to(ctx.device)
+    model = build_unet(cfg.model, latent_shape[0], encoder.dim if encoder.keys else None,
+                       sdpa=cfg.speed.sdpa).to(ctx.device)
     ema = make_ema(model, cfg.ema_decay)
     seed_everything(tc.seed + ctx.rank)
     # which latents (CPU generator) and the noise, timesteps and dropped conditions (device generator)
@@ -158,7 +161,7 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
             "noise": torch.Generator(ctx.device).manual_seed(tc.seed * 1000 + ctx.rank + 500)}
     scheduler = build_scheduler(cfg.scheduler, "ddpm")
     weights = loss_weights(scheduler, cfg.min_snr_gamma).to(ctx.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = adamw(model.parameters(), tc.lr, tc.weight_decay)
     step, best_val, skipped = 0, float("inf"), 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -168,6 +171,8 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
         step, best_val, skipped = state["step"], state["best_val_loss"], state.get("skipped_nonfinite", 0)
         restore_rng_states(ctx, state["rng"], gens)
         log.info("resumed %s at step %d", run_dir, step)
+    # after the EMA copy (which stays a plain module: validation and previews run it eagerly) and before DDP
+    speedups = apply_speed(model, cfg.speed, ctx.device)
     net = DistributedDataParallel(model) if ctx.world_size > 1 else model
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -191,13 +196,13 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
     writer = SummaryWriter(run_dir / "tensorboard") if ctx.is_main else None
     preview = (Preview(cfg, encoder, [labelled[i] for i in val_idx], latent_shape, ae_ckpt, scale, ctx.device)
                if ctx.is_main and cfg.preview.every > 0 else None)
-    guard = NonFiniteGuard()
-    guard.skipped = skipped
+    guard = NonFiniteGuard(ctx.device, skipped=skipped)
     deadline = Deadline(tc.time_limit_minutes)
     if ctx.is_main:
         log.info("diffusion: %d train latents %s held in %s; %.1fM parameters; conditions %s; effective batch %d",
                  len(train_idx), latent_shape, where, sum(p.numel() for p in model.parameters()) / 1e6,
                  encoder.keys or "none (unconditional)", tc.batch_size * tc.grad_accum * ctx.world_size)
+        log.info("speed: %s", ", ".join(speedups) or "eager (no compile)")
         if preview is not None:
             writer.add_text("samples/conditions", preview.describe(), 0)
     buckets = torch.zeros(2, TIMESTEP_BUCKETS, device=ctx.device)  # loss sum and count per bucket of t
@@ -210,7 +215,7 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
         loss_sum = torch.zeros((), device=ctx.device)
         for micro in range(tc.grad_accum):
             pick = train_idx_t[torch.randint(len(train_idx), (tc.batch_size,), generator=gens["pick"])]
-            pick = pick.to(z_all.device)
+            pick = pick.to(z_all.device, non_blocking=True)  # a blocking copy would wait for the GPU every step
             z = z_all[pick].to(ctx.device, non_blocking=True)
             context = None
             if c_all is not None:
@@ -231,11 +236,11 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
             buckets[1].index_add_(0, bucket, torch.ones_like(per_sample))
         step += 1
         progress.update(1)
-        if guard.ok(loss_sum, step):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            ema.update_parameters(model)
+        guard.step(optimizer, model.parameters(), tc.grad_clip)
+        ema.update_parameters(model)
         final = step == tc.steps or deadline.reached(ctx)
+        if step % tc.log_every == 0 or final:
+            guard.check(step)  # on every rank: the one place the loop reads the skip counts
 
         if writer and (step % tc.log_every == 0 or final):
             step_log.write(writer, step, optimizer, guard, ctx.device)

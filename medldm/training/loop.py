@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -28,24 +28,57 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteGuard:
-    """Skip a step whose loss is NaN/inf; stop the run after ``limit`` such steps in a row."""
+    """Skip every optimiser step whose gradients are not finite; stop the run after ``limit`` such steps in a row.
 
-    def __init__(self, limit: int = 5) -> None:
+    The decision is made on the device: :meth:`step` hands the flag to the fused AdamW as ``found_inf`` (as
+    ``GradScaler`` does), which then leaves the weights and moments untouched, so the loop never waits for the GPU.
+    The flag comes from the gradient norm, which DDP has already made the same on every rank. The counts are read
+    only when the loop logs (:meth:`check`)."""
+
+    def __init__(self, device: torch.device, limit: int = 5, skipped: int = 0) -> None:
         self.limit = limit
-        self.in_a_row = 0
-        self.skipped = 0
+        self.in_a_row = torch.zeros((), device=device)
+        self.longest = torch.zeros((), device=device)
+        self.count = torch.full((), float(skipped), device=device)
+        self.reported = skipped
 
-    def ok(self, loss: torch.Tensor, step: int) -> bool:
-        if torch.isfinite(loss).all():
-            self.in_a_row = 0
-            return True
-        self.in_a_row += 1
-        self.skipped += 1
-        log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, self.in_a_row)
-        if self.in_a_row >= self.limit:
-            raise NonFiniteLossError(f"{self.in_a_row} non-finite losses in a row at step {step}: lower train.lr, "
-                                     "check the data for NaNs, or set train.amp=false")
-        return False
+    def step(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], grad_clip: float,
+             count: bool = True) -> None:
+        """Clip the gradients and step ``optimizer`` (a fused AdamW) unless they are NaN/inf; ``count`` = False for
+        a second optimiser of the same step (the discriminator's), which is skipped but not counted."""
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        bad = (~torch.isfinite(norm)).float()
+        if count:
+            self.in_a_row = (self.in_a_row + 1) * bad
+            self.longest = torch.maximum(self.longest, self.in_a_row)
+            self.count += bad
+        optimizer.found_inf = bad
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+
+    @property
+    def skipped(self) -> int:
+        return int(self.count.item())
+
+    def check(self, step: int) -> None:
+        """Log the steps skipped since the last check; raise :class:`NonFiniteLossError` after ``limit`` in a row.
+        Every rank calls it at the same steps (the counts agree), so all of them stop together."""
+        skipped = self.skipped
+        if skipped > self.reported:
+            log.warning("by step %d: %d step(s) with non-finite gradients skipped (%d in all)", step,
+                        skipped - self.reported, skipped)
+            self.reported = skipped
+        longest = int(self.longest.item())
+        if longest >= self.limit:
+            raise NonFiniteLossError(f"{longest} steps in a row with non-finite gradients by step {step}: lower "
+                                     "train.lr, check the data for NaNs, or set train.amp=false")
+
+
+def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """The fused AdamW (one kernel for all parameters; on CUDA and CPU) that :class:`NonFiniteGuard` relies on."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -65,12 +98,13 @@ def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
     """EMA of the weights; the decay warms up ((1+n)/(10+n)) so short runs are not dominated by the init."""
 
     @torch.no_grad()
-    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        n = float(num_averaged)
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], _on_device: torch.Tensor) -> None:
+        n = float(ema.n_averaged)  # the counter in host memory: reading it does not wait for the GPU
         d = min(decay, (1.0 + n) / (10.0 + n))
         torch._foreach_lerp_(ema_params, params, 1.0 - d)
 
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    return ema
 
 
 def set_warmup_lr(optimizer: torch.optim.Optimizer, lr: float, warmup_steps: int, step: int) -> None:
