@@ -20,6 +20,7 @@ DDIM vs DDPM (1000 steps); OUT/run_check.json and the contact sheets come back.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -32,9 +33,11 @@ import torch
 from medldm.config import load_config
 from medldm.inference.encode import decode_latents
 from medldm.inference.export import SampleWriter
+from medldm.inference.graphs import GraphedUNet
 from medldm.inference.sample import sample_latents, sample_run
 from medldm.models.conditioning import condition_width
 from medldm.models.networks import build_autoencoder, build_scheduler, build_unet
+from medldm.models.speed import apply_speed
 from medldm.versions import versions
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -105,6 +108,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--run", type=Path, help="a trained diffusion run to sample through `sample_run` as well")
     parser.add_argument("--autoencoder", type=Path, help="its autoencoder run, if moved since training")
+    parser.add_argument("--eager", action="store_true", help="no compile, no CUDA graph (the issue-6 numbers)")
     args = parser.parse_args()
     size = "tiny" if args.tiny else "adni"
     device = torch.device(args.device)
@@ -118,8 +122,12 @@ def main() -> None:
     factor = 2 ** (len(ae_cfg.model.channels) - 1)
     latent = [ae_cfg.model.latent_channels, *(s // factor for s in image)]
     dim = sum(condition_width(k) for k in ldm_cfg.conditioning.keys) or None
-    autoencoder = build_autoencoder(ae_cfg.model).to(device).eval()
-    unet = build_unet(ldm_cfg.model, latent[0], dim).to(device).eval()
+    speed = dataclasses.replace(ldm_cfg.speed, compile="off", cuda_graphs=False) if args.eager else ldm_cfg.speed
+    autoencoder = build_autoencoder(ae_cfg.model, sdpa=speed.sdpa).to(device).eval()
+    unet = build_unet(ldm_cfg.model, latent[0], dim, sdpa=speed.sdpa).to(device).eval()
+    # the levers `medldm sample` applies (models.speed, GraphedUNet)
+    speedups = apply_speed(unet, speed, device, training=False) + apply_speed(autoencoder, speed, device, training=False)
+    net = GraphedUNet(unet) if speed.cuda_graphs and device.type == "cuda" else unet
     scheduler = build_scheduler(ldm_cfg.scheduler, "ddim")
     scheduler.set_timesteps(args.steps)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -127,6 +135,7 @@ def main() -> None:
     results: dict = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name(device)
                      if device.type == "cuda" else "cpu", "versions": versions(), "size": size, "image": image,
                      "latent": latent, "steps": args.steps, "guidance": args.guidance,
+                     "speed": ", ".join(speedups) or "eager",
                      "unet_parameters_m": sum(p.numel() for p in unet.parameters()) / 1e6,
                      "autoencoder_parameters_m": sum(p.numel() for p in autoencoder.parameters()) / 1e6, "batches": []}
 
@@ -134,9 +143,9 @@ def main() -> None:
         gens = [torch.Generator(device).manual_seed(i) for i in range(batch)]
         noise = torch.stack([torch.randn(latent, generator=g, device=device) for g in gens])
         context = torch.rand(batch, 1, dim, device=device) if dim else None
-        return sample_latents(unet, steps_scheduler, noise, context, args.guidance, 0.0, gens)
+        return sample_latents(net, steps_scheduler, noise, context, args.guidance, 0.0, gens)
 
-    # warm-up (cuDNN autotuning, allocator) at every batch size, with a 2-step schedule
+    # warm-up (compilation, graph capture, cuDNN autotuning, allocator) at every batch size, with a 2-step schedule
     warm = build_scheduler(ldm_cfg.scheduler, "ddim")
     warm.set_timesteps(2)
     for batch in args.batches:
@@ -178,7 +187,7 @@ def main() -> None:
     (args.out / "sample_speed.json").write_text(json.dumps(results, indent=1))
     print(f"\n{results['device']}, {results['date']}, torch {results['versions'].get('torch')}, "
           f"MONAI {results['versions'].get('monai')}; image {image}, latent {latent}, DDIM {args.steps}, "
-          f"guidance {args.guidance}\n")
+          f"guidance {args.guidance}; speed: {results['speed']}\n")
     print("| batch | DDIM s/volume | decode s/volume | GPU total s/volume | volumes/s | export s/volume (CPU) "
           "| UNet peak GiB | decode peak GiB |")
     print("|---|---|---|---|---|---|---|---|")

@@ -17,3 +17,19 @@ def test_sampling_benchmark_runs_at_tiny_size(tmp_path):
     for row in result["batches"]:
         assert row["sample_s_per_volume"] > 0 and row["decode_s_per_volume"] > 0 and row["export_s_per_volume"] > 0
     assert result["decode"][0]["image"] == [32, 32, 32]
+
+
+def test_gpu_benchmark_runs_at_tiny_size_and_the_paths_agree(tmp_path):
+    # aot_eager traces and partitions like inductor without generating C++: the CPU run takes seconds
+    subprocess.run([sys.executable, str(BENCHMARKS / "gpu_bench.py"), "--tiny", "--out", str(tmp_path), "--device",
+                    "cpu", "--compile-backend", "aot_eager", "--repeats", "1", "--warmup", "1"],
+                   check=True, capture_output=True)
+    result = json.loads((tmp_path / "gpu_bench.json").read_text(encoding="utf-8"))
+    assert set(result["workloads"]) == {"ae_step", "unet_step", "sample_batch1", "sample_batch2"}
+    for rows in result["workloads"].values():
+        assert set(rows) == {"plain", "medldm"}
+        assert all(r["seconds"] > 0 and r["tflops"] > 0 for r in rows.values())
+    # float32 on the CPU: medldm's path gives the plain path's losses, gradients and volumes
+    numerics = {k: c for k, c in result["checks"].items() if "within" in k}
+    assert len(numerics) == 6 and all(c["ok"] for c in numerics.values()), numerics
+    assert "| check | value | holds |" in (tmp_path / "gpu_bench.md").read_text(encoding="utf-8")
