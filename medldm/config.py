@@ -216,8 +216,9 @@ class SpeedConfig:
     measures each one against plain MONAI. The CPU always runs eager float32 unless compile is "on"."""
 
     # torch.compile of the network's repeated blocks (regional: each block shape compiles once, in seconds, and the
-    # kernels are cached on disk): "auto" = on CUDA only, "on", "off"
-    compile: str = "auto"
+    # kernels are cached on disk): "auto" = on a CUDA GPU that Triton supports, "on" (also true), "off" (also false:
+    # YAML reads a bare on/off as true/false)
+    compile: bool | str = "auto"
     # the sampler replays the UNet as a CUDA graph (one launch per step instead of about a thousand); CUDA only
     cuda_graphs: bool = True
     # torch's scaled_dot_product_attention (flash / memory-efficient kernels) in the attention blocks
@@ -229,6 +230,8 @@ class SpeedConfig:
     recompute_levels: int = 0
 
     def validate(self, prefix: str) -> None:
+        if isinstance(self.compile, bool):
+            self.compile = "on" if self.compile else "off"
         if self.compile not in ("auto", "on", "off"):
             raise ConfigError(f"{prefix}.compile={self.compile!r}: use auto (CUDA only), on or off")
         if self.recompute_levels < 0:
@@ -490,7 +493,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for option in inner[:-1]:  # the first type that takes the value
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], key)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")

@@ -6,7 +6,14 @@ from medldm.config import ConfigError, load_config
 from medldm.data.dataset import read_manifest
 from medldm.training.autoencoder import check_shapes, train_autoencoder
 from medldm.training.checkpoint import load_checkpoint
-from medldm.training.loop import NonFiniteGuard, NonFiniteLossError, adamw
+from medldm.training.loop import (
+    NonFiniteGuard,
+    NonFiniteLossError,
+    adamw,
+    load_optimizer,
+    make_ema,
+    update_ema,
+)
 from medldm.training.losses import kl_loss
 
 from .conftest import AE_FAST, Crash, crash_after_checkpoint
@@ -60,7 +67,7 @@ def test_steps_with_non_finite_gradients_leave_the_weights_alone_then_stop_the_r
     def step(scale: float) -> dict[str, torch.Tensor]:
         opt.zero_grad()
         (model(torch.ones(1, 3)).sum() * scale).backward()
-        guard.step(opt, model.parameters(), grad_clip=1.0)
+        guard.step([(opt, model.parameters())], grad_clip=1.0)
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -79,6 +86,48 @@ def test_steps_with_non_finite_gradients_leave_the_weights_alone_then_stop_the_r
     with pytest.raises(NonFiniteLossError, match="3 steps in a row with non-finite gradients by step 7"):
         guard.check(7)
     assert guard.skipped == 5
+
+
+def test_a_bad_discriminator_step_skips_the_generator_step_too():
+    gen, disc = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    opt_g, opt_d = adamw(gen.parameters(), lr=0.1), adamw(disc.parameters(), lr=0.1)
+    guard = NonFiniteGuard(torch.device("cpu"))
+    before = [p.clone() for p in (*gen.parameters(), *disc.parameters())]
+    gen(torch.ones(1, 3)).sum().backward()
+    (disc(torch.ones(1, 3)).sum() * float("nan")).backward()
+    guard.step([(opt_g, gen.parameters()), (opt_d, disc.parameters())], grad_clip=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, (*gen.parameters(), *disc.parameters())))
+    assert guard.skipped == 1
+
+
+def test_optimiser_states_from_before_the_fused_adamw_resume_with_the_guard():
+    model = torch.nn.Conv3d(2, 4, 3)
+    old = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=True)  # how earlier checkpoints were written
+    model(torch.rand(1, 2, 4, 4, 4)).sum().backward()
+    old.step()
+    model.to(memory_format=torch.channels_last_3d)  # and channels-last switched on since
+    opt = adamw(model.parameters(), lr=0.1)
+    load_optimizer(opt, old.state_dict())
+    moments = opt.state[model.weight]
+    assert moments["exp_avg"].is_contiguous(memory_format=torch.channels_last_3d)
+    guard = NonFiniteGuard(torch.device("cpu"))
+    model(torch.rand(1, 2, 4, 4, 4)).sum().backward()
+    guard.step([(opt, model.parameters())], grad_clip=1.0)  # the fused step with found_inf
+    assert float(opt.state[model.weight]["step"]) == 2
+
+
+def test_ema_copies_first_then_averages_with_a_warm_up():
+    model = torch.nn.Linear(2, 1)
+    ema = make_ema(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    update_ema(ema, model)  # the first update copies
+    assert torch.equal(ema.module.weight, model.weight)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    update_ema(ema, model)  # n = 1: decay min(0.9, 2/11)
+    assert torch.allclose(ema.module.weight, torch.full_like(model.weight, 1.0 + 2.0 * (1 - 2 / 11)))
+    assert int(ema.n_averaged) == 2 and ema.n_averaged.device.type == "cpu"
 
 
 # every production feature at once, so the exact-resume test covers their state: adversarial term (from step 2),

@@ -31,5 +31,5 @@ def test_gpu_benchmark_runs_at_tiny_size_and_the_paths_agree(tmp_path):
         assert all(r["seconds"] > 0 and r["tflops"] > 0 for r in rows.values())
     # float32 on the CPU: medldm's path gives the plain path's losses, gradients and volumes
     numerics = {k: c for k, c in result["checks"].items() if "within" in k}
-    assert len(numerics) == 6 and all(c["ok"] for c in numerics.values()), numerics
+    assert len(numerics) == 8 and all(c["ok"] for c in numerics.values()), numerics
     assert "| check | value | holds |" in (tmp_path / "gpu_bench.md").read_text(encoding="utf-8")

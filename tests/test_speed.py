@@ -49,6 +49,31 @@ def test_compiled_recomputing_autoencoder_gives_the_plain_loss_and_gradients():
     build_autoencoder(AE).load_state_dict(fast.state_dict())
 
 
+def test_every_region_is_compiled_also_when_recomputed():
+    # torch's own forwards (nn.Sequential under MONAI's Convolution, GroupNorm) and checkpoint() called from torch
+    # would silently run uncompiled: one graph per distinct block must reach the compiler either way
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    plain = build_autoencoder(AE)
+    x = torch.rand(1, 1, 16, 16, 16)
+    distinct = set()
+    hooks = [b.register_forward_pre_hook(lambda m, a: distinct.add(
+        (type(m), tuple(a[0].shape), tuple(p.shape for p in m.parameters())))) for b in regions(plain)]
+    plain(x)
+    for h in hooks:
+        h.remove()
+    for levels in (0, 1):
+        torch._dynamo.reset()
+        model = copy.deepcopy(plain)
+        recompute_levels(model, levels)
+        counter = CompileCounter()
+        compile_regions(model, backend=counter)
+        recon, _, _ = model(x)
+        recon.mean().backward()
+        assert counter.frame_count == len(distinct), levels
+
+
 def _saved_bytes(model, x) -> int:
     saved = []
 
@@ -124,6 +149,8 @@ def test_levers_apply_only_where_they_fit():
 
 
 def test_speed_settings_are_checked():
+    for raw, value in (("off", "off"), ("on", "on"), ("false", "off"), ("'on'", "on"), ("auto", "auto")):
+        assert load_config("diffusion", None, [f"speed.compile={raw}"]).speed.compile == value  # YAML: off is false
     with pytest.raises(ConfigError, match="speed.compile='fast'"):
         load_config("autoencoder", None, ["speed.compile=fast"])
     with pytest.raises(ConfigError, match="only 3 levels"):

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,22 +23,20 @@ class GraphedUNet:
     from Python, not the GPU, sets the pace (benchmarks/RESULTS.md). A replay launches them all at once. Inputs are
     copied into the graph's static buffers and the output is copied out, so this behaves like the module itself
     (eval mode, no gradients). The weights are read in place: a graph stays valid while they are updated in place,
-    not if they are replaced. A shape whose capture fails runs eagerly, with a warning, rather than stopping the
-    sampling."""
+    not if they are replaced."""
 
     def __init__(self, unet: torch.nn.Module, amp: bool = True, warmup: int = 2) -> None:
         self.unet, self.amp, self.warmup = unet, amp, warmup
-        self.graphs: dict[tuple, _Graph | None] = {}  # None: capture failed, run eagerly
+        self.graphs: dict[tuple, _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool for every shape's graph
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype, None if context is None else (tuple(context.shape), context.dtype))
+        key = (tuple(x.shape), x.dtype, tuple(timesteps.shape), timesteps.dtype,
+               None if context is None else (tuple(context.shape), context.dtype))
         if key not in self.graphs:
             self.graphs[key] = self._capture(x, timesteps, context)
         g = self.graphs[key]
-        if g is None:
-            return self._forward(x, timesteps, context)
         g.x.copy_(x)
         g.timesteps.copy_(timesteps)
         if context is not None:
@@ -54,7 +49,7 @@ class GraphedUNet:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
             return self.unet(x, timesteps=timesteps, context=context)
 
-    def _capture(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None) -> _Graph | None:
+    def _capture(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None) -> _Graph:
         static_x, static_t = x.clone(), timesteps.clone()
         static_c = context.clone() if context is not None else None
         # warm-up on a side stream: compiles any compiled regions and lets cuDNN pick its algorithms first
@@ -69,7 +64,7 @@ class GraphedUNet:
             with torch.cuda.graph(graph, pool=self.pool):
                 out = self._forward(static_x, static_t, static_c)
         except RuntimeError as e:
-            log.warning("CUDA graph capture of the UNet failed for input %s (%s): that shape runs without a graph; "
-                        "--eager or speed.cuda_graphs=false skips the attempt", list(x.shape), str(e).splitlines()[0])
-            return None
+            cause = e.__context__ or e  # a failed forward surfaces as capture_end's own error
+            raise RuntimeError(f"CUDA graph capture of the UNet failed for input {list(x.shape)} "
+                               f"({str(cause).splitlines()[0]}): sample with --eager") from cause
         return _Graph(graph, static_x, static_t, static_c, out)

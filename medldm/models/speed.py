@@ -6,7 +6,8 @@ much is measured by ``benchmarks/gpu_bench.py``; the choice of device is the cal
 
 from __future__ import annotations
 
-import functools
+import logging
+import types
 from collections.abc import Iterator
 
 import torch
@@ -17,6 +18,8 @@ from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock, D
 from torch.utils.checkpoint import checkpoint
 
 from medldm.config import SpeedConfig
+
+log = logging.getLogger(__name__)
 
 # the UNet's repeated blocks; the glue between them (skip concatenation, time embedding) stays eager
 UNET_REGIONS = (DiffusionUNetResnetBlock, SpatialTransformer, SpatialAttentionBlock, DiffusionUnetDownsample, Upsample)
@@ -45,20 +48,30 @@ def regions(model: torch.nn.Module) -> list[torch.nn.Module]:
     raise TypeError(f"no compile regions defined for {type(model).__name__}")
 
 
-def compile_regions(model: torch.nn.Module, backend: str = "inductor", fallback: bool = False) -> int:
+def _traced_forward(self: torch.nn.Module, *args, **kwargs):
+    # A forward defined outside torch: dynamo starts tracing at this frame. Compiling a module whose forward is
+    # torch's own (nn.Sequential's, GroupNorm's, which MONAI's Convolution and UpSample use) produces no graph.
+    return type(self).forward(self, *args, **kwargs)
+
+
+def _recomputed_forward(self: torch.nn.Module, *args, **kwargs):
+    # checkpoint() switches dynamo off when torch's _call_impl calls it directly; called from this frame (traced
+    # when the block is compiled) it becomes part of the compiled graph instead
+    return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
+
+
+def compile_regions(model: torch.nn.Module, backend: str = "inductor") -> int:
     """``torch.compile`` every region of ``model`` in place; returns how many.
 
     Blocks of the same class and shapes share one compiled graph (dynamo treats parameters as inputs), so a network
     compiles in seconds rather than minutes, and the kernels land in inductor's on-disk cache
-    (``TORCHINDUCTOR_CACHE_DIR``) for the next run. Shapes are static: one graph per shape, no dynamic kernels.
-    ``fallback``: a block that fails to compile (say, a GPU too old for Triton) runs eagerly, with dynamo's warning,
-    instead of stopping the run (a process-wide dynamo setting)."""
+    (``TORCHINDUCTOR_CACHE_DIR``) for the next run. Shapes are static: one graph per shape, no dynamic kernels."""
     dynamo_config = torch._dynamo.config
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-    if fallback:
-        dynamo_config.suppress_errors = True
     blocks = regions(model)
     for block in blocks:
+        if "forward" not in block.__dict__:  # keep a recompute wrapper; it is traced the same way
+            block.forward = types.MethodType(_traced_forward, block)
         block.compile(backend=backend, dynamic=False)
     return len(blocks)
 
@@ -83,8 +96,8 @@ def recompute_levels(model: AutoencoderKL, levels: int) -> int:
     count = 0
     for block, level in autoencoder_levels(model):
         if level < levels:
-            # on the instance, so parameter names stay the same; compile traces through it
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+            # a method of the instance: parameter names stay the same, and a deep copy rebinds it to the copy
+            block.forward = types.MethodType(_recomputed_forward, block)
             count += 1
     return count
 
@@ -102,8 +115,22 @@ def channels_last(model: torch.nn.Module) -> None:
 
 
 def compiles(speed: SpeedConfig, device: torch.device) -> bool:
-    """Whether ``speed.compile`` asks for compilation on ``device`` ("auto" is CUDA only)."""
-    return speed.compile == "on" or (speed.compile == "auto" and device.type == "cuda")
+    """Whether ``speed.compile`` asks for compilation on ``device``: "auto" is a CUDA GPU that Triton supports
+    (compute capability 7.0 or newer, Triton installed); elsewhere it runs eagerly and says so."""
+    if speed.compile != "auto":
+        return speed.compile == "on"
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401  (inductor's GPU code generator; in the CUDA wheels of torch)
+    except ImportError:
+        log.warning("speed.compile=auto: Triton is not installed, so the networks run without torch.compile")
+        return False
+    if torch.cuda.get_device_capability(device) < (7, 0):
+        log.warning("speed.compile=auto: %s is too old for Triton, so the networks run without torch.compile",
+                    torch.cuda.get_device_name(device))
+        return False
+    return True
 
 
 def apply_speed(model: torch.nn.Module, speed: SpeedConfig, device: torch.device, training: bool = True,
@@ -119,7 +146,5 @@ def apply_speed(model: torch.nn.Module, speed: SpeedConfig, device: torch.device
         channels_last(model)
         applied.append("channels-last 3D")
     if compiles(speed, device):
-        # "auto" falls back to eager where compilation fails; "on" lets the error stop the run
-        n = compile_regions(model, backend, fallback=speed.compile == "auto")
-        applied.append(f"compiled {n} regions ({backend})")
+        applied.append(f"compiled {compile_regions(model, backend)} regions ({backend})")
     return applied

@@ -28,6 +28,7 @@ from medldm.training.loop import (
     Deadline,
     NonFiniteGuard,
     adamw,
+    load_optimizer,
     ResumableBatches,
     StepLog,
     autocast,
@@ -41,6 +42,7 @@ from medldm.training.loop import (
     seed_everything,
     set_warmup_lr,
     stopped_by_time_limit,
+    update_ema,
 )
 from medldm.versions import versions
 from medldm.viz import three_plane
@@ -126,6 +128,9 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
     model = build_autoencoder(cfg.model, sdpa=cfg.speed.sdpa).to(ctx.device)
     disc = build_discriminator(cfg.discriminator).to(ctx.device) if cfg.adversarial_weight > 0 else None
     ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    # after the EMA copy (which stays a plain module) and before the optimiser (channels-last swaps the parameters'
+    # storage) and DDP
+    speedups = apply_speed(model, cfg.speed, ctx.device)
     opt_g = adamw(model.parameters(), tc.lr, tc.weight_decay)
     opt_d = adamw(disc.parameters(), cfg.discriminator.lr) if disc is not None else None
     perceptual = build_perceptual_loss(cfg)
@@ -138,18 +143,16 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
     step, best_ssim, skipped = 0, -1.0, 0
     if state is not None:
         model.load_state_dict(state["model"])
-        opt_g.load_state_dict(state["optimizer"])
+        load_optimizer(opt_g, state["optimizer"])
         if disc is not None:
             disc.load_state_dict(state["discriminator"])
-            opt_d.load_state_dict(state["optimizer_d"])
+            load_optimizer(opt_d, state["optimizer_d"])
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
             ema.n_averaged.fill_(state["ema_n_averaged"])
         step, best_ssim, skipped = state["step"], state["best_val_ssim"], state.get("skipped_nonfinite", 0)
         restore_rng_states(ctx, state["rng"], {"patch": patch_gen})
         log.info("resumed %s at step %d", run_dir, step)
-    # after the EMA copy (which stays a plain module) and before DDP wraps the model
-    speedups = apply_speed(model, cfg.speed, ctx.device)
     net = DistributedDataParallel(model) if ctx.world_size > 1 else model
     net_d = DistributedDataParallel(disc) if disc is not None and ctx.world_size > 1 else disc
     if ctx.device.type == "cuda":
@@ -227,11 +230,9 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
                 totals[k] = totals.get(k, 0.0) + v.detach() / tc.grad_accum
         step += 1
         progress.update(1)
-        guard.step(opt_g, model.parameters(), tc.grad_clip)
-        if adv_on:
-            guard.step(opt_d, disc.parameters(), tc.grad_clip, count=False)
+        guard.step([(opt_g, model.parameters())] + ([(opt_d, disc.parameters())] if adv_on else []), tc.grad_clip)
         if ema is not None:
-            ema.update_parameters(model)
+            update_ema(ema, model)
 
         final = step == tc.steps or deadline.reached(ctx)
         if step % tc.log_every == 0 or final:

@@ -26,6 +26,7 @@ from medldm.training.loop import (
     Deadline,
     NonFiniteGuard,
     adamw,
+    load_optimizer,
     StepLog,
     autocast,
     finish_run,
@@ -37,6 +38,7 @@ from medldm.training.loop import (
     seed_everything,
     set_warmup_lr,
     stopped_by_time_limit,
+    update_ema,
 )
 from medldm.versions import versions
 from medldm.viz import grid, three_plane
@@ -155,6 +157,9 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
     model = build_unet(cfg.model, latent_shape[0], encoder.dim if encoder.keys else None,
                        sdpa=cfg.speed.sdpa).to(ctx.device)
     ema = make_ema(model, cfg.ema_decay)
+    # after the EMA copy (which stays a plain module: validation and previews run it eagerly) and before the
+    # optimiser (channels-last swaps the parameters' storage) and DDP
+    speedups = apply_speed(model, cfg.speed, ctx.device)
     seed_everything(tc.seed + ctx.rank)
     # which latents (CPU generator) and the noise, timesteps and dropped conditions (device generator)
     gens = {"pick": torch.Generator().manual_seed(tc.seed * 1000 + ctx.rank),
@@ -167,12 +172,10 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
         model.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
         ema.n_averaged.fill_(state["ema_n_averaged"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(optimizer, state["optimizer"])
         step, best_val, skipped = state["step"], state["best_val_loss"], state.get("skipped_nonfinite", 0)
         restore_rng_states(ctx, state["rng"], gens)
         log.info("resumed %s at step %d", run_dir, step)
-    # after the EMA copy (which stays a plain module: validation and previews run it eagerly) and before DDP
-    speedups = apply_speed(model, cfg.speed, ctx.device)
     net = DistributedDataParallel(model) if ctx.world_size > 1 else model
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -236,8 +239,8 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
             buckets[1].index_add_(0, bucket, torch.ones_like(per_sample))
         step += 1
         progress.update(1)
-        guard.step(optimizer, model.parameters(), tc.grad_clip)
-        ema.update_parameters(model)
+        guard.step([(optimizer, model.parameters())], tc.grad_clip)
+        update_ema(ema, model)
         final = step == tc.steps or deadline.reached(ctx)
         if step % tc.log_every == 0 or final:
             guard.check(step)  # on every rank: the one place the loop reads the skip counts

@@ -42,21 +42,20 @@ class NonFiniteGuard:
         self.count = torch.full((), float(skipped), device=device)
         self.reported = skipped
 
-    def step(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], grad_clip: float,
-             count: bool = True) -> None:
-        """Clip the gradients and step ``optimizer`` (a fused AdamW) unless they are NaN/inf; ``count`` = False for
-        a second optimiser of the same step (the discriminator's), which is skipped but not counted."""
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        bad = (~torch.isfinite(norm)).float()
-        if count:
-            self.in_a_row = (self.in_a_row + 1) * bad
-            self.longest = torch.maximum(self.longest, self.in_a_row)
-            self.count += bad
-        optimizer.found_inf = bad
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf
+    def step(self, steps: Sequence[tuple[torch.optim.Optimizer, Iterable[torch.Tensor]]], grad_clip: float) -> None:
+        """Clip the gradients of each (fused AdamW, parameters) pair and step them all, or none of them when any
+        gradient is NaN/inf (a generator and its discriminator are skipped together, and counted once)."""
+        norms = [torch.nn.utils.clip_grad_norm_(params, grad_clip) for _, params in steps]
+        bad = (~torch.isfinite(torch.stack([n.to(self.count.device) for n in norms]))).any().float()
+        self.in_a_row = (self.in_a_row + 1) * bad
+        self.longest = torch.maximum(self.longest, self.in_a_row)
+        self.count += bad
+        for optimizer, _ in steps:
+            optimizer.found_inf = bad
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
 
     @property
     def skipped(self) -> int:
@@ -81,6 +80,22 @@ def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float =
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load an AdamW state for the fused kernel: checkpoints written before medldm used it say fused=None (and keep
+    the step counts on the CPU), and moments saved with another memory layout (channels-last on or off since) take
+    the layout of their parameter, as the fused kernel requires."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+        for p in group["params"]:
+            saved = optimizer.state.get(p, {})
+            for key, value in saved.items():
+                if key == "step":
+                    saved[key] = value.to(p.device, torch.float32)
+                elif isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    saved[key] = torch.empty_like(p).copy_(value)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -95,16 +110,28 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
-    """EMA of the weights; the decay warms up ((1+n)/(10+n)) so short runs are not dominated by the init."""
-
-    @torch.no_grad()
-    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], _on_device: torch.Tensor) -> None:
-        n = float(ema.n_averaged)  # the counter in host memory: reading it does not wait for the GPU
-        d = min(decay, (1.0 + n) / (10.0 + n))
-        torch._foreach_lerp_(ema_params, params, 1.0 - d)
-
-    ema = AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    """EMA of the weights (``ema.module``, ``ema.n_averaged``), updated by :func:`update_ema`."""
+    ema = AveragedModel(model, use_buffers=True)
+    ema.decay = decay
     return ema
+
+
+@torch.no_grad()
+def update_ema(ema: AveragedModel, model: torch.nn.Module) -> None:
+    """One EMA step; the decay warms up ((1+n)/(10+n)) so short runs are not dominated by the init.
+
+    Done here rather than by ``AveragedModel.update_parameters``, which copies its step counter to the GPU every
+    step (a copy that waits for the GPU); the counter stays in host memory."""
+    n = int(ema.n_averaged)
+    averaged = [*ema.module.parameters(), *ema.module.buffers()]
+    current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+    if n == 0:
+        torch._foreach_copy_(averaged, current)
+    else:
+        d = min(ema.decay, (1.0 + n) / (10.0 + n))
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - d)
+    ema.n_averaged += 1
 
 
 def set_warmup_lr(optimizer: torch.optim.Optimizer, lr: float, warmup_steps: int, step: int) -> None:
