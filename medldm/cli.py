@@ -88,6 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eager", action="store_true", help="no torch.compile and no CUDA graph (they cost a minute of "
                                                          "compilation on the first run; see the run's speed section)")
 
+    p = sub.add_parser("import-bundle", help="a downloaded MONAI latent diffusion bundle (e.g. the brain-LDM) as "
+                                             "medldm runs for sample and evaluate")
+    p.add_argument("bundle_dir", type=Path, help="the bundle folder (configs/inference.json, models/*.pt)")
+    p.add_argument("--out", type=Path, required=True, help="writes OUT/autoencoder, OUT/diffusion, OUT/bundle.json")
+    p.add_argument("--age-range", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="ages (years) that the bundle's age 0 and 1 stand for (default 44 82, UK Biobank)")
+    p.add_argument("--reference", type=Path, help="a NIfTI on the model's grid whose affine the samples get "
+                                                  "(default: the affine the bundle's authors used)")
+    p.add_argument("--overwrite", action="store_true", help="replace runs imported earlier into --out")
+
+    p = sub.add_parser("export-model", help="the decoder and UNet of a run as TorchScript or ONNX, checked "
+                                            "against PyTorch")
+    p.add_argument("run", type=Path, help="a diffusion run (UNet + its decoder) or an autoencoder run (decoder)")
+    p.add_argument("--format", dest="fmt", choices=("torchscript", "onnx"), default="torchscript")
+    p.add_argument("--out", type=Path, help="default: RUN/export")
+    p.add_argument("--autoencoder", type=Path, help="AE run dir when the runs were moved since training")
+
     p = sub.add_parser("evaluate", help="SSIM/MS-SSIM/PSNR of reconstructions and diversity of samples")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -145,6 +162,18 @@ def run(args: argparse.Namespace) -> int:
                            overwrite=args.overwrite, device=args.device, decode_device=args.decode_device,
                            autoencoder_run=args.autoencoder, eager=args.eager)
         print(f"wrote {len(paths)} synthetic volume{'s' * (len(paths) != 1)} to {args.out}")
+    elif args.command == "import-bundle":
+        from medldm.inference.bundle import DEFAULT_AGE_RANGE, import_bundle
+
+        runs = import_bundle(args.bundle_dir, args.out, age_range=tuple(args.age_range or DEFAULT_AGE_RANGE),
+                             reference_image=args.reference, overwrite=args.overwrite)
+        print(f"imported: {runs['autoencoder']} and {runs['diffusion']} (see {args.out / 'bundle.json'}); sample "
+              f"with: medldm sample --run {runs['diffusion']} --out SAMPLES --num 4 --condition age=70 sex=F")
+    elif args.command == "export-model":
+        from medldm.inference.deploy import export_model
+
+        paths = export_model(args.run, args.fmt, args.out, autoencoder_run=args.autoencoder)
+        print("exported: " + ", ".join(str(p) for p in paths))
     elif args.command == "evaluate":
         from medldm.evaluation.report import evaluate
 

@@ -332,6 +332,10 @@ class UNetConfig:
     num_res_blocks: int = 1
     num_head_channels: tuple[int, ...] = (0, 16)
     norm_num_groups: int = 8
+    # residual blocks (instead of strided convolutions / interpolation) for down- and upsampling
+    resblock_updown: bool = False
+    # attention scores in float32 even under bf16 autocast
+    upcast_attention: bool = False
 
     @property
     def downsample_factor(self) -> int:
@@ -378,6 +382,9 @@ class ConditioningConfig:
     # only some conditions), and all of them together with drop_all_prob (the unconditional model)
     drop_prob: float = 0.15
     drop_all_prob: float = 0.1
+    # how the UNet sees the conditions: "crossattn" (cross-attention only) or "hybrid" (also concatenated to the
+    # latent as constant channels, like the MONAI brain-LDM bundle)
+    mode: str = "crossattn"
 
     def validate(self, prefix: str) -> None:
         bad = [k for k in self.keys if not k or not k.replace("_", "a").isalnum()]
@@ -388,6 +395,10 @@ class ConditioningConfig:
         for name in ("drop_prob", "drop_all_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{prefix}.{name} must be in [0, 1)")
+        if self.mode not in ("crossattn", "hybrid"):
+            raise ConfigError(f"{prefix}.mode={self.mode!r}: use crossattn or hybrid")
+        if self.mode == "hybrid" and not self.keys:
+            raise ConfigError(f"{prefix}.mode=hybrid concatenates the conditions, but keys is empty")
 
 
 @dataclass

@@ -241,3 +241,20 @@ def test_bad_training_input_is_refused_before_the_run_starts(dataset, ae_run, tm
     with pytest.raises(ValueError, match=match):
         train_diffusion(data, ae_run, tmp_path / "ldm", load_config("diffusion", None, overrides))
     assert not (tmp_path / "ldm").exists()
+
+
+def test_hybrid_conditioning_trains_and_samples(dataset, ae_run, tmp_path):
+    # the brain-LDM bundle's layout: conditions also concatenated to the latent, resblock up/down, float32 attention
+    from medldm.config import load_config
+    from medldm.inference.sample import load_diffusion, sample_run
+    from medldm.training.diffusion import train_diffusion
+
+    from .conftest import LDM_FAST
+
+    run = tmp_path / "ldm"
+    train_diffusion(dataset, ae_run, run, load_config("diffusion", None, LDM_FAST + [
+        "train.steps=2", "conditioning.mode=hybrid", "model.resblock_updown=true", "model.upcast_attention=true"]))
+    unet, meta = load_diffusion(run)
+    assert unet.conv_in.conv.in_channels == meta["latent_shape"][0] + meta["encoder"].dim
+    paths = sample_run(run, tmp_path / "samples", num=1, steps=2, conditions={"sex": "F"}, guidance=2.0, device="cpu")
+    assert paths[0].is_file()

@@ -15,10 +15,11 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
 from medldm.config import config_from_dict
+from medldm.inference.bundle import imported_diffusion_run, is_bundle
 from medldm.inference.encode import decode_latents, load_autoencoder_file
 from medldm.inference.export import SampleWriter, prepare_output_dir, remove_previous_outputs
 from medldm.inference.graphs import GraphedUNet
-from medldm.models.conditioning import ConditionEncoder
+from medldm.models.conditioning import conditions_from_state, with_condition_channels
 from medldm.models.networks import build_scheduler, build_unet
 from medldm.models.speed import apply_speed
 from medldm.training.checkpoint import best_checkpoint, file_sha256, load_checkpoint
@@ -33,8 +34,9 @@ def load_diffusion(run_dir: str | Path, device: torch.device | str = "cpu") -> t
     if state.get("kind") != "diffusion":
         raise ValueError(f"{path} is not a diffusion checkpoint (kind={state.get('kind')!r})")
     cfg = config_from_dict("diffusion", state["config"])
-    encoder = ConditionEncoder.from_state_dict(state["conditioning"])
-    model = build_unet(cfg.model, state["latent_shape"][0], encoder.dim if encoder.keys else None, sdpa=cfg.speed.sdpa)
+    encoder = conditions_from_state(state["conditioning"])
+    model = build_unet(cfg.model, state["latent_shape"][0], encoder.dim if encoder.keys else None, sdpa=cfg.speed.sdpa,
+                       hybrid=cfg.conditioning.mode == "hybrid")
     model.load_state_dict(state["ema"])
     meta = {k: v for k, v in state.items() if k not in ("model", "ema", "optimizer", "rng")}
     meta.update(checkpoint=str(path.resolve()), sha256=file_sha256(path), cfg=cfg, encoder=encoder)
@@ -55,13 +57,14 @@ def sample_latents(
     generators: list[torch.Generator] | None = None,
     progress: bool = False,
     amp: bool = True,
+    concat: bool = False,
 ) -> torch.Tensor:
     """Run the reverse process from ``noise`` with a DDIM or DDPM scheduler (``set_timesteps`` already called).
 
     Guidance != 1 mixes the conditional and the null-context predictions (classifier-free guidance). When a step
     draws noise (DDPM, or DDIM with eta > 0) each sample draws it from its own generator, so a sample does not
     depend on the batch it was generated in. The UNet runs in bf16 autocast on CUDA (``amp``); the scheduler
-    arithmetic stays float32.
+    arithmetic stays float32. ``concat``: the UNet also takes the context as constant input channels ("hybrid").
     """
     x = noise
     guided = context is not None and guidance != 1.0
@@ -73,12 +76,12 @@ def sample_latents(
         tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and x.device.type == "cuda"):
             if guided:
-                both = unet(torch.cat([x, x]), timesteps=torch.cat([tt, tt]),
-                            context=torch.cat([context, torch.zeros_like(context)]))
+                xx, cc = torch.cat([x, x]), torch.cat([context, torch.zeros_like(context)])
+                both = unet(with_condition_channels(xx, cc) if concat else xx, timesteps=torch.cat([tt, tt]), context=cc)
                 cond, uncond = both.chunk(2)
                 pred = uncond + guidance * (cond - uncond)
             else:
-                pred = unet(x, timesteps=tt, context=context)
+                pred = unet(with_condition_channels(x, context) if concat else x, timesteps=tt, context=context)
         pred = pred.float()
         if per_sample:
             x = torch.cat([scheduler.step(pred[i : i + 1], int(t), x[i : i + 1], generator=g, **step_args)[0]
@@ -113,7 +116,8 @@ def sample_run(
     whatever the batch size. Volumes are decoded one at a time on ``decode_device`` (default: the sampling
     device; "cpu" when a GPU is too small for one decode). Everything that can be checked (output folder,
     conditions, options) is checked before sampling starts. ``autoencoder_run`` (a run dir or checkpoint file) is
-    where to find the autoencoder when the run was moved from where it was trained. On CUDA the UNet is replayed as
+    where to find the autoencoder when the run was moved from where it was trained. ``run_dir`` may also be a
+    downloaded MONAI bundle folder, imported into it on first use. On CUDA the UNet is replayed as
     a CUDA graph and both networks are compiled as the diffusion run's ``speed`` section says; ``eager`` switches
     both off.
     """
@@ -126,12 +130,19 @@ def sample_run(
     dev = _device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     decode_dev = _device(decode_device, "--decode-device") if decode_device else dev
     out_dir = prepare_output_dir(out_dir, overwrite)
+    if is_bundle(run_dir):  # a downloaded MONAI bundle: imported on first use
+        run_dir = imported_diffusion_run(run_dir)
     unet, meta = load_diffusion(run_dir, dev)
     ae_path = find_autoencoder(meta["autoencoder"], autoencoder_run)  # hashed there: the recorded SHA-256
     autoencoder, ae_meta = load_autoencoder_file(ae_path, decode_dev, sha256=meta["autoencoder"]["sha256"])
-    encoder: ConditionEncoder = meta["encoder"]
+    encoder = meta["encoder"]
     labels = encoder.parse(conditions or {})
+    if hasattr(encoder, "filled"):  # a model without "unknown" conditions: the defaults stand in, and are recorded
+        labels = encoder.filled(labels)
     context_one = encoder.encode([labels]).to(dev) if encoder.keys else None
+    if guidance != 1.0 and not getattr(encoder, "guidance", True):
+        raise ValueError(f"--guidance {guidance:g}: this model was trained without dropping its conditions, so it has "
+                         "no unconditional prediction to guide with; leave --guidance at 1")
     if guidance != 1.0 and not labels:
         log.warning("--guidance %.2f has no effect without --condition", guidance)
         guidance = 1.0
@@ -172,7 +183,8 @@ def sample_run(
             noise = torch.stack([torch.randn(latent_shape, generator=g, device=dev) for g in gens])
             context = context_one.expand(len(seeds), -1, -1) if context_one is not None else None
             with _timed(timer, "diffusion", dev):
-                z = sample_latents(net, scheduler, noise, context, guidance, eta, gens, progress=True)
+                z = sample_latents(net, scheduler, noise, context, guidance, eta, gens, progress=True,
+                                   concat=meta["cfg"].conditioning.mode == "hybrid")
             with _timed(timer, "decode", decode_dev), torch.autocast("cuda", dtype=torch.bfloat16,
                                                                      enabled=decode_dev.type == "cuda"):
                 volumes = decode_latents(autoencoder, z.to(decode_dev) / scale).cpu().numpy()

@@ -148,3 +148,96 @@ class ConditionEncoder:
                                      "has not seen such scans")
                 labels[key] = value
         return labels
+
+
+class UnitRangeConditions:
+    """Conditions a model takes as values in [0, 1] (one slot each), mapped linearly from a documented range.
+
+    This is how imported models such as the MONAI brain-LDM bundle were trained: every condition is always given
+    (a missing one takes its documented default), no condition was ever dropped, so there is no null condition and
+    no classifier-free guidance. ``ranges[key]`` holds ``min`` and ``max`` (the values that map to 0 and 1), and
+    ``default``, ``unit`` and ``doc``; ``sex`` maps M/F through ``codes``.
+    """
+
+    scheme = "unit_range"
+    guidance = False
+
+    def __init__(self, keys: Sequence[str], ranges: Mapping[str, Mapping[str, Any]],
+                 codes: Mapping[str, Mapping[str, float]] | None = None) -> None:
+        self.keys = list(keys)
+        self.ranges = {k: dict(v) for k, v in ranges.items()}
+        self.codes = {k: dict(v) for k, v in (codes or {}).items()}
+        missing = [k for k in self.keys if k not in self.ranges and k not in self.codes]
+        if missing:
+            raise ValueError(f"condition(s) {missing} have neither a range nor codes")
+
+    @property
+    def dim(self) -> int:
+        return len(self.keys)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheme": self.scheme, "keys": self.keys, "ranges": self.ranges, "codes": self.codes}
+
+    def describe(self) -> list[str]:
+        """One line per condition: what it accepts and its default."""
+        lines = []
+        for key in self.keys:
+            if key in self.codes:
+                lines.append(f"{key}: {' or '.join(self.codes[key])} (default {self.ranges.get(key, {}).get('default')})")
+            else:
+                r = self.ranges[key]
+                lines.append(f"{key}: {r['min']:g}–{r['max']:g} {r.get('unit', '')} (default {r['default']:g}); "
+                             f"{r.get('doc', '')}".rstrip("; "))
+        return lines
+
+    def parse(self, conditions: Mapping[str, str]) -> dict[str, Any]:
+        """Validate ``--condition key=value`` pairs; an unknown name, code or a value outside the range is an error."""
+        labels: dict[str, Any] = {}
+        for key, raw in conditions.items():
+            if key not in self.keys:
+                raise ValueError(f"--condition {key}=...: this model takes {self.keys}")
+            if key in self.codes:
+                value = raw.strip().upper()[:1] if key == "sex" else raw.strip()
+                if value not in self.codes[key]:
+                    raise ValueError(f"--condition {key}={raw}: use one of {list(self.codes[key])}")
+            else:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    raise ValueError(f"--condition {key}={raw}: must be a number") from None
+                lo, hi = self.ranges[key]["min"], self.ranges[key]["max"]
+                if not min(lo, hi) <= value <= max(lo, hi):
+                    raise ValueError(f"--condition {key}={raw}: outside the model's range {lo:g}–{hi:g} "
+                                     f"{self.ranges[key].get('unit', '')}".rstrip())
+            labels[key] = value
+        return labels
+
+    def filled(self, labels: Mapping[str, Any]) -> dict[str, Any]:
+        """``labels`` with every condition not given set to its default (this model has no 'unknown')."""
+        return {k: labels.get(k, self.ranges.get(k, {}).get("default")) for k in self.keys}
+
+    def encode(self, rows: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+        """Context (B, 1, dim) in [0, 1]."""
+        out = torch.zeros(len(rows), 1, self.dim)
+        for i, row in enumerate(rows):
+            for j, (key, value) in enumerate(self.filled(row).items()):
+                if key in self.codes:
+                    value = self.codes[key][value] if value in self.codes[key] else float(value)
+                    out[i, 0, j] = value
+                else:
+                    lo, hi = self.ranges[key]["min"], self.ranges[key]["max"]
+                    out[i, 0, j] = (float(value) - lo) / (hi - lo)
+        return out
+
+
+def conditions_from_state(state: Mapping[str, Any]) -> ConditionEncoder | UnitRangeConditions:
+    """The condition encoder a diffusion checkpoint was saved with."""
+    if state.get("scheme") == UnitRangeConditions.scheme:
+        return UnitRangeConditions(state["keys"], state["ranges"], state.get("codes"))
+    return ConditionEncoder.from_state_dict(state)
+
+
+def with_condition_channels(x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The input of a UNet that also takes its conditions by concatenation ("hybrid"): the latent plus one
+    constant channel per context slot, (B, C + dim, X, Y, Z)."""
+    return torch.cat([x, context[:, 0, :, None, None, None].expand(-1, -1, *x.shape[2:]).to(x.dtype)], dim=1)

@@ -33,12 +33,14 @@ def build_discriminator(cfg: DiscriminatorConfig) -> PatchDiscriminator:
                               num_layers_d=cfg.num_layers, norm="INSTANCE")
 
 
-def build_unet(cfg: UNetConfig, latent_channels: int, context_dim: int | None, sdpa: bool = False) -> DiffusionModelUNet:
-    """3D diffusion UNet on latents; ``context_dim`` switches cross-attention conditioning on, ``sdpa`` runs the
-    attention with torch's scaled_dot_product_attention (same weights, flash / memory-efficient kernels)."""
+def build_unet(cfg: UNetConfig, latent_channels: int, context_dim: int | None, sdpa: bool = False,
+               hybrid: bool = False) -> DiffusionModelUNet:
+    """3D diffusion UNet on latents; ``context_dim`` switches cross-attention conditioning on, ``hybrid`` also takes
+    the context as extra input channels, ``sdpa`` runs the attention with torch's scaled_dot_product_attention
+    (same weights, flash / memory-efficient kernels)."""
     return DiffusionModelUNet(
         spatial_dims=3,
-        in_channels=latent_channels,
+        in_channels=latent_channels + ((context_dim or 0) if hybrid else 0),
         out_channels=latent_channels,
         channels=tuple(cfg.channels),
         attention_levels=tuple(cfg.attention_levels),
@@ -47,6 +49,8 @@ def build_unet(cfg: UNetConfig, latent_channels: int, context_dim: int | None, s
         norm_num_groups=cfg.norm_num_groups,
         with_conditioning=context_dim is not None,
         cross_attention_dim=context_dim,
+        resblock_updown=cfg.resblock_updown,
+        upcast_attention=cfg.upcast_attention,
         use_flash_attention=sdpa,
     )
 

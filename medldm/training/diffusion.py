@@ -17,7 +17,7 @@ from medldm.config import ConfigError, DiffusionConfig, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest
 from medldm.inference.encode import decode_latents, latents_path, load_autoencoder_file
 from medldm.inference.sample import sample_latents
-from medldm.models.conditioning import ConditionEncoder
+from medldm.models.conditioning import ConditionEncoder, with_condition_channels
 from medldm.models.networks import build_scheduler, build_unet
 from medldm.models.speed import apply_speed
 from medldm.training.checkpoint import autoencoder_checkpoint, file_sha256, load_checkpoint, save_checkpoint
@@ -154,8 +154,9 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
 
     # identical initial weights (and EMA copies) on every rank; per-rank randomness afterwards
     torch.manual_seed(tc.seed)
+    hybrid = cfg.conditioning.mode == "hybrid"
     model = build_unet(cfg.model, latent_shape[0], encoder.dim if encoder.keys else None,
-                       sdpa=cfg.speed.sdpa).to(ctx.device)
+                       sdpa=cfg.speed.sdpa, hybrid=hybrid).to(ctx.device)
     ema = make_ema(model, cfg.ema_decay)
     # after the EMA copy (which stays a plain module: validation and previews run it eagerly) and before the
     # optimiser (channels-last swaps the parameters' storage) and DDP
@@ -229,7 +230,9 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
                               generator=gens["noise"])
             with no_sync(net, micro == tc.grad_accum - 1):
                 with autocast(ctx.device, tc.amp):
-                    pred = net(scheduler.add_noise(z, noise, t), timesteps=t, context=context)
+                    noisy = scheduler.add_noise(z, noise, t)
+                    pred = net(with_condition_channels(noisy, context) if hybrid else noisy, timesteps=t,
+                               context=context)
                 per_sample = (pred.float() - diffusion_target(scheduler, z, noise, t)).pow(2).mean(dim=(1, 2, 3, 4))
                 loss = (per_sample * weights[t]).mean()
                 (loss / tc.grad_accum).backward()
@@ -260,7 +263,7 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
         if is_val or is_ckpt:
             rngs = gather_rng_states(ctx, gens)  # a collective: every rank takes part
         if is_val and ctx.is_main:
-            val = validation_loss(ema.module, scheduler, z_all[val_idx].to(ctx.device),
+            val = validation_loss(ema.module, scheduler, z_all[val_idx].to(ctx.device), hybrid,
                                   None if c_all is None else c_all[val_idx].to(ctx.device), tc.seed)
             writer.add_scalar("val/loss_ema", val, step)
             log.info("step %d: validation loss (EMA weights) %.4f", step, val)
@@ -281,7 +284,7 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, scheduler: Any, z: torch.Tensor, context: torch.Tensor | None,
+def validation_loss(model: torch.nn.Module, scheduler: Any, z: torch.Tensor, hybrid: bool, context: torch.Tensor | None,
                     seed: int, repeats: int = 4) -> float:
     """Unweighted denoising loss on validation latents at fixed noise and timesteps (comparable across steps)."""
     model.eval()
@@ -290,7 +293,8 @@ def validation_loss(model: torch.nn.Module, scheduler: Any, z: torch.Tensor, con
     for _ in range(repeats):
         noise = torch.randn(z.shape, device=z.device, generator=gen)
         t = torch.randint(0, scheduler.num_train_timesteps, (z.shape[0],), device=z.device, generator=gen)
-        pred = model(scheduler.add_noise(z, noise, t), timesteps=t, context=context)
+        noisy = scheduler.add_noise(z, noise, t)
+        pred = model(with_condition_channels(noisy, context) if hybrid else noisy, timesteps=t, context=context)
         total += F.mse_loss(pred.float(), diffusion_target(scheduler, z, noise, t)).item()
     return total / repeats
 
@@ -302,6 +306,7 @@ class Preview:
                  latent_shape: list[int], ae_checkpoint: Path, scale: float, device: torch.device) -> None:
         pc = cfg.preview
         self.device, self.scale, self.guidance, self.amp = device, scale, pc.guidance, cfg.train.amp
+        self.hybrid = cfg.conditioning.mode == "hybrid"
         self.decoder, _ = load_autoencoder_file(ae_checkpoint, device)
         self.scheduler = build_scheduler(cfg.scheduler, "ddim")
         self.scheduler.set_timesteps(pc.ddim_steps)  # on the CPU: int(t) then never waits for the GPU
@@ -322,7 +327,8 @@ class Preview:
         for i in range(len(self.noise)):
             context = self.context[i:i + 1] if self.context is not None else None
             with autocast(self.device, self.amp):
-                z = sample_latents(unet, self.scheduler, self.noise[i:i + 1], context, self.guidance, amp=self.amp)
+                z = sample_latents(unet, self.scheduler, self.noise[i:i + 1], context, self.guidance, amp=self.amp,
+                                   concat=self.hybrid)
                 x = decode_latents(self.decoder, z / self.scale)
             tiles.append(three_plane(x[0, 0].cpu().numpy()))
         return grid(tiles, columns=1)

@@ -1,0 +1,139 @@
+"""Export a run's networks for deployment: the autoencoder's decoder and the diffusion UNet, as TorchScript or ONNX,
+each checked against the PyTorch module on a fresh input."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medldm.data.io import write_json
+from medldm.inference.encode import load_autoencoder_file
+from medldm.inference.sample import find_autoencoder, load_diffusion
+from medldm.training.checkpoint import best_checkpoint, load_checkpoint
+from medldm.versions import versions
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("torchscript", "onnx")
+# float32 on the CPU: the exported graph must reproduce the module to this, relative to the output's largest value
+TOLERANCE = 1e-4
+
+
+class Decoder(torch.nn.Module):
+    """The autoencoder's decoder alone: latent (B, C, x, y, z) -> volume (B, 1, X, Y, Z)."""
+
+    def __init__(self, autoencoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(z)
+
+
+class Denoiser(torch.nn.Module):
+    """The UNet with positional inputs (latent, timesteps, context), as exported graphs need them."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, timesteps=timesteps, context=context)
+
+
+class UnconditionalDenoiser(Denoiser):
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.unet(x, timesteps=timesteps)
+
+
+def _onnx_runtime() -> Any:
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError:
+        raise ValueError("--format onnx needs the onnx, onnxscript and onnxruntime packages: "
+                         "`pip install -e \".[onnx]\"` in a clone (or pip install onnx onnxscript onnxruntime)") from None
+    return onnxruntime
+
+
+def _export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], check: tuple[torch.Tensor, ...],
+            names: list[str], path: Path, fmt: str) -> float:
+    """Write ``module`` to ``path``; returns the largest difference from PyTorch on the ``check`` inputs, relative to
+    the largest output value (at least 1)."""
+    with torch.no_grad():
+        expected = module(*check)
+    if fmt == "torchscript":
+        with torch.no_grad():
+            traced = torch.jit.trace(module, example, check_trace=False)
+        traced.save(str(path))
+        with torch.no_grad():
+            got = torch.jit.load(str(path))(*check)
+    else:
+        runtime = _onnx_runtime()
+        program = torch.onnx.export(module, example, input_names=names, output_names=["output"], dynamo=True)
+        program.save(str(path))
+        session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, check)})[0])
+    return float((got - expected).abs().max() / expected.abs().max().clamp(min=1.0))
+
+
+def export_model(run_dir: str | Path, fmt: str = "torchscript", out_dir: str | Path | None = None,
+                 autoencoder_run: str | Path | None = None) -> list[Path]:
+    """Export the decoder (of an autoencoder run, or of a diffusion run's autoencoder) and, for a diffusion run, the
+    UNet, at the run's shapes with batch 1, into ``out_dir`` (default RUN/export); ``export.json`` lists inputs,
+    shapes and the measured difference from PyTorch. A difference above ``TOLERANCE`` is an error."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        _onnx_runtime()  # before any work
+    run = Path(run_dir)
+    out = Path(out_dir) if out_dir else run / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    kind = load_checkpoint(best_checkpoint(run, "autoencoder or diffusion")).get("kind")
+    suffix = ".pt" if fmt == "torchscript" else ".onnx"
+    gen = torch.Generator().manual_seed(0)
+    jobs = []
+    if kind == "diffusion":
+        unet, meta = load_diffusion(run, "cpu")
+        ae_path = find_autoencoder(meta["autoencoder"], autoencoder_run)
+        autoencoder, ae_meta = load_autoencoder_file(ae_path, "cpu", sha256=meta["autoencoder"]["sha256"])
+        latent = meta["latent_shape"]
+        hybrid = meta["cfg"].conditioning.mode == "hybrid"
+        x_channels = latent[0] + (meta["encoder"].dim if hybrid else 0)
+
+        def unet_inputs() -> tuple[torch.Tensor, ...]:
+            x = torch.randn(1, x_channels, *latent[1:], generator=gen)
+            t = torch.randint(0, meta["cfg"].scheduler.num_train_timesteps, (1,), generator=gen)
+            if not meta["encoder"].keys:
+                return x, t
+            return x, t, torch.rand(1, 1, meta["encoder"].dim, generator=gen)
+
+        module = Denoiser(unet) if meta["encoder"].keys else UnconditionalDenoiser(unet)
+        names = ["x", "timesteps", "context"][: 3 if meta["encoder"].keys else 2]
+        jobs.append(("unet", module, unet_inputs(), unet_inputs(), names, meta["checkpoint"]))
+    elif kind == "autoencoder":
+        autoencoder, ae_meta = load_autoencoder_file(best_checkpoint(run, "autoencoder"), "cpu")
+        factor = 2 ** (len(ae_meta["config"]["model"]["channels"]) - 1)
+        latent = [ae_meta["config"]["model"]["latent_channels"], *(s // factor for s in ae_meta["image_shape"])]
+    else:
+        raise ValueError(f"{run}: not a medldm autoencoder or diffusion run (kind={kind!r})")
+    jobs.append(("decoder", Decoder(autoencoder), (torch.randn(1, *latent, generator=gen),),
+                 (torch.randn(1, *latent, generator=gen),), ["z"], ae_meta["checkpoint"]))
+
+    manifest: dict[str, Any] = {"format": fmt, "tolerance": TOLERANCE, "versions": versions(), "networks": {}}
+    paths = []
+    for name, module, example, check, names, checkpoint in jobs:
+        path = out / f"{name}{suffix}"
+        diff = _export(module.eval(), example, check, names, path, fmt)
+        if not diff <= TOLERANCE:
+            raise RuntimeError(f"the exported {name} differs from PyTorch by {diff:.3g} (> {TOLERANCE:g}); "
+                               f"{path} is not usable")
+        manifest["networks"][name] = {"file": path.name, "inputs": {n: list(t.shape) for n, t in zip(names, check)},
+                                      "checkpoint": checkpoint, "max_relative_difference": diff}
+        log.info("%s -> %s (max difference from PyTorch %.2g)", name, path, diff)
+        paths.append(path)
+    write_json(out / "export.json", manifest)
+    return paths
