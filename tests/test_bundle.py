@@ -156,11 +156,15 @@ def test_bundle_conditions_and_files_are_checked(bundle, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         import_bundle(root, tmp_path / "imported")
     # another grid for the samples, from a reference NIfTI of the model's shape
-    affine = np.diag([0.9, 0.9, 0.9, 1.0])
+    affine = np.diag([-0.9, 0.9, 0.9, 1.0])
     nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.float32), affine), tmp_path / "ref.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((32, 32, 30), np.float32), affine), tmp_path / "small.nii.gz")
     with pytest.raises(ValueError, match=r"its grid \[32, 32, 30\] is not the model's \[32, 32, 32\]"):
         import_bundle(root, tmp_path / "other", reference_image=tmp_path / "small.nii.gz")
+    # an RAS template on the same grid would mirror the samples: the model's arrays are LAS
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.float32), np.eye(4)), tmp_path / "ras.nii.gz")
+    with pytest.raises(ValueError, match="its voxel axes point RAS, the model's LAS"):
+        import_bundle(root, tmp_path / "other", reference_image=tmp_path / "ras.nii.gz")
     assert main(["import-bundle", str(root), "--out", str(tmp_path / "other"), "--reference",
                  str(tmp_path / "ref.nii.gz"), "--age-range", "40", "80"]) == 0
     paths = sample_run(tmp_path / "other" / "diffusion", tmp_path / "s2", num=1, steps=2, device="cpu")
@@ -181,3 +185,20 @@ def test_sampling_straight_from_the_bundle_folder_imports_it_once(bundle, tmp_pa
     stamp = record.stat().st_mtime_ns
     sample_run(root, tmp_path / "b", num=1, steps=2, device="cpu")
     assert record.stat().st_mtime_ns == stamp  # the same weights: not imported again
+    moved = root.rename(tmp_path / "moved")  # the import moves with the folder and still finds its autoencoder
+    assert sample_run(moved, tmp_path / "c", num=1, steps=2, device="cpu")[0].is_file()
+
+
+def test_an_imported_run_is_not_trained_over(bundle, dataset, ae_run, tmp_path):
+    from medldm.config import load_config
+    from medldm.training.diffusion import train_diffusion
+
+    root, _, _ = bundle
+    runs = import_bundle(root, tmp_path / "imported")
+    before = (runs["diffusion"] / "checkpoints" / "best.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train_diffusion(dataset, ae_run, runs["diffusion"], load_config("diffusion", None, ["train.steps=1"]))
+    with pytest.raises(FileNotFoundError, match="cannot be trained further"):
+        train_diffusion(dataset, ae_run, runs["diffusion"], load_config("diffusion", None, ["train.steps=1"]),
+                        resume=True)
+    assert (runs["diffusion"] / "checkpoints" / "best.pt").read_bytes() == before

@@ -17,6 +17,10 @@ def test_torchscript_export_reproduces_the_decoder_and_the_unet(ldm_run, ae_run,
     manifest = json.loads((tmp_path / "export.json").read_text(encoding="utf-8"))
     assert manifest["tolerance"] == TOLERANCE
     assert all(n["max_relative_difference"] <= TOLERANCE for n in manifest["networks"].values())
+    # what a deployment needs besides the graphs
+    assert manifest["scale_factor"] == load_diffusion(ldm_run)[1]["scale_factor"] != 1.0
+    assert manifest["conditioning"]["mode"] == "crossattn" and manifest["conditioning"]["keys"]
+    assert manifest["scheduler"]["num_train_timesteps"] == 1000
     # loaded on its own, on inputs it was not traced with
     unet, meta = load_diffusion(ldm_run)
     scripted = torch.jit.load(str(tmp_path / "unet.pt"))

@@ -258,3 +258,27 @@ def test_hybrid_conditioning_trains_and_samples(dataset, ae_run, tmp_path):
     assert unet.conv_in.conv.in_channels == meta["latent_shape"][0] + meta["encoder"].dim
     paths = sample_run(run, tmp_path / "samples", num=1, steps=2, conditions={"sex": "F"}, guidance=2.0, device="cpu")
     assert paths[0].is_file()
+
+
+def test_runs_from_before_new_config_keys_resume_and_a_changed_mode_is_refused(dataset, ae_run, tmp_path):
+    from medldm.config import ConfigError, load_config
+    from medldm.training.checkpoint import save_checkpoint
+    from medldm.training.diffusion import train_diffusion
+
+    from .conftest import LDM_FAST
+
+    run = tmp_path / "ldm"
+    train_diffusion(dataset, ae_run, run, load_config("diffusion", None, LDM_FAST + ["train.steps=2"]))
+    latest = run / "checkpoints" / "latest.pt"
+    state = load_checkpoint(latest)
+    for key in ("resblock_updown", "upcast_attention"):  # as written before these keys existed
+        del state["config"]["model"][key]
+    del state["config"]["conditioning"]["mode"]
+    save_checkpoint(latest, state)
+    config = (run / "config.yaml").read_text(encoding="utf-8")
+    with pytest.raises(ConfigError, match="conditioning.mode is hybrid in this config but crossattn"):
+        train_diffusion(dataset, ae_run, run, load_config("diffusion", None, LDM_FAST + [
+            "train.steps=3", "conditioning.mode=hybrid"]), resume=True)
+    assert (run / "config.yaml").read_text(encoding="utf-8") == config  # refused before anything was written
+    train_diffusion(dataset, ae_run, run, load_config("diffusion", None, LDM_FAST + ["train.steps=3"]), resume=True)
+    assert load_checkpoint(latest)["step"] == 3

@@ -87,14 +87,18 @@ def test_noise_is_not_similar_and_not_a_copy():
     assert pairwise_similarity([noise[0]] * 3, metrics, 10, 0)["ms_ssim_mean"] == pytest.approx(1.0, abs=1e-4)
 
 
-def test_samples_of_another_shape_or_spacing_are_refused(dataset, tmp_path):
+def test_samples_of_another_shape_spacing_or_orientation_are_refused(dataset, tmp_path):
     ref = read_dataset_info(dataset)["reference"]
-    samples = tmp_path / "s"
     affine = np.asarray(ref["affine"])
-    save_volume(samples / "a.nii.gz", np.zeros(ref["shape"]) + 0.5, affine)
-    save_volume(samples / "b.nii.gz", np.zeros(ref["shape"]) + 0.5, affine @ np.diag([2.0, 1, 1, 1]))
+    save_volume(tmp_path / "s" / "a.nii.gz", np.zeros(ref["shape"]) + 0.5, affine)
+    save_volume(tmp_path / "s" / "b.nii.gz", np.zeros(ref["shape"]) + 0.5, affine @ np.diag([2.0, 1, 1, 1]))
     with pytest.raises(ValueError, match=r"b.nii.gz .* never resamples"):
-        evaluate(dataset, tmp_path / "r", load_config("evaluate"), samples=samples)
+        evaluate(dataset, tmp_path / "r", load_config("evaluate"), samples=tmp_path / "s")
+    # same shape and spacing, x mirrored (say, samples of a model saved in LAS): the arrays would be compared mirrored
+    mirrored = affine @ np.diag([-1.0, 1, 1, 1])
+    save_volume(tmp_path / "m" / "c.nii.gz", np.zeros(ref["shape"]) + 0.5, mirrored)
+    with pytest.raises(ValueError, match=r"c.nii.gz \(\[32, 32, 32\], LAS at"):
+        evaluate(dataset, tmp_path / "r", load_config("evaluate"), samples=tmp_path / "m")
 
 
 def test_nothing_to_evaluate_is_an_error(dataset, tmp_path):

@@ -1,4 +1,5 @@
 import locale
+import os
 import nibabel as nib
 import numpy as np
 import pytest
@@ -123,3 +124,15 @@ def test_int16_nifti_stores_12_bit_levels_that_read_back_as_intensities(tmp_path
     raw = np.asanyarray(img.dataobj.get_unscaled())
     assert raw.min() == 0 and raw.max() == 4095  # clipped to [0, 1], then 0..4095
     np.testing.assert_allclose(img.get_fdata(), np.clip(x, 0, 1), atol=0.5 / 4095 + 1e-6)
+
+
+def test_atomically_written_files_get_the_usual_permissions(tmp_path):
+    # mkstemp makes private files; a run or an imported bundle shared by a group must stay readable
+    from medldm.data.io import write_json
+
+    umask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644

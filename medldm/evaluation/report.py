@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -92,17 +93,20 @@ def load_samples(dirs: Sequence[Path], reference: dict[str, Any]) -> tuple[list[
         raise FileNotFoundError(f"--samples {', '.join(missing)}: no such folder")
     files = [f for d in dirs for f in sorted(d.glob("*.nii.gz"))]
     spacing = np.linalg.norm(np.asarray(reference["affine"])[:3, :3], axis=0)
+    axes = nib.aff2axcodes(np.asarray(reference["affine"]))
     volumes, bad = [], []
     for f in files:
         data, affine = load_volume(f)
-        if list(data.shape) != list(reference["shape"]) or not np.allclose(
+        # same shape, spacing and voxel-axis directions, or arrays would be compared mirrored or transposed
+        if list(data.shape) != list(reference["shape"]) or nib.aff2axcodes(affine) != axes or not np.allclose(
                 np.linalg.norm(affine[:3, :3], axis=0), spacing, atol=1e-3):
-            bad.append(f"{f} ({list(data.shape)} at {np.round(np.linalg.norm(affine[:3, :3], axis=0), 3).tolist()} mm)")
+            bad.append(f"{f} ({list(data.shape)}, {''.join(nib.aff2axcodes(affine))} at "
+                       f"{np.round(np.linalg.norm(affine[:3, :3], axis=0), 3).tolist()} mm)")
         volumes.append(torch.from_numpy(data)[None].half())
     if bad:
-        raise ValueError(f"--samples: {', '.join(bad[:5])} do not match the dataset's {reference['shape']} at "
-                         f"{np.round(spacing, 3).tolist()} mm; evaluation never resamples: sample from a model of "
-                         "this dataset")
+        raise ValueError(f"--samples: {', '.join(bad[:5])} do not match the dataset's {reference['shape']}, "
+                         f"{''.join(axes)} at {np.round(spacing, 3).tolist()} mm; evaluation never resamples: sample "
+                         "from a model of this dataset (or preprocess the data to the model's grid)")
     return files, volumes
 
 

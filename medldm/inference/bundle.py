@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import numpy as np
 import torch
 
 from medldm.config import (
@@ -301,6 +302,12 @@ def import_bundle(bundle_dir: str | Path, out_dir: str | Path, age_range: tuple[
         if list(header.shape[:3]) != list(bundle.image_shape):
             raise ValueError(f"--reference {reference_image}: its grid {list(header.shape)} is not the model's "
                              f"{bundle.image_shape}")
+        # the model's arrays are in the authors' layout: another axis order or direction would mirror the samples
+        theirs, ours = nib.aff2axcodes(header.affine), nib.aff2axcodes(np.asarray(BRAIN_LDM_AFFINE))
+        if theirs != ours:
+            raise ValueError(f"--reference {reference_image}: its voxel axes point {''.join(theirs)}, the model's "
+                             f"{''.join(ours)} (x mirrored, as the bundle's authors saved their samples); reorient "
+                             "it to that layout first, or the samples would be written mirrored")
         reference.update(image=str(Path(reference_image).resolve()), affine=header.affine.tolist(),
                          space=f"the grid of {Path(reference_image).name}")
 
@@ -362,13 +369,16 @@ def imported_diffusion_run(bundle_dir: str | Path) -> Path:
     out = bundle.root / IMPORTED
     record = out / "bundle.json"
     if record.is_file():
-        files = json.loads(record.read_text(encoding="utf-8")).get("files", {})
+        try:
+            files = json.loads(record.read_text(encoding="utf-8")).get("files", {})
+        except (OSError, ValueError):
+            files = {}
         current = {p.name: _stamp(p) for p in (bundle.autoencoder_weights, bundle.unet_weights)}
         if all({k: files.get(n, {}).get(k) for k in ("bytes", "mtime_ns")} == stamp for n, stamp in current.items()):
             return out / "diffusion"
     log.info("importing the bundle %s into %s (once; `medldm import-bundle` chooses another place)", bundle.root, out)
     try:
         return import_bundle(bundle.root, out, overwrite=True)["diffusion"]
-    except PermissionError:
+    except OSError:  # no permission, or a read-only file system
         raise ValueError(f"{bundle.root} is read-only: import it elsewhere with `medldm import-bundle "
                          f"{bundle.root} --out RUNS` and sample with --run RUNS/diffusion") from None

@@ -96,6 +96,8 @@ def export_model(run_dir: str | Path, fmt: str = "torchscript", out_dir: str | P
     suffix = ".pt" if fmt == "torchscript" else ".onnx"
     gen = torch.Generator().manual_seed(0)
     jobs = []
+    # what a deployment needs beside the graphs: divide the sampled latents by scale_factor before decoding
+    usage: dict[str, Any] = {}
     if kind == "diffusion":
         unet, meta = load_diffusion(run, "cpu")
         ae_path = find_autoencoder(meta["autoencoder"], autoencoder_run)
@@ -111,6 +113,9 @@ def export_model(run_dir: str | Path, fmt: str = "torchscript", out_dir: str | P
                 return x, t
             return x, t, torch.rand(1, 1, meta["encoder"].dim, generator=gen)
 
+        usage = {"scale_factor": meta["scale_factor"], "latent_shape": latent, "scheduler": meta["config"]["scheduler"],
+                 "conditioning": {"mode": meta["cfg"].conditioning.mode, **meta["encoder"].state_dict()},
+                 "reference": meta["reference"]}
         module = Denoiser(unet) if meta["encoder"].keys else UnconditionalDenoiser(unet)
         names = ["x", "timesteps", "context"][: 3 if meta["encoder"].keys else 2]
         jobs.append(("unet", module, unet_inputs(), unet_inputs(), names, meta["checkpoint"]))
@@ -123,7 +128,8 @@ def export_model(run_dir: str | Path, fmt: str = "torchscript", out_dir: str | P
     jobs.append(("decoder", Decoder(autoencoder), (torch.randn(1, *latent, generator=gen),),
                  (torch.randn(1, *latent, generator=gen),), ["z"], ae_meta["checkpoint"]))
 
-    manifest: dict[str, Any] = {"format": fmt, "tolerance": TOLERANCE, "versions": versions(), "networks": {}}
+    manifest: dict[str, Any] = {"format": fmt, "tolerance": TOLERANCE, "versions": versions(), **usage,
+                                "networks": {}}
     paths = []
     for name, module, example, check, names, checkpoint in jobs:
         path = out / f"{name}{suffix}"
@@ -131,9 +137,12 @@ def export_model(run_dir: str | Path, fmt: str = "torchscript", out_dir: str | P
         if not diff <= TOLERANCE:
             raise RuntimeError(f"the exported {name} differs from PyTorch by {diff:.3g} (> {TOLERANCE:g}); "
                                f"{path} is not usable")
-        manifest["networks"][name] = {"file": path.name, "inputs": {n: list(t.shape) for n, t in zip(names, check)},
+        # ONNX keeps weights over 2 GB (the brain-LDM UNet) in a data file beside the graph
+        files = [path] + [f for f in (path.with_name(path.name + ".data"),) if f.is_file()]
+        manifest["networks"][name] = {"files": [f.name for f in files],
+                                      "inputs": {n: list(t.shape) for n, t in zip(names, check)},
                                       "checkpoint": checkpoint, "max_relative_difference": diff}
         log.info("%s -> %s (max difference from PyTorch %.2g)", name, path, diff)
-        paths.append(path)
+        paths.extend(files)
     write_json(out / "export.json", manifest)
     return paths

@@ -132,6 +132,8 @@ def sample_run(
     out_dir = prepare_output_dir(out_dir, overwrite)
     if is_bundle(run_dir):  # a downloaded MONAI bundle: imported on first use
         run_dir = imported_diffusion_run(run_dir)
+        # found by its hash next to the diffusion run, also after the bundle folder was moved or copied
+        autoencoder_run = autoencoder_run or run_dir.parent / "autoencoder"
     unet, meta = load_diffusion(run_dir, dev)
     ae_path = find_autoencoder(meta["autoencoder"], autoencoder_run)  # hashed there: the recorded SHA-256
     autoencoder, ae_meta = load_autoencoder_file(ae_path, decode_dev, sha256=meta["autoencoder"]["sha256"])

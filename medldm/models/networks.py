@@ -51,7 +51,8 @@ def build_unet(cfg: UNetConfig, latent_channels: int, context_dim: int | None, s
         cross_attention_dim=context_dim,
         resblock_updown=cfg.resblock_updown,
         upcast_attention=cfg.upcast_attention,
-        use_flash_attention=sdpa,
+        # torch's fused attention would compute in bf16 under autocast, undoing upcast_attention
+        use_flash_attention=sdpa and not cfg.upcast_attention,
     )
 
 

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from medldm.config import ConfigError, DiffusionConfig, to_dict
+from medldm.config import ConfigError, DiffusionConfig, config_from_dict, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest
 from medldm.inference.encode import decode_latents, latents_path, load_autoencoder_file
 from medldm.inference.sample import sample_latents
@@ -96,11 +96,13 @@ def check_resumable(state: dict[str, Any], cfg: DiffusionConfig, cache: dict[str
     if state.get("kind") != "diffusion":
         raise ValueError(f"{path} is not a diffusion checkpoint (kind={state.get('kind')!r})")
     new = to_dict(cfg)
-    for section in ("model", "scheduler"):
-        for k, v in new[section].items():
-            if state["config"][section].get(k) != v:
-                raise ConfigError(f"--resume: diffusion.{section}.{k} is {v} in this config but "
-                                  f"{state['config'][section].get(k)} in {path}; resume with the run's config.yaml")
+    # the checkpoint's config with today's defaults for keys added since it was written
+    old = to_dict(config_from_dict("diffusion", state["config"]))
+    for section, keys in (("model", None), ("scheduler", None), ("conditioning", ("mode",))):
+        for k in keys or new[section]:
+            if old[section][k] != new[section][k]:
+                raise ConfigError(f"--resume: diffusion.{section}.{k} is {new[section][k]} in this config but "
+                                  f"{old[section][k]} in {path}; resume with the run's config.yaml")
     if state["conditioning"]["keys"] != list(cfg.conditioning.keys):
         raise ConfigError(f"--resume: diffusion.conditioning.keys is {list(cfg.conditioning.keys)} but "
                           f"{state['conditioning']['keys']} in {path}; resume with the run's config.yaml")

@@ -145,9 +145,11 @@ def prepare_run_dir(run_dir: Path, cfg: Any, resume: bool) -> Path:
     """Create the run dir; refuse to overwrite an existing run unless resuming. Returns the latest checkpoint path."""
     latest = run_dir / "checkpoints" / "latest.pt"
     if resume and not latest.is_file():
-        raise FileNotFoundError(f"--resume: {latest} does not exist; start the run without --resume")
-    if not resume and latest.is_file():
-        raise FileExistsError(f"{run_dir} already holds a run ({latest}); pass --resume to continue it "
+        raise FileNotFoundError(f"--resume: {latest} does not exist (an imported run has none: it cannot be "
+                                "trained further); start the run without --resume")
+    existing = sorted((run_dir / "checkpoints").glob("*.pt"))
+    if not resume and existing:
+        raise FileExistsError(f"{run_dir} already holds a run ({existing[0]}); pass --resume to continue it "
                               "or choose another --run directory")
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
