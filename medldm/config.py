@@ -77,12 +77,16 @@ class RegistrationConfig:
     iterations: int = 100
     sampling_fraction: float = 0.02
     seed: int = 0
+    # rigid + affine fits with different sampling seeds; the best match is kept (robust against a fit that runs off)
+    starts: int = 3
 
     def validate(self, prefix: str) -> None:
         if len(self.shrink_factors) != len(self.smoothing_sigmas):
             raise ConfigError(f"{prefix}: shrink_factors and smoothing_sigmas need one entry per level")
         if any(f < 1 for f in self.shrink_factors) or any(s < 0 for s in self.smoothing_sigmas):
             raise ConfigError(f"{prefix}: shrink factors must be >= 1 and smoothing sigmas >= 0")
+        if self.starts < 1:
+            raise ConfigError(f"{prefix}.starts must be >= 1")
         if self.iterations < 1 or not 0.0 < self.sampling_fraction <= 1.0:
             raise ConfigError(f"{prefix}: iterations >= 1 and 0 < sampling_fraction <= 1 are required")
         if not self.template:

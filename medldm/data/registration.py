@@ -116,7 +116,8 @@ def rough_brain_mask(volume: np.ndarray, affine: np.ndarray, erode_mm: float = 8
     return ndimage.binary_fill_holes(ndimage.binary_dilation(core, iterations=steps) & mask)
 
 
-def _run(fixed, moving, transform, cfg: RegistrationConfig, coarse_only: bool = False) -> float:
+def _run(fixed, moving, transform, cfg: RegistrationConfig, coarse_only: bool = False, seed: int | None = None
+         ) -> float:
     import SimpleITK as sitk
 
     levels = list(zip(cfg.shrink_factors, cfg.smoothing_sigmas))
@@ -126,7 +127,8 @@ def _run(fixed, moving, transform, cfg: RegistrationConfig, coarse_only: bool = 
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(cfg.sampling_fraction, cfg.seed)
+    # ITK reads seed 0 as "seed from the wall clock": shift by one so that every seed, 0 included, is reproducible
+    reg.SetMetricSamplingPercentage(cfg.sampling_fraction, (cfg.seed if seed is None else seed) + 1)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
                                                  numberOfIterations=cfg.iterations, gradientMagnitudeTolerance=1e-6)
@@ -160,14 +162,21 @@ def register_to_template(volume: np.ndarray, affine: np.ndarray, template: Templ
     fixed_centre = nib.affines.apply_affine(template.affine, np.argwhere(region).mean(0))
     moving_centre = _brain_centre_guess(volume, affine)
     ras_to_lps = np.array([-1.0, -1.0, 1.0])
-    rigid = sitk.Euler3DTransform()
-    rigid.SetCenter((fixed_centre * ras_to_lps).tolist())
-    rigid.SetTranslation(((moving_centre - fixed_centre) * ras_to_lps).tolist())
-    _run(fixed, target, rigid, cfg, coarse_only=True)
-    transform = sitk.AffineTransform(3)
-    transform.SetCenter(rigid.GetCenter())
-    transform.SetMatrix(rigid.GetMatrix())
-    transform.SetTranslation(rigid.GetTranslation())
-    metric = _run(fixed, target, transform, cfg)
+    # with sampled voxels a fit sometimes runs off (a skull-stripped template is the hard case): run `starts`
+    # rigid-then-affine fits with different sampling seeds and keep the best match (lowest metric)
+    best = None
+    for k in range(cfg.starts):
+        rigid = sitk.Euler3DTransform()
+        rigid.SetCenter((fixed_centre * ras_to_lps).tolist())
+        rigid.SetTranslation(((moving_centre - fixed_centre) * ras_to_lps).tolist())
+        _run(fixed, target, rigid, cfg, coarse_only=True, seed=cfg.seed + k)
+        candidate = sitk.AffineTransform(3)
+        candidate.SetCenter(rigid.GetCenter())
+        candidate.SetMatrix(rigid.GetMatrix())
+        candidate.SetTranslation(rigid.GetTranslation())
+        value = _run(fixed, target, candidate, cfg, seed=cfg.seed + k)
+        if best is None or value < best[0]:
+            best = (value, candidate)
+    metric, transform = best
     out = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0)
     return from_sitk(out)[0], metric
