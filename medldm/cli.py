@@ -105,6 +105,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="default: RUN/export")
     p.add_argument("--autoencoder", type=Path, help="AE run dir when the runs were moved since training")
 
+    p = sub.add_parser("reconstruct", help="one scan through the autoencoder (encode, decode), with a difference PNG")
+    p.add_argument("input", type=Path, help="a preprocessed volume, or a raw scan (preprocessed like the training data)")
+    p.add_argument("output", type=Path)
+    p.add_argument("--autoencoder", type=Path, required=True)
+    p.add_argument("--native", action="store_true", help="resample the result onto the input scan's own grid")
+    p.add_argument("--device")
+
+    p = sub.add_parser("compress", help="one scan to its latent (posterior mean) file")
+    p.add_argument("input", type=Path)
+    p.add_argument("output", type=Path, help="e.g. scan.latent")
+    p.add_argument("--autoencoder", type=Path, required=True)
+    p.add_argument("--float16", action="store_true", help="store the latent in float16 (half the size)")
+    p.add_argument("--device")
+
+    p = sub.add_parser("decompress", help="a latent file back to a NIfTI volume, in the scan's space")
+    p.add_argument("input", type=Path, help="a file written by medldm compress")
+    p.add_argument("output", type=Path)
+    p.add_argument("--autoencoder", type=Path, help="the AE run, when it was moved since compressing")
+    p.add_argument("--native", action="store_true", help="resample onto the original scan's own grid")
+    p.add_argument("--device")
+
+    p = sub.add_parser("denoise", help="SDEdit: noise a scan's latent to a strength, denoise it with a diffusion run")
+    p.add_argument("input", type=Path)
+    p.add_argument("output", type=Path)
+    p.add_argument("--run", type=Path, required=True, help="the diffusion run")
+    p.add_argument("--strength", type=float, default=0.3, help="0 = reconstruction only, 1 = a new sample")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--condition", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--native", action="store_true", help="resample the result onto the input scan's own grid")
+    p.add_argument("--autoencoder", type=Path, help="AE run dir when the runs were moved since training")
+    p.add_argument("--device")
+
+    p = sub.add_parser("show-noising", help="a PNG of one scan under the model's forward (noising) process")
+    p.add_argument("input", type=Path)
+    p.add_argument("output", type=Path, help="the PNG")
+    p.add_argument("--run", type=Path, required=True, help="the diffusion run (its noise schedule and autoencoder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--autoencoder", type=Path)
+    p.add_argument("--device")
+
     p = sub.add_parser("evaluate", help="SSIM/MS-SSIM/PSNR of reconstructions and diversity of samples")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -174,6 +215,36 @@ def run(args: argparse.Namespace) -> int:
 
         paths = export_model(args.run, args.fmt, args.out, autoencoder_run=args.autoencoder)
         print("exported: " + ", ".join(str(p) for p in paths))
+    elif args.command == "reconstruct":
+        from medldm.inference.scan import reconstruct_scan
+
+        q = reconstruct_scan(args.input, args.output, args.autoencoder, native=args.native, device=args.device)
+        print(f"{args.output}: SSIM {q['ssim']:.4f}, PSNR {q['psnr']:.2f} dB against the input")
+    elif args.command == "compress":
+        from medldm.inference.scan import compress_scan
+
+        r = compress_scan(args.input, args.output, args.autoencoder, float16=args.float16, device=args.device)
+        print(f"{args.output}: {r['latent_bytes'] / 1024:.1f} kB, {r['values_ratio']:.0f}x fewer values than the "
+              f"volume, {r['float32_ratio']:.0f}x smaller than it in float32"
+              + (f", {r['input_bytes'] / r['latent_bytes']:.0f}x smaller than {args.input.name}" if r["input_bytes"]
+                 else "") + f"; round trip SSIM {r['ssim']:.4f}, PSNR {r['psnr']:.2f} dB")
+    elif args.command == "decompress":
+        from medldm.inference.scan import decompress_latent
+
+        print(f"wrote {decompress_latent(args.input, args.output, args.autoencoder, args.native, args.device)}")
+    elif args.command == "denoise":
+        from medldm.inference.scan import denoise_scan
+
+        out = denoise_scan(args.input, args.output, args.run, strength=args.strength, steps=args.steps, seed=args.seed,
+                           conditions=_key_values(args.condition, "--condition"), native=args.native,
+                           autoencoder_run=args.autoencoder, device=args.device)
+        print(f"wrote {out}")
+    elif args.command == "show-noising":
+        from medldm.inference.scan import show_noising
+
+        show_noising(args.input, args.output, args.run, seed=args.seed, autoencoder_run=args.autoencoder,
+                     device=args.device)
+        print(f"wrote {args.output}")
     elif args.command == "evaluate":
         from medldm.evaluation.report import evaluate
 

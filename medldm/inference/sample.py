@@ -127,8 +127,8 @@ def sample_run(
         raise ValueError("--eta must be >= 0")
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
-    dev = _device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
-    decode_dev = _device(decode_device, "--decode-device") if decode_device else dev
+    dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    decode_dev = resolve_device(decode_device, "--decode-device") if decode_device else dev
     out_dir = prepare_output_dir(out_dir, overwrite)
     if is_bundle(run_dir):  # a downloaded MONAI bundle: imported on first use
         run_dir = imported_diffusion_run(run_dir)
@@ -237,7 +237,7 @@ def find_autoencoder(trained_with: dict[str, str], where: str | Path | None = No
                      f"model was trained with (SHA-256 {want[:12]}…, was {trained_with['checkpoint']})")
 
 
-def _device(name: str, flag: str) -> torch.device:
+def resolve_device(name: str, flag: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:

@@ -22,18 +22,18 @@ from medldm.inference.encode import reconstruct
 from medldm.models.networks import build_autoencoder, build_discriminator
 from medldm.models.speed import apply_speed
 from medldm.training.checkpoint import load_checkpoint, save_checkpoint
+from medldm.training.curves import loss_plot
 from medldm.training.dist import DistContext, barrier, init_distributed
-from medldm.training.losses import adversarial_loss, build_perceptual_loss, kl_loss
 from medldm.training.loop import (
     Deadline,
     NonFiniteGuard,
-    adamw,
-    load_optimizer,
     ResumableBatches,
     StepLog,
+    adamw,
     autocast,
     finish_run,
     gather_rng_states,
+    load_optimizer,
     make_ema,
     no_sync,
     prepare_run_dir,
@@ -44,6 +44,7 @@ from medldm.training.loop import (
     stopped_by_time_limit,
     update_ema,
 )
+from medldm.training.losses import adversarial_loss, build_perceptual_loss, kl_loss
 from medldm.versions import versions
 from medldm.viz import three_plane
 
@@ -258,6 +259,8 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
             net.train()
         if is_ckpt and ctx.is_main:
             checkpoint("latest.pt", rngs)
+            writer.flush()
+            loss_plot(run_dir)  # loss.png from the scalars TensorBoard has, the whole run's after a resume
         if is_val or is_ckpt:
             barrier(ctx)
         if stopped_by_time_limit(tc.time_limit_minutes, step, tc.steps, final):

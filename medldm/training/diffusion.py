@@ -21,16 +21,17 @@ from medldm.models.conditioning import ConditionEncoder, with_condition_channels
 from medldm.models.networks import build_scheduler, build_unet
 from medldm.models.speed import apply_speed
 from medldm.training.checkpoint import autoencoder_checkpoint, file_sha256, load_checkpoint, save_checkpoint
+from medldm.training.curves import loss_plot
 from medldm.training.dist import barrier, init_distributed
 from medldm.training.loop import (
     Deadline,
     NonFiniteGuard,
-    adamw,
-    load_optimizer,
     StepLog,
+    adamw,
     autocast,
     finish_run,
     gather_rng_states,
+    load_optimizer,
     make_ema,
     no_sync,
     prepare_run_dir,
@@ -277,6 +278,8 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
         net.train()
         if is_ckpt and ctx.is_main:
             checkpoint("latest.pt", rngs)
+            writer.flush()
+            loss_plot(run_dir)  # loss.png from the scalars TensorBoard has, the whole run's after a resume
         if is_val or is_ckpt:
             barrier(ctx)
         if stopped_by_time_limit(tc.time_limit_minutes, step, tc.steps, final):

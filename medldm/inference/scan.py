@@ -1,0 +1,315 @@
+"""One scan through the models: reconstruct, compress / decompress, denoise (SDEdit), and the forward-process picture.
+
+A scan on the model's grid (a preprocessed volume) is used as it is; any other scan goes through the preprocessing of
+the dataset the autoencoder was trained on (its ``preprocess.json``), and results can be resampled back onto the
+scan's own grid (``native``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medldm.config import PreprocessConfig, config_from_dict, from_dict
+from medldm.data.dataset import read_dataset_info
+from medldm.data.io import load_volume, save_volume, write_json
+from medldm.evaluation.metrics import VolumeMetrics
+from medldm.inference.encode import decode_latents, load_autoencoder, load_autoencoder_file, posterior_mean
+from medldm.inference.sample import find_autoencoder, load_diffusion, resolve_device, sample_latents
+from medldm.models.networks import build_scheduler
+from medldm.training.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from medldm.versions import versions
+from medldm.viz import grid, save_png, three_plane
+
+log = logging.getLogger(__name__)
+
+NOISING_STEPS = (0, 100, 250, 500, 750, 999)
+
+
+@dataclass
+class Scan:
+    """A scan on the model's grid, and where it came from."""
+
+    volume: np.ndarray  # float32 in [0, 1], the model's shape
+    affine: np.ndarray
+    path: Path
+    source_shape: list[int]
+    source_affine: np.ndarray
+    preprocessed_here: bool  # False: the file was already on the model's grid
+    registered: bool  # preprocessed here with registration to a template (no way back to the scan's grid)
+
+
+def load_scan(path: str | Path, ae_meta: dict[str, Any]) -> Scan:
+    """``path`` on the autoencoder's grid: as it is when it already has the training volumes' shape and [0, 1]
+    intensities, else preprocessed with the settings of the dataset the autoencoder was trained on."""
+    path = Path(path)
+    data, affine = load_volume(path)
+    shape = list(ae_meta["image_shape"])
+    if list(data.shape) == shape and data.min() >= 0.0 and data.max() <= 1.0 + 1e-3:
+        return Scan(data, affine, path, shape, affine, False, False)
+    data_dir = Path(ae_meta.get("data_dir", ""))
+    try:
+        info = read_dataset_info(data_dir)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is not a preprocessed volume ({list(data.shape)}, the model needs {shape} in "
+                                f"[0, 1]) and the dataset whose preprocessing it would need ({data_dir}) is not there; "
+                                "preprocess it with `medldm preprocess` first") from None
+    from medldm.data.preprocess import preprocess_volume  # SimpleITK and MONAI transforms: only for raw scans
+    from medldm.data.registration import load_template
+
+    # the dataset's settings as they were used (not re-validated: rules may have tightened since)
+    cfg = from_dict(PreprocessConfig, info["config"], "preprocess")
+    template = load_template(cfg) if cfg.registration.enabled else None
+    volume, out_affine, _ = preprocess_volume(data, affine, cfg, template)
+    log.info("%s preprocessed as %s was (%s -> %s)", path.name, data_dir, list(data.shape), list(volume.shape))
+    return Scan(volume, out_affine, path, list(data.shape), affine, True, template is not None)
+
+
+def check_native(scan: Scan) -> None:
+    """``--native`` needs a way back to the scan's grid: none after registration to a template."""
+    if scan.registered:
+        raise ValueError(f"--native: {scan.path.name} was registered to a template during preprocessing and the "
+                         "transform is not kept, so there is no way back to its grid; leave out --native")
+
+
+def to_native(volume: np.ndarray, scan: Scan) -> tuple[np.ndarray, np.ndarray]:
+    """A result on the model's grid resampled (linear, world coordinates) onto the scan's own grid."""
+    check_native(scan)
+    if not scan.preprocessed_here:
+        return volume, scan.affine
+    import SimpleITK as sitk
+
+    from medldm.data.io import from_sitk, to_sitk
+
+    moving = to_sitk(volume, scan.affine)
+    grid_ = to_sitk(np.zeros(scan.source_shape, np.float32), scan.source_affine)
+    out = sitk.Resample(moving, grid_, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return from_sitk(out)
+
+
+def _quality(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    m = VolumeMetrics(list(a.shape))(torch.from_numpy(b)[None], torch.from_numpy(a)[None])
+    return {"ssim": m["ssim"], "psnr": m["psnr"]}
+
+
+@torch.no_grad()
+def _encode(model: torch.nn.Module, cfg: Any, volume: np.ndarray, device: torch.device) -> torch.Tensor:
+    x = torch.from_numpy(volume)[None, None].to(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return posterior_mean(model, x, cfg).float()
+
+
+@torch.no_grad()
+def _decode(model: torch.nn.Module, z: torch.Tensor) -> np.ndarray:
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=z.device.type == "cuda"):
+        return decode_latents(model, z.float())[0, 0].cpu().numpy()
+
+
+def _write(out: Path, volume: np.ndarray, scan: Scan, native: bool, descrip: str, sidecar: dict[str, Any]) -> Path:
+    affine = scan.affine
+    if native:
+        volume, affine = to_native(volume, scan)
+    save_volume(out, volume, affine, descrip=descrip[:79])
+    write_json(out.with_name(out.name.removesuffix(".gz").removesuffix(".nii") + ".json"), {
+        "synthetic": False, "input": str(scan.path.resolve()),
+        "input_sha256": file_sha256(scan.path) if scan.path.is_file() else None,
+        "preprocessed_here": scan.preprocessed_here, "native_grid": native, **sidecar, "versions": versions()})
+    return out
+
+
+def _pictures(path: Path, rows: list[np.ndarray]) -> None:
+    """Rows of three-plane views: input, output, |difference| (scaled to a quarter of the range)."""
+    tiles = [three_plane(rows[0]), three_plane(rows[1]), three_plane(np.abs(rows[0] - rows[1]), vmax=0.25)]
+    save_png(path, grid(tiles, columns=3))
+
+
+def reconstruct_scan(in_path: str | Path, out_path: str | Path, autoencoder_run: str | Path, native: bool = False,
+                     device: str | None = None) -> dict[str, Any]:
+    """Encode to the posterior mean and decode (the path compress + decompress takes); writes the volume, a sidecar
+    and ``OUT.png`` (input, reconstruction, difference). Returns SSIM and PSNR against the input."""
+    dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    model, meta = load_autoencoder(autoencoder_run, dev)
+    cfg = config_from_dict("autoencoder", meta["config"])
+    scan = load_scan(in_path, meta)
+    if native:
+        check_native(scan)  # before the work
+    recon = _decode(model, _encode(model, cfg, scan.volume, dev))
+    quality = _quality(scan.volume, recon)
+    out = Path(out_path)
+    _write(out, recon, scan, native, "PROCESSED medldm reconstruct", {
+        "processed": "autoencoder reconstruction (posterior mean)", "autoencoder_checkpoint": meta["checkpoint"],
+        "autoencoder_sha256": meta["sha256"], **quality})
+    _pictures(_png(out), [scan.volume, recon])
+    return quality
+
+
+def _png(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".gz").removesuffix(".nii") + ".png")
+
+
+def compress_scan(in_path: str | Path, out_path: str | Path, autoencoder_run: str | Path, float16: bool = False,
+                  device: str | None = None) -> dict[str, Any]:
+    """Write the posterior mean of a scan (float32, or float16) with the autoencoder's hash and the scan's geometry;
+    returns sizes, the compression ratio and the round trip's SSIM and PSNR."""
+    dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    model, meta = load_autoencoder(autoencoder_run, dev)
+    cfg = config_from_dict("autoencoder", meta["config"])
+    scan = load_scan(in_path, meta)
+    mu = _encode(model, cfg, scan.volume, dev).cpu()
+    stored = mu.half() if float16 else mu
+    out = Path(out_path)
+    save_checkpoint(out, {
+        "kind": "latent", "mu": stored[0], "autoencoder_checkpoint": meta["checkpoint"],
+        "autoencoder_sha256": meta["sha256"], "affine": scan.affine.tolist(), "shape": list(scan.volume.shape),
+        "source": {"path": str(scan.path.resolve()), "shape": scan.source_shape,
+                   "affine": np.asarray(scan.source_affine).tolist(), "preprocessed_here": scan.preprocessed_here,
+                   "registered": scan.registered},
+        "preprocess": meta.get("data_dir"), "versions": versions()})
+    recon = _decode(model, stored.float().to(dev))  # what decompress will give
+    voxels = int(np.prod(scan.volume.shape))
+    result = {"latent_bytes": out.stat().st_size, "input_bytes": scan.path.stat().st_size if scan.path.is_file()
+              else None, "values_ratio": voxels / mu.numel(),
+              "float32_ratio": voxels * 4 / out.stat().st_size, **_quality(scan.volume, recon)}
+    return result
+
+
+def decompress_latent(latent_path: str | Path, out_path: str | Path, autoencoder_run: str | Path | None = None,
+                      native: bool = False, device: str | None = None) -> Path:
+    """Decode a latent written by :func:`compress_scan` onto the scan's grid (or its own grid with ``native``) with the
+    autoencoder it was encoded with; any other autoencoder is refused."""
+    latent_path = Path(latent_path)
+    state = load_checkpoint(latent_path)
+    if state.get("kind") != "latent":
+        raise ValueError(f"{latent_path} is not a medldm latent (kind={state.get('kind')!r}); write one with "
+                         "`medldm compress`")
+    trained = {"checkpoint": state["autoencoder_checkpoint"], "sha256": state["autoencoder_sha256"]}
+    try:
+        ae_path = find_autoencoder(trained, autoencoder_run)
+    except ValueError as e:
+        raise ValueError(f"{latent_path} was encoded by another autoencoder: {e}") from None
+    dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    model, _ = load_autoencoder_file(ae_path, dev, sha256=state["autoencoder_sha256"])
+    volume = _decode(model, state["mu"][None].float().to(dev))
+    source = state["source"]
+    scan = Scan(volume, np.asarray(state["affine"]), Path(source["path"]), source["shape"],
+                np.asarray(source["affine"]), source["preprocessed_here"], source["registered"])
+    affine = scan.affine
+    if native:
+        volume, affine = to_native(volume, scan)
+    out = Path(out_path)
+    save_volume(out, volume, affine, descrip="PROCESSED medldm decompress")
+    return out
+
+
+def _denoiser(run_dir: str | Path, autoencoder_run: str | Path | None, dev: torch.device):
+    unet, meta = load_diffusion(run_dir, dev)
+    ae_path = find_autoencoder(meta["autoencoder"], autoencoder_run)
+    ae, ae_meta = load_autoencoder_file(ae_path, dev, sha256=meta["autoencoder"]["sha256"])
+    return unet, meta, ae, ae_meta
+
+
+def _context(encoder: Any, conditions: dict[str, str] | None, dev: torch.device) -> tuple[torch.Tensor | None, dict]:
+    labels = encoder.parse(conditions or {})
+    if hasattr(encoder, "filled"):
+        labels = encoder.filled(labels)
+    return (encoder.encode([labels]).to(dev) if encoder.keys else None), labels
+
+
+def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path, strength: float = 0.3,
+                 steps: int = 50, seed: int = 0, conditions: dict[str, str] | None = None, native: bool = False,
+                 autoencoder_run: str | Path | None = None, device: str | None = None) -> Path:
+    """SDEdit: encode, noise the latent to the timestep ``strength`` names, run DDIM back to 0, decode.
+
+    Strength 0 returns the reconstruction; strength 1 ignores the input and is the fresh sample ``medldm sample
+    --seed SEED`` gives. The output keeps the scan's geometry and is marked as processed (synthetic at strength 1,
+    where nothing of the scan is left); ``OUT.png`` shows input, output and difference."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"--strength {strength:g}: use a value from 0 (reconstruction only) to 1 (a new sample)")
+    if steps < 1:
+        raise ValueError("--steps must be >= 1")
+    dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    unet, meta, ae, ae_meta = _denoiser(run_dir, autoencoder_run, dev)
+    scan = load_scan(in_path, ae_meta)
+    if native:
+        check_native(scan)  # before the work
+    context, labels = _context(meta["encoder"], conditions, dev)
+    scale = meta["scale_factor"]
+    cfg = config_from_dict("autoencoder", ae_meta["config"])
+    z0 = _encode(ae, cfg, scan.volume, dev) * scale
+    scheduler = build_scheduler(meta["cfg"].scheduler, "ddim")
+    scheduler.set_timesteps(min(steps, meta["cfg"].scheduler.num_train_timesteps))
+    # sample seed's start noise, drawn as `medldm sample --seed` draws it
+    gen = torch.Generator(dev).manual_seed(seed)
+    noise = torch.randn(meta["latent_shape"], generator=gen, device=dev)[None]
+    hybrid = meta["cfg"].conditioning.mode == "hybrid"
+    if strength == 0.0:
+        z = z0
+    elif strength == 1.0:
+        z = sample_latents(unet, scheduler, noise, context, concat=hybrid)
+    else:
+        t_start = int(round(strength * (scheduler.num_train_timesteps - 1)))
+        kept = scheduler.timesteps[scheduler.timesteps <= t_start]
+        if len(kept) == 0:
+            z = z0  # below the first DDIM step: nothing to denoise
+        else:
+            noisy = scheduler.add_noise(z0, noise, kept[:1].to(dev))
+            scheduler.timesteps = kept
+            z = sample_latents(unet, scheduler, noisy, context, concat=hybrid)
+    out_volume = _decode(ae, z / scale)
+    out = Path(out_path)
+    # at strength 1 nothing of the scan is left: the volume is a synthetic brain and says so
+    mark = "SYNTHETIC" if strength == 1.0 else "PROCESSED"
+    _write(out, out_volume, scan, native, f"{mark} medldm denoise strength={strength:g}", {
+        "synthetic": strength == 1.0,
+        "processed": "SDEdit denoising (encode, noise to the strength's timestep, DDIM back, decode)",
+        "strength": strength, "steps": steps, "seed": seed, "conditions": labels,
+        "diffusion_checkpoint": meta["checkpoint"], "diffusion_sha256": meta["sha256"],
+        "autoencoder_checkpoint": ae_meta["checkpoint"], "autoencoder_sha256": ae_meta["sha256"]})
+    _pictures(_png(out), [scan.volume, out_volume])
+    return out
+
+
+def show_noising(in_path: str | Path, out_png: str | Path, run_dir: str | Path, seed: int = 0,
+                 timesteps: tuple[int, ...] = NOISING_STEPS, autoencoder_run: str | Path | None = None,
+                 device: str | None = None) -> int:
+    """The forward process on one scan under the model's own schedule: for each timestep, the noised latent decoded
+    (image space) and each latent channel, mid axial slices, one column per timestep. Returns the panel count."""
+    from matplotlib.figure import Figure
+
+    dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    _, meta, ae, ae_meta = _denoiser(run_dir, autoencoder_run, dev)
+    scan = load_scan(in_path, ae_meta)
+    scale = meta["scale_factor"]
+    z0 = _encode(ae, config_from_dict("autoencoder", ae_meta["config"]), scan.volume, dev) * scale
+    scheduler = build_scheduler(meta["cfg"].scheduler, "ddpm")
+    last = scheduler.num_train_timesteps - 1
+    timesteps = tuple(min(t, last) for t in timesteps)
+    noise = torch.randn(z0.shape, generator=torch.Generator(dev).manual_seed(seed), device=dev)
+    rows = 1 + z0.shape[1]
+    fig = Figure(figsize=(2.2 * len(timesteps), 2.3 * rows), dpi=100, layout="constrained")
+    axes = fig.subplots(rows, len(timesteps), squeeze=False)
+    for j, t in enumerate(timesteps):
+        zt = scheduler.add_noise(z0, noise, torch.tensor([t], device=dev))
+        image = _decode(ae, zt / scale)
+        alpha_bar = float(scheduler.alphas_cumprod[t])
+        axes[0, j].imshow(np.rot90(image[:, :, image.shape[2] // 2]), cmap="gray", vmin=0, vmax=1)
+        axes[0, j].set_title(f"t = {t}\nᾱ = {alpha_bar:.3f}", fontsize=9)
+        for c in range(z0.shape[1]):
+            lat = zt[0, c].cpu().numpy()
+            axes[1 + c, j].imshow(np.rot90(lat[:, :, lat.shape[2] // 2]), cmap="coolwarm", vmin=-3, vmax=3)
+    axes[0, 0].set_ylabel("decoded image")
+    for c in range(z0.shape[1]):
+        axes[1 + c, 0].set_ylabel(f"latent channel {c}")
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{scan.path.name}: forward process of {Path(run_dir).name} "
+                 f"({meta['cfg'].scheduler.schedule}, {scheduler.num_train_timesteps} steps)", fontsize=10)
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png)
+    return rows * len(timesteps)

@@ -1,0 +1,81 @@
+"""``loss.png``: a run's loss curves, drawn from the same scalars TensorBoard shows (its event files), so a resumed
+run's picture covers the whole run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from medldm.data.io import atomic_path
+
+# train/* scalars that are not losses
+NOT_LOSSES = ("train/lr", "train/seconds_per_step", "train/skipped_nonfinite", "train/gpu_max_memory_gib")
+SMOOTHING = 0.9  # TensorBoard's default exponential smoothing
+
+
+def read_scalars(tensorboard_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every scalar tag of a TensorBoard folder as (steps, values), the latest value per step (a resumed run may
+    have logged a step twice)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0}).Reload()
+    out = {}
+    for tag in events.Tags()["scalars"]:
+        by_step = {e.step: e.value for e in events.Scalars(tag)}
+        steps = np.array(sorted(by_step))
+        out[tag] = (steps, np.array([by_step[s] for s in steps], dtype=float))
+    return out
+
+
+def smoothed(values: np.ndarray, weight: float = SMOOTHING) -> np.ndarray:
+    """TensorBoard's debiased exponential moving average."""
+    out, last, norm = np.empty_like(values), 0.0, 0.0
+    for i, v in enumerate(values):
+        last, norm = weight * last + (1 - weight) * v, weight * norm + (1 - weight)
+        out[i] = last / norm
+    return out
+
+
+def loss_plot(run_dir: str | Path) -> list[str]:
+    """Write ``RUN/loss.png`` (one panel per loss, raw and smoothed, then the validation scores); returns the panel
+    titles. Nothing is written before the first logged step."""
+    from matplotlib.figure import (
+        Figure,  # no pyplot: no global state, no display needed
+    )
+
+    run_dir = Path(run_dir)
+    scalars = read_scalars(run_dir / "tensorboard")
+    losses = sorted(t for t in scalars if t.startswith("train/") and t not in NOT_LOSSES)
+    panels = [*(t for t in losses if t == "train/loss"), *(t for t in losses if t != "train/loss"),
+              *sorted(t for t in scalars if t.startswith("val/"))]
+    if not panels:
+        return []
+    columns = min(len(panels), 4)
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(4 * columns, 3 * rows), dpi=100, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax, tag in zip(axes, panels):
+        steps, values = scalars[tag]
+        if tag.startswith("train/"):
+            ax.plot(steps, values, color="#1f77b4", alpha=0.3, linewidth=0.8, label="logged")
+            ax.plot(steps, smoothed(values), color="#1f77b4", linewidth=1.8, label=f"smoothed ({SMOOTHING})")
+            if (values > 0).all() and values.max() > 10 * values.min():
+                ax.set_yscale("log")
+            ax.legend(fontsize=7)
+        else:
+            ax.plot(steps, values, "o-", color="#d62728", markersize=3)
+        ax.set(title=tag, xlabel="step")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{run_dir.name}: up to step {max(scalars[t][0][-1] for t in panels)}")
+    # rewritten at every checkpoint: atomically, so a crash never leaves half a picture
+    tmp = atomic_path(run_dir / "loss.png")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, run_dir / "loss.png")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return panels
