@@ -64,6 +64,8 @@ def test_denoise_ends_are_reconstruction_and_a_fresh_sample(scan, ae_run, ldm_ru
     assert not np.allclose(halfway, nib.load(tmp_path / "d0.nii.gz").get_fdata(), atol=1e-3)
     sidecar = json.loads((tmp_path / "d.json").read_text(encoding="utf-8"))
     assert sidecar["strength"] == 0.5 and sidecar["synthetic"] is False and (tmp_path / "d.png").is_file()
+    # noised to the first DDIM timestep at or below 0.5 x 999, and denoised from there only
+    assert 0 < sidecar["t_start"] <= 500 and 0 < sidecar["denoising_steps"] < 4
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="--strength"):
             denoise_scan(scan, tmp_path / "x.nii.gz", ldm_run, strength=bad)

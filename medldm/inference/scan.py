@@ -48,22 +48,21 @@ def load_scan(path: str | Path, ae_meta: dict[str, Any]) -> Scan:
     """``path`` on the autoencoder's grid: as it is when it already has the training volumes' shape and [0, 1]
     intensities, else preprocessed with the settings of the dataset the autoencoder was trained on."""
     path = Path(path)
-    data, affine = load_volume(path)
+    data_dir = Path(ae_meta.get("data_dir", ""))
+    info = read_dataset_info(data_dir) if (data_dir / "preprocess.json").is_file() else None
+    # the dataset's settings as they were used (not re-validated: rules may have tightened since)
+    cfg = from_dict(PreprocessConfig, info["config"], "preprocess") if info else None
+    data, affine = load_volume(path, first_volume_of_4d=bool(cfg and cfg.use_first_volume_of_4d))
     shape = list(ae_meta["image_shape"])
     if list(data.shape) == shape and data.min() >= 0.0 and data.max() <= 1.0 + 1e-3:
         return Scan(data, affine, path, shape, affine, False, False)
-    data_dir = Path(ae_meta.get("data_dir", ""))
-    try:
-        info = read_dataset_info(data_dir)
-    except FileNotFoundError:
+    if cfg is None:
         raise FileNotFoundError(f"{path} is not a preprocessed volume ({list(data.shape)}, the model needs {shape} in "
                                 f"[0, 1]) and the dataset whose preprocessing it would need ({data_dir}) is not there; "
-                                "preprocess it with `medldm preprocess` first") from None
+                                "preprocess it with `medldm preprocess` first")
     from medldm.data.preprocess import preprocess_volume  # SimpleITK and MONAI transforms: only for raw scans
     from medldm.data.registration import load_template
 
-    # the dataset's settings as they were used (not re-validated: rules may have tightened since)
-    cfg = from_dict(PreprocessConfig, info["config"], "preprocess")
     template = load_template(cfg) if cfg.registration.enabled else None
     volume, out_affine, _ = preprocess_volume(data, affine, cfg, template)
     log.info("%s preprocessed as %s was (%s -> %s)", path.name, data_dir, list(data.shape), list(volume.shape))
@@ -190,8 +189,12 @@ def decompress_latent(latent_path: str | Path, out_path: str | Path, autoencoder
     trained = {"checkpoint": state["autoencoder_checkpoint"], "sha256": state["autoencoder_sha256"]}
     try:
         ae_path = find_autoencoder(trained, autoencoder_run)
-    except ValueError as e:
-        raise ValueError(f"{latent_path} was encoded by another autoencoder: {e}") from None
+    except ValueError:
+        raise ValueError(f"{latent_path} was encoded by another autoencoder (SHA-256 {trained['sha256'][:12]}…, "
+                         f"{trained['checkpoint']}) than {autoencoder_run}; decompress with that one") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"the autoencoder {trained['checkpoint']} that {latent_path} was encoded with is "
+                                "missing (moved?); pass --autoencoder AE_RUN") from None
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     model, _ = load_autoencoder_file(ae_path, dev, sha256=state["autoencoder_sha256"])
     volume = _decode(model, state["mu"][None].float().to(dev))
@@ -247,19 +250,22 @@ def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path,
     gen = torch.Generator(dev).manual_seed(seed)
     noise = torch.randn(meta["latent_shape"], generator=gen, device=dev)[None]
     hybrid = meta["cfg"].conditioning.mode == "hybrid"
+    ran = {"t_start": None, "denoising_steps": 0}
     if strength == 0.0:
         z = z0
     elif strength == 1.0:
         z = sample_latents(unet, scheduler, noise, context, concat=hybrid)
+        ran = {"t_start": int(scheduler.timesteps[0]), "denoising_steps": len(scheduler.timesteps)}
     else:
-        t_start = int(round(strength * (scheduler.num_train_timesteps - 1)))
-        kept = scheduler.timesteps[scheduler.timesteps <= t_start]
+        # noised to the first DDIM timestep at or below strength x (T - 1), denoised from there
+        kept = scheduler.timesteps[scheduler.timesteps <= int(round(strength * (scheduler.num_train_timesteps - 1)))]
         if len(kept) == 0:
-            z = z0  # below the first DDIM step: nothing to denoise
+            z = z0  # below the last DDIM step: nothing to denoise
         else:
             noisy = scheduler.add_noise(z0, noise, kept[:1].to(dev))
             scheduler.timesteps = kept
             z = sample_latents(unet, scheduler, noisy, context, concat=hybrid)
+            ran = {"t_start": int(kept[0]), "denoising_steps": len(kept)}
     out_volume = _decode(ae, z / scale)
     out = Path(out_path)
     # at strength 1 nothing of the scan is left: the volume is a synthetic brain and says so
@@ -267,7 +273,7 @@ def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path,
     _write(out, out_volume, scan, native, f"{mark} medldm denoise strength={strength:g}", {
         "synthetic": strength == 1.0,
         "processed": "SDEdit denoising (encode, noise to the strength's timestep, DDIM back, decode)",
-        "strength": strength, "steps": steps, "seed": seed, "conditions": labels,
+        "strength": strength, "steps": steps, **ran, "seed": seed, "conditions": labels,
         "diffusion_checkpoint": meta["checkpoint"], "diffusion_sha256": meta["sha256"],
         "autoencoder_checkpoint": ae_meta["checkpoint"], "autoencoder_sha256": ae_meta["sha256"]})
     _pictures(_png(out), [scan.volume, out_volume])

@@ -22,7 +22,7 @@ from medldm.inference.encode import reconstruct
 from medldm.models.networks import build_autoencoder, build_discriminator
 from medldm.models.speed import apply_speed
 from medldm.training.checkpoint import load_checkpoint, save_checkpoint
-from medldm.training.curves import loss_plot
+from medldm.training.curves import LossCurves
 from medldm.training.dist import DistContext, barrier, init_distributed
 from medldm.training.loop import (
     Deadline,
@@ -164,6 +164,7 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
     data = ResumableBatches(train_ds, tc.batch_size, ctx, tc.seed, tc.num_workers)
     batches = data.batches(start=step * tc.grad_accum)
     writer = SummaryWriter(run_dir / "tensorboard") if ctx.is_main else None
+    curves = LossCurves(run_dir) if ctx.is_main else None
     guard = NonFiniteGuard(ctx.device, skipped=skipped)
     deadline = Deadline(tc.time_limit_minutes)
     metrics = VolumeMetrics(image_shape)
@@ -260,7 +261,7 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
         if is_ckpt and ctx.is_main:
             checkpoint("latest.pt", rngs)
             writer.flush()
-            loss_plot(run_dir)  # loss.png from the scalars TensorBoard has, the whole run's after a resume
+            curves.draw()  # loss.png from the scalars TensorBoard has, the whole run's after a resume
         if is_val or is_ckpt:
             barrier(ctx)
         if stopped_by_time_limit(tc.time_limit_minutes, step, tc.steps, final):

@@ -3,30 +3,43 @@ run's picture covers the whole run."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from medldm.data.io import atomic_path
+
+log = logging.getLogger(__name__)
 
 # train/* scalars that are not losses
 NOT_LOSSES = ("train/lr", "train/seconds_per_step", "train/skipped_nonfinite", "train/gpu_max_memory_gib")
 SMOOTHING = 0.9  # TensorBoard's default exponential smoothing
 
 
-def read_scalars(tensorboard_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_scalars(tensorboard_dir: str | Path, events: Any = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Every scalar tag of a TensorBoard folder as (steps, values), the latest value per step (a resumed run may
-    have logged a step twice)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0}).Reload()
+    have logged a step twice). ``events``: an EventAccumulator kept from an earlier call, which then reads only
+    what was written since."""
+    if events is None:
+        events = _accumulator(tensorboard_dir)
+    events.Reload()
     out = {}
     for tag in events.Tags()["scalars"]:
         by_step = {e.step: e.value for e in events.Scalars(tag)}
         steps = np.array(sorted(by_step))
         out[tag] = (steps, np.array([by_step[s] for s in steps], dtype=float))
     return out
+
+
+def _accumulator(tensorboard_dir: str | Path) -> Any:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # scalars only: the preview images are not kept
+    return EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0, "images": 1, "tensors": 1,
+                                                                 "histograms": 1})
 
 
 def smoothed(values: np.ndarray, weight: float = SMOOTHING) -> np.ndarray:
@@ -38,15 +51,13 @@ def smoothed(values: np.ndarray, weight: float = SMOOTHING) -> np.ndarray:
     return out
 
 
-def loss_plot(run_dir: str | Path) -> list[str]:
+def loss_plot(run_dir: str | Path, events: Any = None) -> list[str]:
     """Write ``RUN/loss.png`` (one panel per loss, raw and smoothed, then the validation scores); returns the panel
-    titles. Nothing is written before the first logged step."""
-    from matplotlib.figure import (
-        Figure,  # no pyplot: no global state, no display needed
-    )
+    titles. Nothing is written before the first logged step. ``events`` as in :func:`read_scalars`."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
     run_dir = Path(run_dir)
-    scalars = read_scalars(run_dir / "tensorboard")
+    scalars = read_scalars(run_dir / "tensorboard", events)
     losses = sorted(t for t in scalars if t.startswith("train/") and t not in NOT_LOSSES)
     panels = [*(t for t in losses if t == "train/loss"), *(t for t in losses if t != "train/loss"),
               *sorted(t for t in scalars if t.startswith("val/"))]
@@ -79,3 +90,18 @@ def loss_plot(run_dir: str | Path) -> list[str]:
     finally:
         tmp.unlink(missing_ok=True)
     return panels
+
+
+class LossCurves:
+    """``loss.png`` during training: the event files are read incrementally, and a failure to draw is a warning,
+    never the end of the run."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.events = _accumulator(self.run_dir / "tensorboard")
+
+    def draw(self) -> None:
+        try:
+            loss_plot(self.run_dir, self.events)
+        except Exception as e:  # a picture is not worth a training run
+            log.warning("loss.png not drawn (%s: %s)", type(e).__name__, e)

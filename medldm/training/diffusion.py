@@ -21,7 +21,7 @@ from medldm.models.conditioning import ConditionEncoder, with_condition_channels
 from medldm.models.networks import build_scheduler, build_unet
 from medldm.models.speed import apply_speed
 from medldm.training.checkpoint import autoencoder_checkpoint, file_sha256, load_checkpoint, save_checkpoint
-from medldm.training.curves import loss_plot
+from medldm.training.curves import LossCurves
 from medldm.training.dist import barrier, init_distributed
 from medldm.training.loop import (
     Deadline,
@@ -201,6 +201,7 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
             "best_val_loss": best_val, "skipped_nonfinite": guard.skipped, "rng": rngs})
 
     writer = SummaryWriter(run_dir / "tensorboard") if ctx.is_main else None
+    curves = LossCurves(run_dir) if ctx.is_main else None
     preview = (Preview(cfg, encoder, [labelled[i] for i in val_idx], latent_shape, ae_ckpt, scale, ctx.device)
                if ctx.is_main and cfg.preview.every > 0 else None)
     guard = NonFiniteGuard(ctx.device, skipped=skipped)
@@ -279,7 +280,7 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
         if is_ckpt and ctx.is_main:
             checkpoint("latest.pt", rngs)
             writer.flush()
-            loss_plot(run_dir)  # loss.png from the scalars TensorBoard has, the whole run's after a resume
+            curves.draw()  # loss.png from the scalars TensorBoard has, the whole run's after a resume
         if is_val or is_ckpt:
             barrier(ctx)
         if stopped_by_time_limit(tc.time_limit_minutes, step, tc.steps, final):
