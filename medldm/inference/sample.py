@@ -46,6 +46,15 @@ def load_diffusion(run_dir: str | Path, device: torch.device | str = "cpu") -> t
 SAMPLERS = ("ddim", "ddpm")
 
 
+def condition_context(encoder: Any, conditions: Mapping[str, str] | None,
+                      device: torch.device) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """The context (1, 1, dim) for ``--condition`` pairs (None for an unconditional model), and the labels used."""
+    labels = encoder.parse(conditions or {})
+    if hasattr(encoder, "filled"):  # a model without "unknown" conditions: the defaults stand in, and are recorded
+        labels = encoder.filled(labels)
+    return (encoder.encode([labels]).to(device) if encoder.keys else None), labels
+
+
 @torch.no_grad()
 def sample_latents(
     unet: Callable[..., torch.Tensor],
@@ -138,10 +147,7 @@ def sample_run(
     ae_path = find_autoencoder(meta["autoencoder"], autoencoder_run)  # hashed there: the recorded SHA-256
     autoencoder, ae_meta = load_autoencoder_file(ae_path, decode_dev, sha256=meta["autoencoder"]["sha256"])
     encoder = meta["encoder"]
-    labels = encoder.parse(conditions or {})
-    if hasattr(encoder, "filled"):  # a model without "unknown" conditions: the defaults stand in, and are recorded
-        labels = encoder.filled(labels)
-    context_one = encoder.encode([labels]).to(dev) if encoder.keys else None
+    context_one, labels = condition_context(encoder, conditions, dev)
     if guidance != 1.0 and not getattr(encoder, "guidance", True):
         raise ValueError(f"--guidance {guidance:g}: this model was trained without dropping its conditions, so it has "
                          "no unconditional prediction to guide with; leave --guidance at 1")

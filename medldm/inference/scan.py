@@ -20,7 +20,13 @@ from medldm.data.dataset import read_dataset_info
 from medldm.data.io import load_volume, save_volume, write_json
 from medldm.evaluation.metrics import VolumeMetrics
 from medldm.inference.encode import decode_latents, load_autoencoder, load_autoencoder_file, posterior_mean
-from medldm.inference.sample import find_autoencoder, load_diffusion, resolve_device, sample_latents
+from medldm.inference.sample import (
+    condition_context,
+    find_autoencoder,
+    load_diffusion,
+    resolve_device,
+    sample_latents,
+)
 from medldm.models.networks import build_scheduler
 from medldm.training.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from medldm.versions import versions
@@ -216,13 +222,6 @@ def _denoiser(run_dir: str | Path, autoencoder_run: str | Path | None, dev: torc
     return unet, meta, ae, ae_meta
 
 
-def _context(encoder: Any, conditions: dict[str, str] | None, dev: torch.device) -> tuple[torch.Tensor | None, dict]:
-    labels = encoder.parse(conditions or {})
-    if hasattr(encoder, "filled"):
-        labels = encoder.filled(labels)
-    return (encoder.encode([labels]).to(dev) if encoder.keys else None), labels
-
-
 def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path, strength: float = 0.3,
                  steps: int = 50, seed: int = 0, conditions: dict[str, str] | None = None, native: bool = False,
                  autoencoder_run: str | Path | None = None, device: str | None = None) -> Path:
@@ -240,7 +239,7 @@ def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path,
     scan = load_scan(in_path, ae_meta)
     if native:
         check_native(scan)  # before the work
-    context, labels = _context(meta["encoder"], conditions, dev)
+    context, labels = condition_context(meta["encoder"], conditions, dev)
     scale = meta["scale_factor"]
     cfg = config_from_dict("autoencoder", ae_meta["config"])
     z0 = _encode(ae, cfg, scan.volume, dev) * scale
