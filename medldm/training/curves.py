@@ -37,6 +37,8 @@ def read_scalars(tensorboard_dir: str | Path, events: Any = None) -> dict[str, t
 def _accumulator(tensorboard_dir: str | Path) -> Any:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    # its "no path found after ..." notes at every incremental read are noise in a training log
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)
     # scalars only: the preview images are not kept
     return EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0, "images": 1, "tensors": 1,
                                                                  "histograms": 1})
