@@ -1,6 +1,6 @@
 """GPU speed and memory: medldm's training and sampling paths against plain MONAI, side by side, in one process.
 
-    python benchmarks/gpu_bench.py --out OUT                 # brain-LDM shapes (a GPU with >= 64 GB for the plain loops)
+    python benchmarks/gpu_bench.py --out OUT                 # brain-LDM shapes (>= 64 GB GPU for the plain loops)
     python benchmarks/gpu_bench.py --out OUT --levers        # also each lever on its own
     python benchmarks/gpu_bench.py --tiny --out OUT --compile-backend aot_eager   # CPU smoke run (a test does this)
 
@@ -345,35 +345,34 @@ def main() -> None:
         log.info("%s %-26s %8.1f ms  peak %5.1f GiB  %6.1f TFLOP/s  (first call %.1f s)", kind, name,
                  numbers["seconds"] * 1e3, numbers["peak_gib"], numbers["tflops"], numbers["first_call_s"])
 
+    def time_training(kind: str, build: Callable, flops: float) -> None:
+        """Each variant's first step (numerics, compile time), then its timed steps."""
+        for name, speed in variants(kind, MEDLDM_AE if kind == "ae" else MEDLDM_UNET).items():
+            fresh(device)
+            torch.backends.cudnn.benchmark = speed is not None
+            step, first = build(speed)
+            record(f"{kind}_step", name, timed_first(first, device) | measure(step, device, args.warmup, args.repeats),
+                   flops)
+            del step, first
+
     if "ae" in args.only:
         init = build_autoencoder(shapes.ae).state_dict()
         x = torch.rand(shapes.ae_batch, 1, *shapes.image, generator=g).to(device)
         x_meta = torch.empty(x.shape, device="meta")
         flops = count_flops(lambda: (lambda r: r[0].float().abs().mean().backward())(meta_ae(x_meta)))
-        for name, speed in variants("ae", MEDLDM_AE).items():
-            fresh(device)
-            torch.backends.cudnn.benchmark = speed is not None
-            step, first = ae_step(shapes, device, speed, args.compile_backend, init, x)
-            numbers = timed_first(first, device) | measure(step, device, args.warmup, args.repeats)
-            record("ae_step", name, numbers, flops)
-            del step, first
+        time_training("ae", lambda speed: ae_step(shapes, device, speed, args.compile_backend, init, x), flops)
 
     if "unet" in args.only:
         init = unzero(build_unet(shapes.unet, shapes.latent_channels, shapes.context_dim), 1).state_dict()
         b = shapes.unet_batch
         batch = {"z": torch.randn(b, *shapes.latent, generator=g), "noise": torch.randn(b, *shapes.latent, generator=g),
-                 "t": torch.randint(0, 1000, (b,), generator=g), "context": torch.rand(b, 1, shapes.context_dim, generator=g)}
+                 "t": torch.randint(0, 1000, (b,), generator=g),
+                 "context": torch.rand(b, 1, shapes.context_dim, generator=g)}
         batch = {k: v.to(device) for k, v in batch.items()}
         meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in batch.items()}
         flops = count_flops(lambda: meta_unet(meta["z"], timesteps=meta["t"], context=meta["context"]).float()
                             .pow(2).mean().backward())
-        for name, speed in variants("unet", MEDLDM_UNET).items():
-            fresh(device)
-            torch.backends.cudnn.benchmark = speed is not None
-            step, first = unet_step(shapes, device, speed, args.compile_backend, init, batch)
-            numbers = timed_first(first, device) | measure(step, device, args.warmup, args.repeats)
-            record("unet_step", name, numbers, flops)
-            del step, first
+        time_training("unet", lambda speed: unet_step(shapes, device, speed, args.compile_backend, init, batch), flops)
 
     if "sample" in args.only:
         inits = {"unet": unzero(build_unet(shapes.unet, shapes.latent_channels, shapes.context_dim), 2).state_dict(),

@@ -86,18 +86,20 @@ def bundle(tmp_path):
 def test_old_key_names_load_into_monai_networks_that_compute_what_the_old_ones_did(bundle):
     root, ae, unet = bundle
     new_ae = AutoencoderKL(**{k: v for k, v in AE_DEF.items() if k != "_target_"}).eval()  # with out_proj
-    new_ae.load_state_dict(convert_old_state_dict(new_ae, torch.load(root / "models" / "autoencoder.pt")))
+    old_ae = torch.load(root / "models" / "autoencoder.pt", weights_only=True)
+    new_ae.load_state_dict(convert_old_state_dict(new_ae, old_ae))
     z = torch.randn(1, 3, 8, 8, 8)
     with torch.no_grad():
         assert torch.allclose(new_ae.decode(z), ae.decode(z), atol=1e-6)
     new_unet = DiffusionModelUNet(**{k: v for k, v in UNET_DEF.items() if k != "_target_"}).eval()
-    new_unet.load_state_dict(convert_old_state_dict(new_unet, torch.load(root / "models" / "model.pt")))
+    old_unet = torch.load(root / "models" / "model.pt", weights_only=True)
+    new_unet.load_state_dict(convert_old_state_dict(new_unet, old_unet))
     x, c = torch.randn(2, 7, 8, 8, 8), torch.rand(2, 1, 4)
     with torch.no_grad():
         assert torch.equal(new_unet(x, timesteps=torch.tensor([5, 700]), context=c),
                            unet(x, timesteps=torch.tensor([5, 700]), context=c))
     # weights that do not fit are an error naming them, not a silent partial load
-    broken = torch.load(root / "models" / "model.pt")
+    broken = torch.load(root / "models" / "model.pt", weights_only=True)
     broken.pop("out.2.conv.weight")
     broken["extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"1 weight\(s\) missing \(e.g. \['out.2.conv.weight'\]\), 1 unexpected"):

@@ -195,13 +195,10 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 def atomic_path(final: Path) -> Path:
     """A temporary sibling of ``final`` to write first and ``os.replace`` afterwards."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + "".join(final.suffixes), dir=final.parent)
-    os.close(fd)
-    # mkstemp makes the file private (0600); the final file gets the permissions any new file would get
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return Path(tmp)
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp{''.join(final.suffixes)}"
+    # created like any new file (mode 0666 less the umask; mkstemp would make it private), and never over another
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    return tmp
 
 
 # integer storage: value = round(intensity in [0, 1] x levels); NIfTI readers get [0, 1] back through scl_slope

@@ -160,6 +160,16 @@ def _require(definition: dict[str, Any], where: str, **expected: Any) -> None:
             raise BundleError(f"{where}: {key}={definition[key]!r} is not supported (medldm builds {value!r})")
 
 
+def _res_blocks(d: dict[str, Any], where: str) -> int:
+    # MONAI takes one number or one per level; medldm's configs take one
+    value = _arg(d, "num_res_blocks", where, 2)
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise BundleError(f"{where}: num_res_blocks={value} differs per level; medldm uses one number")
+        value = value[0]
+    return int(value)
+
+
 def autoencoder_config(d: dict[str, Any], where: str) -> AutoencoderConfig:
     """medldm's autoencoder config for a bundle's AutoencoderKL definition."""
     if not str(d.get("_target_", "")).endswith("AutoencoderKL"):
@@ -167,16 +177,12 @@ def autoencoder_config(d: dict[str, Any], where: str) -> AutoencoderConfig:
     _require(d, where, spatial_dims=3, in_channels=1, out_channels=1, norm_eps=1e-6, use_convtranspose=False,
              include_fc=True, use_combined_linear=False)
     channels = _arg(d, "channels", where, old="num_channels")
-    res_blocks = _arg(d, "num_res_blocks", where, 2)
-    if isinstance(res_blocks, list):
-        if len(set(res_blocks)) != 1:
-            raise BundleError(f"{where}: num_res_blocks={res_blocks} differs per level; medldm uses one number")
-        res_blocks = res_blocks[0]
+    res_blocks = _res_blocks(d, where)
     enc, dec = d.get("with_encoder_nonlocal_attn", True), d.get("with_decoder_nonlocal_attn", True)
     if enc != dec:
         raise BundleError(f"{where}: with_encoder_nonlocal_attn and with_decoder_nonlocal_attn differ")
     cfg = AutoencoderConfig(model=AutoencoderModelConfig(
-        channels=tuple(channels), num_res_blocks=int(res_blocks), latent_channels=int(_arg(d, "latent_channels", where, 3)),
+        channels=tuple(channels), num_res_blocks=res_blocks, latent_channels=int(_arg(d, "latent_channels", where, 3)),
         attention_levels=tuple(_arg(d, "attention_levels", where, [False] * len(channels))),
         norm_num_groups=int(_arg(d, "norm_num_groups", where, 32)), with_nonlocal_attn=bool(enc)))
     cfg.validate()
@@ -208,18 +214,14 @@ def diffusion_config(d: dict[str, Any], scheduler: dict[str, Any], latent_channe
     channels = list(_arg(d, "channels", where, old="num_channels"))
     heads = _arg(d, "num_head_channels", where, 8)
     heads = [heads] * len(channels) if isinstance(heads, int) else list(heads)
-    res_blocks = _arg(d, "num_res_blocks", where, 2)
-    if isinstance(res_blocks, list):
-        if len(set(res_blocks)) != 1:
-            raise BundleError(f"{where}: num_res_blocks={res_blocks} differs per level; medldm uses one number")
-        res_blocks = res_blocks[0]
+    res_blocks = _res_blocks(d, where)
     schedule = scheduler.get("schedule", {"scaled_linear": "scaled_linear_beta", "linear": "linear_beta"}.get(
         scheduler.get("beta_schedule"), "linear_beta"))
     if scheduler.get("clip_sample", False):
         raise BundleError(f"{where}: scheduler clip_sample=true is not supported")
     cfg = DiffusionConfig(
         model=UNetConfig(channels=tuple(channels), attention_levels=tuple(_arg(d, "attention_levels", where)),
-                         num_res_blocks=int(res_blocks), num_head_channels=tuple(heads),
+                         num_res_blocks=res_blocks, num_head_channels=tuple(heads),
                          norm_num_groups=int(_arg(d, "norm_num_groups", where, 32)),
                          resblock_updown=bool(d.get("resblock_updown", False)),
                          upcast_attention=bool(d.get("upcast_attention", False))),

@@ -55,7 +55,8 @@ def _onnx_runtime() -> Any:
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError:
         raise ValueError("--format onnx needs the onnx, onnxscript and onnxruntime packages: "
-                         "`pip install -e \".[onnx]\"` in a clone (or pip install onnx onnxscript onnxruntime)") from None
+                         "`pip install -e \".[onnx]\"` in a clone (or pip install onnx onnxscript "
+                         "onnxruntime)") from None
     return onnxruntime
 
 
@@ -92,7 +93,7 @@ def export_model(run_dir: str | Path, fmt: str = "torchscript", out_dir: str | P
     run = Path(run_dir)
     out = Path(out_dir) if out_dir else run / "export"
     out.mkdir(parents=True, exist_ok=True)
-    kind = load_checkpoint(best_checkpoint(run, "autoencoder or diffusion")).get("kind")
+    kind = load_checkpoint(best_checkpoint(run, "autoencoder or diffusion"), mmap=True).get("kind")  # no weights read
     suffix = ".pt" if fmt == "torchscript" else ".onnx"
     gen = torch.Generator().manual_seed(0)
     jobs = []

@@ -23,13 +23,14 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a medldm checkpoint safely (tensors and plain containers only)."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load a medldm checkpoint safely (tensors and plain containers only); ``mmap`` maps the tensors instead of
+    reading them (for a look at the metadata of a large file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); "
                          "is it a medldm checkpoint that was completely written?") from None
