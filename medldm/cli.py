@@ -24,54 +24,74 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.steps=1000 (repeatable)")
 
 
+def _add_run_dir_arg(p: argparse.ArgumentParser, what: str) -> None:
+    # --run-dir, because torchrun reads any --run... in the whole command line as an abbreviation of its own
+    # --run-path ("ambiguous option"); the old --run still works where no launcher parses the line first
+    p.add_argument("--run-dir", "--run", dest="run", type=Path, required=True, metavar="RUN_DIR", help=what)
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when there is one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medldm", description="3D brain-MRI latent diffusion toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("phantoms", help="write synthetic T1 head phantoms (ADNI-like tree or flat folder)")
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--num", type=int, default=16)
-    p.add_argument("--layout", choices=("adni", "flat"), default="adni")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out_dir", type=Path, help="folder to write the phantoms and their labels CSV into")
+    p.add_argument("--num", type=int, default=16, help="number of subjects (default 16)")
+    p.add_argument("--layout", choices=("adni", "flat"), default="adni",
+                   help="adni: an ADNI download tree with an IDA CSV (default); flat: NIfTI files + participants.csv")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the phantoms' anatomy (default 0)")
 
     p = sub.add_parser("preprocess", help="discover, preprocess and split scans into a dataset dir")
-    p.add_argument("input_dir", type=Path)
-    p.add_argument("output_dir", type=Path)
+    p.add_argument("input_dir", type=Path, help="an ADNI download (the folder holding ADNI/) or a folder of NIfTI files")
+    p.add_argument("output_dir", type=Path, help="the dataset dir to write (or to resume into)")
     p.add_argument("--metadata", type=Path, help="IDA collection CSV or flat-layout CSV (default: found in INPUT_DIR)")
     p.add_argument("--adnimerge", type=Path, help="ADNIMERGE.csv for age at scan, sex and diagnosis per visit")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="scans preprocessed in parallel (default 1)")
+    p.add_argument("--shard", metavar="I/N", help="preprocess only the I-th of N deterministic shares of the scans "
+                                                  "(1 <= I <= N; e.g. one SLURM array task each) and write only their "
+                                                  "per-scan files; then run --assemble once")
+    p.add_argument("--assemble", action="store_true",
+                   help="preprocess nothing: build manifest, splits, failures and QC from the per-scan results the "
+                        "shards wrote (an error lists scans without one)")
     _add_config_args(p)
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="stage", required=True)
     p = train.add_parser("autoencoder", help="stage 1: KL autoencoder")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--data", type=Path, required=True, help="dataset dir written by medldm preprocess")
+    _add_run_dir_arg(p, "the autoencoder run dir to create (or continue with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest.pt")
     _add_config_args(p)
     p = train.add_parser("diffusion", help="stage 2: latent diffusion UNet")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--autoencoder", type=Path, required=True)
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--data", type=Path, required=True, help="dataset dir written by medldm preprocess")
+    p.add_argument("--autoencoder", type=Path, required=True,
+                   help="the autoencoder run (encoded with medldm encode) whose latents the UNet learns")
+    _add_run_dir_arg(p, "the diffusion run dir to create (or continue with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest.pt")
     _add_config_args(p)
 
     p = sub.add_parser("encode", help="cache posterior means and the latent scale factor")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--autoencoder", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="dataset dir written by medldm preprocess")
+    p.add_argument("--autoencoder", type=Path, required=True, help="the trained autoencoder run; the latents are "
+                                                                    "written to AE_RUN/latents/")
     p.add_argument("--batch-size", type=int, default=4, help="volumes encoded together (default 4)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
 
     p = sub.add_parser("sample", help="sample synthetic volumes (DDIM or DDPM) and export NIfTI/DICOM + previews")
-    p.add_argument("--run", type=Path, required=True, help="diffusion run dir")
+    p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, help="diffusion run dir")
     p.add_argument("--out", type=Path, required=True, help="output folder (refused if it holds earlier samples)")
-    p.add_argument("--num", type=int, default=4)
+    p.add_argument("--num", type=int, default=4, help="number of volumes (default 4)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
                    help="ddim (default, --steps) or ddpm (every training timestep, e.g. 1000)")
     p.add_argument("--steps", type=int, help="DDIM steps (default 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED+i, whatever the batch size")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="volumes denoised together (default 4; decoding is "
+                                                              "always one volume at a time)")
     p.add_argument("--condition", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="e.g. --condition age=75 sex=F diagnosis=AD (within the training range; "
                         "conditions not given are unknown)")
@@ -101,61 +121,64 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-model", help="the decoder and UNet of a run as TorchScript or ONNX, checked "
                                             "against PyTorch")
     p.add_argument("run", type=Path, help="a diffusion run (UNet + its decoder) or an autoencoder run (decoder)")
-    p.add_argument("--format", dest="fmt", choices=("torchscript", "onnx"), default="torchscript")
-    p.add_argument("--out", type=Path, help="default: RUN/export")
+    p.add_argument("--format", dest="fmt", choices=("torchscript", "onnx"), default="torchscript",
+                   help="torchscript (default) or onnx (needs the [onnx] extra)")
+    p.add_argument("--out", type=Path, help="output folder (default: RUN/export)")
     p.add_argument("--autoencoder", type=Path, help="AE run dir when the runs were moved since training")
 
     p = sub.add_parser("reconstruct", help="one scan through the autoencoder (encode, decode), with a difference PNG")
     p.add_argument("input", type=Path, help="a preprocessed volume, or a raw scan (preprocessed like the training data)")
-    p.add_argument("output", type=Path)
-    p.add_argument("--autoencoder", type=Path, required=True)
+    p.add_argument("output", type=Path, help="the reconstruction (.nii.gz), with OUT.png and OUT.json beside it")
+    p.add_argument("--autoencoder", type=Path, required=True, help="the autoencoder run")
     p.add_argument("--native", action="store_true", help="resample the result onto the input scan's own grid")
-    p.add_argument("--device")
+    _add_device_arg(p)
 
     p = sub.add_parser("compress", help="one scan to its latent (posterior mean) file")
-    p.add_argument("input", type=Path)
+    p.add_argument("input", type=Path, help="a preprocessed volume, or a raw scan (NIfTI or DICOM folder)")
     p.add_argument("output", type=Path, help="e.g. scan.latent")
-    p.add_argument("--autoencoder", type=Path, required=True)
+    p.add_argument("--autoencoder", type=Path, required=True, help="the autoencoder run")
     p.add_argument("--float16", action="store_true", help="store the latent in float16 (half the size)")
-    p.add_argument("--device")
+    _add_device_arg(p)
 
     p = sub.add_parser("decompress", help="a latent file back to a NIfTI volume, in the scan's space")
     p.add_argument("input", type=Path, help="a file written by medldm compress")
-    p.add_argument("output", type=Path)
+    p.add_argument("output", type=Path, help="the decoded volume (.nii.gz)")
     p.add_argument("--autoencoder", type=Path, help="the AE run, when it was moved since compressing")
     p.add_argument("--native", action="store_true", help="resample onto the original scan's own grid")
-    p.add_argument("--device")
+    _add_device_arg(p)
 
     p = sub.add_parser("denoise", help="SDEdit: noise a scan's latent to a strength, denoise it with a diffusion run")
-    p.add_argument("input", type=Path)
-    p.add_argument("output", type=Path)
-    p.add_argument("--run", type=Path, required=True, help="the diffusion run")
+    p.add_argument("input", type=Path, help="a preprocessed volume, or a raw scan (NIfTI or DICOM folder)")
+    p.add_argument("output", type=Path, help="the denoised volume (.nii.gz), with OUT.png and OUT.json beside it")
+    p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, help="the diffusion run")
     p.add_argument("--strength", type=float, default=0.3, help="0 = reconstruction only, 1 = a new sample")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--condition", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the whole schedule (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the added noise (default 0)")
+    p.add_argument("--condition", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="conditions of the denoising, as in medldm sample (e.g. age=70 sex=F)")
     p.add_argument("--native", action="store_true", help="resample the result onto the input scan's own grid")
     p.add_argument("--autoencoder", type=Path, help="AE run dir when the runs were moved since training")
-    p.add_argument("--device")
+    _add_device_arg(p)
 
     p = sub.add_parser("show-noising", help="a PNG of one scan under the model's forward (noising) process")
-    p.add_argument("input", type=Path)
+    p.add_argument("input", type=Path, help="a preprocessed volume, or a raw scan (NIfTI or DICOM folder)")
     p.add_argument("output", type=Path, help="the PNG")
-    p.add_argument("--run", type=Path, required=True, help="the diffusion run (its noise schedule and autoencoder)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--autoencoder", type=Path)
-    p.add_argument("--device")
+    p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
+                   help="the diffusion run (its noise schedule and autoencoder)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the added noise (default 0)")
+    p.add_argument("--autoencoder", type=Path, help="AE run dir when the runs were moved since training")
+    _add_device_arg(p)
 
     p = sub.add_parser("evaluate", help="SSIM/MS-SSIM/PSNR of reconstructions and diversity of samples")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--autoencoder", type=Path)
+    p.add_argument("--data", type=Path, required=True, help="dataset dir written by medldm preprocess")
+    p.add_argument("--out", type=Path, required=True, help="report folder (report.json, report.md, pictures)")
+    p.add_argument("--autoencoder", type=Path, help="autoencoder run: scores its reconstructions of the test split")
     p.add_argument("--samples", type=Path, nargs="+", help="one or more sample dirs (e.g. one per requested age)")
     _add_config_args(p)
 
     p = sub.add_parser("demo", help="the whole pipeline on generated phantoms with the tiny configs (CPU)")
-    p.add_argument("--out", type=Path, default=Path("demo_output"))
-    p.add_argument("--num", type=int, default=24, help="phantom subjects")
+    p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default demo_output)")
+    p.add_argument("--num", type=int, default=24, help="phantom subjects (default 24)")
     return parser
 
 
@@ -169,11 +192,17 @@ def run(args: argparse.Namespace) -> int:
         csv_path = write_phantoms(args.out_dir, args.num, layout=args.layout, seed=args.seed)
         print(f"wrote {args.num} phantoms to {args.out_dir} (labels: {csv_path})")
     elif args.command == "preprocess":
-        from medldm.data.preprocess import preprocess_dataset
+        from medldm.data.preprocess import Shard, preprocess_dataset
 
+        shard = Shard.parse(args.shard) if args.shard else None
         cfg = load_config("preprocess", args.config, args.overrides)
         info = preprocess_dataset(args.input_dir, args.output_dir, cfg, metadata=args.metadata,
-                                  adnimerge=args.adnimerge, workers=args.workers)
+                                  adnimerge=args.adnimerge, workers=args.workers, shard=shard, assemble=args.assemble)
+        if shard is not None:
+            print(f"shard {shard}: {info['num_scans']} of {info['of_scans']} scans -> {args.output_dir / 'images'} "
+                  f"({info['resumed']} kept from an earlier run, {len(info['failures'])} failed); when every shard "
+                  "has finished, run the same command with --assemble instead of --shard")
+            return 1 if info["failures"] else 0
         print(f"{info['num_scans']} scans of {info['num_subjects']} subjects -> {args.output_dir} "
               f"(splits {info['splits']}; {info['resumed']} kept from an earlier run; "
               f"{len(info['outliers'])} flagged in {args.output_dir / 'qc' / 'index.html'})")

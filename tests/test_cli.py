@@ -17,8 +17,9 @@ def test_every_stage_through_the_cli(tmp_path, capsys):
     fast = ["--set", "train.steps=4", "--set", "train.val_every=2"]
     assert main(["phantoms", str(raw), "--num", "6", "--layout", "flat", "--seed", "1"]) == 0
     assert main(["preprocess", str(raw), str(data), "--set", "split.test_fraction=0.34"]) == 0
-    assert main(["train", "autoencoder", "--data", str(data), "--run", str(ae), *fast]) == 0
+    assert main(["train", "autoencoder", "--data", str(data), "--run-dir", str(ae), *fast]) == 0
     assert main(["encode", "--data", str(data), "--autoencoder", str(ae)]) == 0
+    # the old spelling --run still works where no launcher reads the command line first
     assert main(["train", "diffusion", "--data", str(data), "--autoencoder", str(ae), "--run", str(ldm), *fast]) == 0
     age = min(train_age_range(data))
     assert main(["sample", "--run", str(ldm), "--out", str(samples), "--num", "2", "--steps", "3",

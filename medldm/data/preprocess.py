@@ -7,6 +7,8 @@ import csv
 import hashlib
 import json
 import logging
+import socket
+import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -117,23 +119,78 @@ class _Job:
     cfg: PreprocessConfig
     cfg_hash: str
 
+    @property
+    def stem(self) -> str:
+        return self.out_path.name.removesuffix(".nii.gz")
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name.replace(".nii.gz", ".json"))
+    @property
+    def sidecar(self) -> Path:
+        """Written last after a success: an image without it is redone."""
+        return self.out_path.with_name(f"{self.stem}.json")
+
+    @property
+    def failure_record(self) -> Path:
+        """Written instead of the image when the scan fails, so an assembly lists the failure without redoing it."""
+        return self.out_path.with_name(f"{self.stem}.failed.json")
 
 
-def _run_job(job: _Job) -> dict[str, Any]:
-    """Preprocess one scan to its output file (or reuse it); never raises: a bad scan is a result with an error."""
-    side = _sidecar(job.out_path)
-    if job.out_path.is_file() and side.is_file():
+@dataclass(frozen=True)
+class Shard:
+    """The ``index``-th (1-based) of ``count`` deterministic shares of a cohort's scans, for a SLURM array job."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        index, sep, count = text.partition("/")
         try:
-            previous = json.loads(side.read_text(encoding="utf-8"))
+            shard = cls(int(index), int(count))
+        except ValueError:
+            shard = None
+        if not sep or shard is None or not 1 <= shard.index <= shard.count:
+            raise ValueError(f"--shard {text!r}: expected I/N with 1 <= I <= N, e.g. --shard 3/10 for the third of "
+                             "ten shards (shards are numbered from 1)")
+        return shard
+
+    def owns(self, stem: str) -> bool:
+        return shard_of(stem, self.count) == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def shard_of(stem: str, count: int) -> int:
+    """The shard (1..count) that preprocesses the scan written as ``images/<stem>.nii.gz``.
+
+    A hash of the scan's own output name, not its position in the discovered list: shards that discover a
+    cohort which is still growing still agree on who owns each scan, so no two write the same file."""
+    return 1 + int(hashlib.sha256(stem.encode()).hexdigest()[:12], 16) % count
+
+
+def _recorded_result(job: _Job, failures_too: bool) -> dict[str, Any] | None:
+    """The result an earlier run (or shard) left for this scan with the same settings, or None."""
+    try:
+        if job.out_path.is_file() and job.sidecar.is_file():
+            previous = json.loads(job.sidecar.read_text(encoding="utf-8"))
             if previous.get("config_hash") == job.cfg_hash:
                 if not job.qc_png.is_file():  # qc/ was deleted: redraw the picture, keep the volume
                     save_png(job.qc_png, three_plane(load_volume(job.out_path)[0]))
                 return {**previous, "resumed": True}
-        except json.JSONDecodeError:
-            pass  # a broken sidecar: redo the scan
+        if failures_too and job.failure_record.is_file():
+            previous = json.loads(job.failure_record.read_text(encoding="utf-8"))
+            if previous.get("config_hash") == job.cfg_hash:
+                return {"error": previous["error"], "resumed": True}
+    except (json.JSONDecodeError, KeyError):
+        pass  # a broken record: the scan has no result
+    return None
+
+
+def _run_job(job: _Job) -> dict[str, Any]:
+    """Preprocess one scan to its output file (or reuse it); never raises: a bad scan is a result with an error."""
+    previous = _recorded_result(job, failures_too=False)  # earlier failures are tried again
+    if previous is not None:
+        return previous
     try:
         data, affine = load_volume(job.scan.path, first_volume_of_4d=job.cfg.use_first_volume_of_4d)
         template = load_template(job.cfg) if job.cfg.registration.enabled else None
@@ -143,10 +200,19 @@ def _run_job(job: _Job) -> dict[str, Any]:
         save_png(job.qc_png, three_plane(volume))
         result = {"config_hash": job.cfg_hash, "source": str(job.scan.path),
                   "source_sha256": source_sha256(job.scan.path), "stats": stats}
-        write_json(side, result)  # last: an image without its sidecar is redone by the next run
+        write_json(job.sidecar, result)  # last: an image without its sidecar is redone by the next run
+        job.failure_record.unlink(missing_ok=True)
         return {**result, "resumed": False}
     except Exception as e:  # one bad scan must not stop a batch of thousands
-        return {"error": f"{job.scan.path}: {e}"}
+        error = f"{job.scan.path}: {e}"
+        # what an earlier run made of this scan with other settings is stale now
+        for stale in (job.sidecar, job.out_path, job.qc_png):
+            stale.unlink(missing_ok=True)
+        try:
+            write_json(job.failure_record, {"config_hash": job.cfg_hash, "source": str(job.scan.path), "error": error})
+        except OSError as write_error:
+            log.warning("%s: cannot record the failure (%s)", job.failure_record, write_error)
+        return {"error": error, "resumed": False}
 
 
 def _one_thread() -> None:
@@ -176,17 +242,22 @@ def preprocess_dataset(
     metadata: str | Path | None = None,
     adnimerge: str | Path | None = None,
     workers: int = 1,
+    shard: Shard | None = None,
+    assemble: bool = False,
 ) -> dict[str, Any]:
     """Discover, preprocess and split every scan under ``input_dir``; write the dataset dir; return a summary.
 
     Rerunning on the same output dir skips scans already done with the same settings and keeps every
-    earlier subject in its split.
+    earlier subject in its split. With ``shard`` only that shard's scans are preprocessed and only their
+    per-scan files are written; ``assemble`` preprocesses nothing and builds the dataset from those files.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if shard is not None and assemble:
+        raise ValueError("--shard and --assemble exclude each other: run the shards first, then --assemble once")
     if output_dir.resolve().is_relative_to(input_dir.resolve()):
         raise ValueError(f"output dir {output_dir} is inside the input dir {input_dir}: the next run would "
                          "discover its own outputs; choose an output dir outside the input")
-    if cfg.registration.enabled:
+    if cfg.registration.enabled and not assemble:
         load_template(cfg)  # a missing template is one clear error now, not one per scan
     found = discover_scans(input_dir, metadata=metadata, adnimerge=adnimerge,
                            description_patterns=cfg.description_patterns, preferred_types=cfg.preferred_types,
@@ -196,11 +267,23 @@ def preprocess_dataset(
     if not found.scans:
         reasons = "; ".join(f"{p}: {r}" for p, r in found.skipped[:5])
         raise ValueError(f"no usable scans found under {input_dir}" + (f" ({reasons})" if reasons else ""))
+    jobs = _plan_jobs(found.scans, output_dir, cfg)
 
-    visits = Counter((s.subject_id, s.session) for s in found.scans)
+    if shard is not None:
+        return _run_shard(output_dir, [j for j in jobs if shard.owns(j.stem)], shard, workers, len(jobs))
+    if assemble:
+        results = _recorded_results(output_dir, jobs)
+    else:
+        log.info("preprocessing %d scans with %d worker(s)", len(jobs), workers)
+        results = _process(jobs, workers)
+    return _write_dataset(input_dir, output_dir, cfg, jobs, results, found.skipped, metadata, adnimerge)
+
+
+def _plan_jobs(scans: list[ScanRecord], output_dir: Path, cfg: PreprocessConfig) -> list[_Job]:
+    visits = Counter((s.subject_id, s.session) for s in scans)
     cfg_hash = config_hash(cfg)
     jobs = []
-    for scan in found.scans:
+    for scan in scans:
         # subject_session names the file; the image id is added only where a visit has several scans
         stem = f"{scan.subject_id}_{scan.session}"
         if visits[(scan.subject_id, scan.session)] > 1:
@@ -208,17 +291,68 @@ def preprocess_dataset(
         stem = _safe_name(stem)
         jobs.append(_Job(scan, output_dir / "images" / f"{stem}.nii.gz", output_dir / "qc" / "scans" / f"{stem}.png",
                          cfg, cfg_hash))
-    log.info("preprocessing %d scans with %d worker(s)", len(jobs), workers)
-    if workers > 1:
+    return jobs
+
+
+def _process(jobs: list[_Job], workers: int, desc: str = "preprocess") -> list[dict[str, Any]]:
+    if workers > 1 and len(jobs) > 1:
         # fork (as torch's DataLoader does) works from scripts and notebooks without a __main__ guard
         import multiprocessing as mp
 
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_one_thread) as pool:
-            results = list(tqdm(pool.map(_run_job, jobs), total=len(jobs), desc="preprocess", unit="scan"))
-    else:
-        results = [_run_job(j) for j in tqdm(jobs, desc="preprocess", unit="scan")]
+            return list(tqdm(pool.map(_run_job, jobs), total=len(jobs), desc=desc, unit="scan"))
+    return [_run_job(j) for j in tqdm(jobs, desc=desc, unit="scan")]
 
+
+def _shard_record(output_dir: Path, shard: Shard) -> Path:
+    return output_dir / "shards" / f"shard_{shard.index:04d}_of_{shard.count:04d}.json"
+
+
+def _run_shard(output_dir: Path, jobs: list[_Job], shard: Shard, workers: int, total: int) -> dict[str, Any]:
+    """Preprocess one shard's scans; its per-scan files and ``shards/<shard>.json`` are all it writes."""
+    log.info("shard %s: preprocessing %d of the %d scans with %d worker(s)", shard, len(jobs), total, workers)
+    record = _shard_record(output_dir, shard)
+    record.unlink(missing_ok=True)  # written again only when this shard has finished
+    started = time.time()
+    results = _process(jobs, workers, desc=f"shard {shard}")
+    failures = [{"path": str(j.scan.path), "error": r["error"]} for j, r in zip(jobs, results) if "error" in r]
+    for f in failures:
+        log.warning("failed: %s", f["error"])
+    summary = {"shard": str(shard), "num_scans": len(jobs), "of_scans": total, "images": [j.out_path.name for j in jobs],
+               "resumed": sum(r["resumed"] for r in results), "failures": failures,
+               "config_hash": jobs[0].cfg_hash if jobs else None, "host": socket.gethostname(),
+               "seconds": round(time.time() - started, 1), "versions": versions()}
+    write_json(record, summary)
+    return summary
+
+
+def _recorded_results(output_dir: Path, jobs: list[_Job]) -> list[dict[str, Any]]:
+    """Every scan's result as the shards left it; an error naming what is missing (and whose it is) otherwise."""
+    results = [_recorded_result(j, failures_too=True) for j in jobs]
+    missing = [j for j, r in zip(jobs, results) if r is None]
+    if not missing:
+        log.info("assembling %d scans from their per-scan results (none preprocessed here)", len(jobs))
+        return results
+    counts = Counter(int(p.stem.rsplit("_of_", 1)[1]) for p in (output_dir / "shards").glob("shard_*_of_*.json"))
+    where = ""
+    if counts:
+        n = counts.most_common(1)[0][0]
+        owners = sorted({shard_of(j.stem, n) for j in missing})
+        unfinished = [i for i in owners if not _shard_record(output_dir, Shard(i, n)).is_file()]
+        where = (f"; they belong to shard(s) {', '.join(f'{i}/{n}' for i in owners[:20])}"
+                 + (f", of which {', '.join(f'{i}/{n}' for i in unfinished[:20])} never finished" if unfinished else "")
+                 + " (or ran with other settings)")
+    examples = ", ".join(str(j.scan.path) for j in missing[:3])
+    raise ValueError(f"--assemble: {len(missing)} of {len(jobs)} scans have no result with these settings in "
+                     f"{output_dir / 'images'} (e.g. {examples}){where}: run those shards again with the same config "
+                     "(--shard I/N), or run without --assemble to preprocess the missing scans here")
+
+
+def _write_dataset(input_dir: Path, output_dir: Path, cfg: PreprocessConfig, jobs: list[_Job],
+                   results: list[dict[str, Any]], skipped: list[tuple[str, str]], metadata: str | Path | None,
+                   adnimerge: str | Path | None) -> dict[str, Any]:
+    """manifest.csv, splits, failures.csv, preprocess.json and qc/ from every scan's result."""
     failures = [(str(j.scan.path), r["error"]) for j, r in zip(jobs, results) if "error" in r]
     done = [(j, r) for j, r in zip(jobs, results) if "error" not in r]
     for _, err in failures:
@@ -249,7 +383,7 @@ def preprocess_dataset(
     ref_affine = nib.load(str(output_dir / reference["image"])).affine
     info = {
         "config": to_dict(cfg),
-        "config_hash": cfg_hash,
+        "config_hash": jobs[0].cfg_hash,
         "versions": versions(),
         "input_dir": str(input_dir.resolve()),
         "metadata": str(metadata) if metadata else None,
@@ -259,7 +393,7 @@ def preprocess_dataset(
         "resumed": resumed,
         "splits": {k: sum(r["split"] == k for r in rows) for k in ("train", "val", "test")},
         "failures": [{"path": p, "error": e} for p, e in failures],
-        "skipped": [{"path": p, "reason": r} for p, r in found.skipped],
+        "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "reference": {"image": reference["image"], "affine": ref_affine.tolist(), "shape": list(cfg.shape),
                       "spacing": list(cfg.spacing)},
     }

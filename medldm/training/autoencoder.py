@@ -32,6 +32,7 @@ from medldm.training.loop import (
     adamw,
     autocast,
     finish_run,
+    check_replicas,
     gather_rng_states,
     load_optimizer,
     make_ema,
@@ -176,14 +177,17 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
                  sum(p.numel() for p in model.parameters()) / 1e6, tc.batch_size * tc.grad_accum * ctx.world_size)
         log.info("speed: %s", ", ".join(speedups) or "eager (no compile, no recompute)")
 
-    def checkpoint(name: str, rngs: list[dict[str, Any]]) -> None:
+    def saved_weights() -> dict[str, Any]:
+        return {"model": model.state_dict(), "discriminator": disc.state_dict() if disc is not None else None,
+                "ema": ema.module.state_dict() if ema is not None else None}
+
+    def checkpoint(name: str, rngs: list[dict[str, Any]], replicas: list[str] | None) -> None:
         save_checkpoint(run_dir / "checkpoints" / name, {
-            **meta, "model": model.state_dict(), "optimizer": opt_g.state_dict(),
-            "discriminator": disc.state_dict() if disc is not None else None,
+            **meta, **saved_weights(), "optimizer": opt_g.state_dict(),
             "optimizer_d": opt_d.state_dict() if opt_d is not None else None,
-            "ema": ema.module.state_dict() if ema is not None else None,
             "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
-            "step": step, "best_val_ssim": best_ssim, "skipped_nonfinite": guard.skipped, "rng": rngs})
+            "step": step, "best_val_ssim": best_ssim, "skipped_nonfinite": guard.skipped, "rng": rngs,
+            "replicas": replicas})
 
     progress = tqdm(total=tc.steps, initial=step, desc="autoencoder", unit="step", disable=not ctx.is_main)
     net.train()
@@ -249,17 +253,18 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
         is_val = step % tc.val_every == 0 or final
         is_ckpt = step % tc.checkpoint_every == 0 or final
         if is_val or is_ckpt:
-            rngs = gather_rng_states(ctx, {"patch": patch_gen})  # a collective: every rank takes part
+            rngs = gather_rng_states(ctx, {"patch": patch_gen})  # collectives: every rank takes part
+            replicas = check_replicas(ctx, step, saved_weights())
         if is_val and ctx.is_main:
             val = validate(ema.module if ema is not None else model, val_ds, metrics, cfg, ctx, writer, step)
             log.info("step %d: validation SSIM %.4f, MS-SSIM %.4f, PSNR %.2f dB, L1 %.4f%s", step, val["ssim"],
                      val["ms_ssim"], val["psnr"], val["l1"], " (EMA weights)" if ema is not None else "")
             if val["ssim"] > best_ssim:
                 best_ssim = val["ssim"]
-                checkpoint("best.pt", rngs)
+                checkpoint("best.pt", rngs, replicas)
             net.train()
         if is_ckpt and ctx.is_main:
-            checkpoint("latest.pt", rngs)
+            checkpoint("latest.pt", rngs, replicas)
             writer.flush()
             curves.draw()  # loss.png from the scalars TensorBoard has, the whole run's after a resume
         if is_val or is_ckpt:

@@ -30,6 +30,7 @@ from medldm.training.loop import (
     adamw,
     autocast,
     finish_run,
+    check_replicas,
     gather_rng_states,
     load_optimizer,
     make_ema,
@@ -193,12 +194,15 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
         "reference": info["reference"], "data_dir": str(data_dir.resolve()),
     }
 
-    def checkpoint(name: str, rngs: list[dict[str, Any]]) -> None:
+    def saved_weights() -> dict[str, Any]:
+        return {"model": model.state_dict(), "ema": ema.module.state_dict()}
+
+    def checkpoint(name: str, rngs: list[dict[str, Any]], replicas: list[str] | None) -> None:
         # bf16 autocast needs no gradient scaler, so there is no scaler state to keep
         save_checkpoint(run_dir / "checkpoints" / name, {
-            **meta, "model": model.state_dict(), "ema": ema.module.state_dict(),
-            "ema_n_averaged": int(ema.n_averaged), "optimizer": optimizer.state_dict(), "step": step,
-            "best_val_loss": best_val, "skipped_nonfinite": guard.skipped, "rng": rngs})
+            **meta, **saved_weights(), "ema_n_averaged": int(ema.n_averaged), "optimizer": optimizer.state_dict(),
+            "step": step, "best_val_loss": best_val, "skipped_nonfinite": guard.skipped, "rng": rngs,
+            "replicas": replicas})
 
     writer = SummaryWriter(run_dir / "tensorboard") if ctx.is_main else None
     curves = LossCurves(run_dir) if ctx.is_main else None
@@ -265,7 +269,8 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
         is_val = step % tc.val_every == 0 or final
         is_ckpt = step % tc.checkpoint_every == 0 or final
         if is_val or is_ckpt:
-            rngs = gather_rng_states(ctx, gens)  # a collective: every rank takes part
+            rngs = gather_rng_states(ctx, gens)  # collectives: every rank takes part
+            replicas = check_replicas(ctx, step, saved_weights())
         if is_val and ctx.is_main:
             val = validation_loss(ema.module, scheduler, z_all[val_idx].to(ctx.device), hybrid,
                                   None if c_all is None else c_all[val_idx].to(ctx.device), tc.seed)
@@ -273,12 +278,12 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
             log.info("step %d: validation loss (EMA weights) %.4f", step, val)
             if val < best_val:
                 best_val = val
-                checkpoint("best.pt", rngs)
+                checkpoint("best.pt", rngs, replicas)
         if preview is not None and (step % cfg.preview.every == 0 or final):
             writer.add_image("samples/ddim_ema", preview(ema.module), step, dataformats="HW")
         net.train()
         if is_ckpt and ctx.is_main:
-            checkpoint("latest.pt", rngs)
+            checkpoint("latest.pt", rngs, replicas)
             writer.flush()
             curves.draw()  # loss.png from the scalars TensorBoard has, the whole run's after a resume
         if is_val or is_ckpt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -150,7 +151,7 @@ def prepare_run_dir(run_dir: Path, cfg: Any, resume: bool) -> Path:
     existing = sorted((run_dir / "checkpoints").glob("*.pt"))
     if not resume and existing:
         raise FileExistsError(f"{run_dir} already holds a run ({existing[0]}); pass --resume to continue it "
-                              "or choose another --run directory")
+                              "or choose another --run-dir")
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     return latest
@@ -200,6 +201,37 @@ def gather_rng_states(ctx: DistContext, extra: dict[str, torch.Generator]) -> li
     states: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(states, state)
     return states
+
+
+def weights_fingerprint(states: dict[str, dict[str, torch.Tensor] | None]) -> str:
+    """SHA-256 over the bytes of every tensor of the named state dicts: equal exactly when the weights are
+    bit-identical. ``states`` is what a checkpoint holds, e.g. {"model": ..., "ema": ...}."""
+    h = hashlib.sha256()
+    for name in sorted(states):
+        for key, tensor in sorted((states[name] or {}).items()):
+            t = tensor.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}.{key}:{t.dtype}:{tuple(tensor.shape)};".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_replicas(ctx: DistContext, step: int, states: dict[str, dict[str, torch.Tensor] | None]) -> list[str] | None:
+    """Under DDP, every rank's weights fingerprint (a collective: every rank takes part); an error when they differ.
+
+    DDP keeps replicas equal only as long as every rank computes the same update from the same all-reduced
+    gradients; a rank-dependent code path or a broken all-reduce would otherwise go unnoticed, and rank 0 alone
+    saves. The list is stored in the checkpoint, so anyone can check that each rank held the saved weights."""
+    if ctx.world_size == 1:
+        return None
+    mine = weights_fingerprint(states)
+    every: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(every, mine)
+    differ = [r for r, fp in enumerate(every) if fp != every[0]]
+    if differ:  # every rank sees the same list, so all of them stop here together
+        raise RuntimeError(f"DDP replicas diverged at step {step}: the weights of rank(s) {differ} differ from rank "
+                           f"0's (fingerprints {every}); the run stops before saving them. Report this with the "
+                           "run's config.yaml; --resume continues from the last checkpoint")
+    return every
 
 
 def restore_rng_states(ctx: DistContext, states: list[dict[str, Any]], extra: dict[str, torch.Generator]) -> None:

@@ -1,0 +1,160 @@
+"""The documented multi-process commands, run as a user runs them: scripts/torchrun_train.sh, plain torchrun, and
+the SLURM scripts under stand-ins for srun, scontrol and squeue (SLURM runs a batch script as a bash script with
+its SLURM_* variables set, which is what these tests do)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medldm.cli import build_parser
+from medldm.training.checkpoint import load_checkpoint
+from medldm.training.loop import weights_fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's torchrun and medldm
+AE_ARGS = ["--config", "configs/autoencoder/tiny.yaml", "--set", "train.val_every=3", "--set", "train.checkpoint_every=3",
+           "--set", "adversarial_start=1", "--set", "ema_decay=0.9", "--set", "train.grad_accum=2"]
+LDM_ARGS = ["--config", "configs/diffusion/tiny.yaml", "--set", "train.val_every=2", "--set", "train.checkpoint_every=2",
+            "--set", "train.batch_size=4"]
+# srun: one task per node, in parallel, each with its node's SLURM_NODEID; fails when any task fails
+FAKE_SRUN = """#!/usr/bin/env bash
+while [[ $1 == -* ]]; do shift; done
+pids=()
+for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n SLURM_PROCID=$n "$@" & pids+=($!); done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=1; done
+exit $status
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    # one thread per process: two ranks share the CI machine's two cores
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1", **extra}
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None, expect: int = 0) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == expect, f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout}\n{done.stderr[-4000:]}"
+    return done
+
+
+def _fake_slurm(tmp_path: Path, time_left: str) -> Path:
+    fake = tmp_path / "fake_slurm"
+    fake.mkdir()
+    for name, body in (("srun", FAKE_SRUN), ("scontrol", "#!/usr/bin/env bash\necho 127.0.0.1\n"),
+                       ("squeue", f"#!/usr/bin/env bash\necho {time_left}\n")):
+        (fake / name).write_text(body)
+        (fake / name).chmod(0o755)
+    return fake
+
+
+def _check_replicas(run: Path, step: int, launches: int = 1) -> dict:
+    """The run's latest checkpoint: at ``step``, written by 2 ranks whose weights were all the saved ones."""
+    saved = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert saved["step"] == step and saved["world_size"] == 2 and len(saved["rng"]) == 2
+    weights = {k: saved[k] for k in ("model", "discriminator", "ema") if k in saved}
+    assert saved["replicas"] == [weights_fingerprint(weights)] * 2
+    assert len(list((run / "tensorboard").glob("events.*"))) == launches  # rank 0 alone logs
+    return saved
+
+
+@pytest.fixture(scope="module")
+def two_process_ae(dataset, tmp_path_factory) -> Path:
+    """An autoencoder trained 6 steps by the one-node launcher with 2 processes."""
+    run = tmp_path_factory.mktemp("launch") / "ae"
+    _run(["scripts/torchrun_train.sh", "2", "autoencoder", "--data", str(dataset), "--run-dir", str(run),
+          *AE_ARGS, "--set", "train.steps=6"])
+    return run
+
+
+def test_torchrun_script_and_plain_torchrun_train_both_stages_on_two_processes(dataset, two_process_ae, tmp_path):
+    ae = _check_replicas(two_process_ae, 6)
+    assert ae["discriminator"] is not None and ae["ema"] is not None  # all three networks were compared
+    _run(["medldm", "encode", "--data", str(dataset), "--autoencoder", str(two_process_ae)])
+    ldm = tmp_path / "ldm"
+    _run(["scripts/torchrun_train.sh", "2", "diffusion", "--data", str(dataset), "--autoencoder", str(two_process_ae),
+          "--run-dir", str(ldm), *LDM_ARGS, "--set", "train.steps=2"])
+    first = _check_replicas(ldm, 2)
+    assert not torch.equal(first["rng"][0]["noise"], first["rng"][1]["noise"])  # each rank draws its own noise
+    # the README's plain form, resuming the same run
+    _run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "medldm", "train", "diffusion", "--data",
+          str(dataset), "--autoencoder", str(two_process_ae), "--run-dir", str(ldm), "--resume", *LDM_ARGS,
+          "--set", "train.steps=4"])
+    resumed = _check_replicas(ldm, 4, launches=2)
+    assert weights_fingerprint({"model": resumed["model"]}) != weights_fingerprint({"model": first["model"]})
+
+
+def test_two_node_slurm_job_resumed_by_the_next_job_equals_an_uninterrupted_run(dataset, two_process_ae, tmp_path):
+    run = tmp_path / "ae"
+    env = _env(PATH=f"{_fake_slurm(tmp_path, '1:05:00')}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}",
+               SLURM_NNODES="2", SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_ID="4242", GPUS_PER_NODE="1",
+               MASTER_PORT=str(_free_port()))
+    job = ["bash", "scripts/slurm_train.sbatch", "autoencoder", "--data", str(dataset), "--run-dir", str(run), *AE_ARGS]
+    # two nodes, one process each: two torchrun invocations (--node_rank 0 and 1) meet at one rendezvous
+    _run([*job, "--set", "train.steps=3"], env)
+    _check_replicas(run, 3)
+    saved_cfg = (run / "config.yaml").read_text(encoding="utf-8")
+    assert "time_limit_minutes: 35" in saved_cfg  # 65 minutes left in the job, less the 30-minute margin
+    # the same job submitted again finds the checkpoint and continues the run under torchrun
+    env["MASTER_PORT"] = str(_free_port())
+    _run([*job, "--set", "train.steps=6"], env)
+    resumed, uninterrupted = _check_replicas(run, 6, launches=2), load_checkpoint(two_process_ae / "checkpoints" / "latest.pt")
+    for net in ("model", "discriminator", "ema"):
+        assert all(torch.equal(v, uninterrupted[net][k]) for k, v in resumed[net].items()), net
+
+
+def test_the_launcher_refuses_the_old_spelling_with_the_fix(dataset, tmp_path):
+    done = _run(["scripts/torchrun_train.sh", "2", "autoencoder", "--data", str(dataset), "--run", str(tmp_path)],
+                expect=2)
+    assert "--run-dir" in done.stderr
+
+
+def _train_options() -> list[argparse.Action]:
+    train = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    stages = next(a for a in train._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return [a for p in stages.values() for a in p._actions if a.option_strings and a.dest != "help"]
+
+
+def test_no_train_option_is_taken_by_torchruns_own_parser():
+    """torchrun reads every option in the whole command line against its own, abbreviations included; one of
+    medldm train's that abbreviates one of torchrun's (as --run did --run-path) breaks the launcher."""
+    from torch.distributed.run import get_args_parser
+
+    torchrun = get_args_parser()
+    for action in _train_options():
+        for option in action.option_strings:
+            if option == "--run":
+                continue  # the old spelling, kept for plain `medldm train`; the launcher refuses it
+            script_args = [option] + ([] if action.nargs == 0 else ["X"])
+            args = torchrun.parse_args(["--nproc-per-node", "2", "-m", "medldm", "train", "autoencoder", *script_args])
+            assert args.training_script_args == ["train", "autoencoder", *script_args], option
+
+
+def test_every_option_of_every_subcommand_has_a_help_line():
+    def missing(parser: argparse.ArgumentParser, name: str) -> list[str]:
+        out = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, p in action.choices.items():
+                    out += missing(p, f"{name} {sub}")
+            elif not action.help and not isinstance(action, argparse._HelpAction):
+                out.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+        return out
+
+    assert missing(build_parser(), "medldm") == []
+    shown = _run(["medldm", "train", "diffusion", "--help"]).stdout
+    assert "--run-dir RUN_DIR" in shown and "dataset dir written by medldm preprocess" in shown
