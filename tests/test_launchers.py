@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -35,15 +36,21 @@ exit $status
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port_in(low: int, high: int) -> int:
+    for port in random.Random().sample(range(low, high), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def _env(**extra: str) -> dict[str, str]:
-    # one thread per process: two ranks share the CI machine's two cores
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1", **extra}
+    # one thread per process: two ranks share the CI machine's two cores; gloo on the CPU also where there is a GPU
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None, expect: int = 0) -> subprocess.CompletedProcess:
@@ -55,7 +62,9 @@ def _run(cmd: list[str], env: dict[str, str] | None = None, expect: int = 0) -> 
 def _fake_slurm(tmp_path: Path, time_left: str) -> Path:
     fake = tmp_path / "fake_slurm"
     fake.mkdir()
-    for name, body in (("srun", FAKE_SRUN), ("scontrol", "#!/usr/bin/env bash\necho 127.0.0.1\n"),
+    scontrol = ('#!/usr/bin/env bash\nif [[ $2 == hostnames ]]; then echo 127.0.0.1; else '
+                f'echo "JobId=$SLURM_JOB_ID JobName=medldm-train Command={REPO}/scripts/slurm_train.sbatch"; fi\n')
+    for name, body in (("srun", FAKE_SRUN), ("scontrol", scontrol),
                        ("squeue", f"#!/usr/bin/env bash\necho {time_left}\n")):
         (fake / name).write_text(body)
         (fake / name).chmod(0o755)
@@ -100,17 +109,22 @@ def test_torchrun_script_and_plain_torchrun_train_both_stages_on_two_processes(d
 
 def test_two_node_slurm_job_resumed_by_the_next_job_equals_an_uninterrupted_run(dataset, two_process_ae, tmp_path):
     run = tmp_path / "ae"
+    # sbatch runs a copy of the script from its spool folder, in the folder it was submitted from
+    spool, submit = tmp_path / "spool", tmp_path / "submitted_here"
+    spool.mkdir(), submit.mkdir()
+    (spool / "slurm_script").write_bytes((REPO / "scripts" / "slurm_train.sbatch").read_bytes())
     env = _env(PATH=f"{_fake_slurm(tmp_path, '1:05:00')}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}",
-               SLURM_NNODES="2", SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_ID="4242", GPUS_PER_NODE="1",
-               MASTER_PORT=str(_free_port()))
-    job = ["bash", "scripts/slurm_train.sbatch", "autoencoder", "--data", str(dataset), "--run-dir", str(run), *AE_ARGS]
+               SLURM_NNODES="2", SLURM_JOB_NODELIST="node[1-2]", SLURM_SUBMIT_DIR=str(submit), GPUS_PER_NODE="1",
+               SLURM_JOB_ID=str(100000 + _free_port_in(20000, 40000) - 20000))  # the script's port: 20000 + id % 20000
+    config = [a if not a.startswith("configs/") else str(REPO / a) for a in AE_ARGS]
+    job = ["bash", str(spool / "slurm_script"), "autoencoder", "--data", str(dataset), "--run-dir", str(run), *config]
     # two nodes, one process each: two torchrun invocations (--node_rank 0 and 1) meet at one rendezvous
     _run([*job, "--set", "train.steps=3"], env)
     _check_replicas(run, 3)
     saved_cfg = (run / "config.yaml").read_text(encoding="utf-8")
     assert "time_limit_minutes: 35" in saved_cfg  # 65 minutes left in the job, less the 30-minute margin
     # the same job submitted again finds the checkpoint and continues the run under torchrun
-    env["MASTER_PORT"] = str(_free_port())
+    env["SLURM_JOB_ID"] = str(100000 + _free_port_in(20000, 40000) - 20000)
     _run([*job, "--set", "train.steps=6"], env)
     resumed, uninterrupted = _check_replicas(run, 6, launches=2), load_checkpoint(two_process_ae / "checkpoints" / "latest.pt")
     for net in ("model", "discriminator", "ema"):
@@ -121,6 +135,28 @@ def test_the_launcher_refuses_the_old_spelling_with_the_fix(dataset, tmp_path):
     done = _run(["scripts/torchrun_train.sh", "2", "autoencoder", "--data", str(dataset), "--run", str(tmp_path)],
                 expect=2)
     assert "--run-dir" in done.stderr
+
+
+def test_replicas_that_differ_stop_the_run_on_every_rank(monkeypatch):
+    """What each rank does when the fingerprints it gathers disagree (the collective stood in for)."""
+    import torch.distributed as dist
+
+    from medldm.training.dist import DistContext
+    from medldm.training.loop import check_replicas
+
+    weights = {"model": {"w": torch.ones(3)}, "ema": None}
+    ctx = DistContext(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+
+    def gather(out, mine, others):
+        out[:] = [others, mine]
+
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: gather(out, mine, mine))
+    assert check_replicas(ctx, 7, weights) == [weights_fingerprint(weights)] * 2
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: gather(out, mine, "0" * 64))
+    with pytest.raises(RuntimeError, match=r"diverged at step 7: the weights of rank\(s\) \[1\] differ"):
+        check_replicas(ctx, 7, weights)
+    flipped = {"model": {"w": torch.tensor([1.0, 1.0, 1.0 + 2**-23])}, "ema": None}  # one bit
+    assert weights_fingerprint(flipped) != weights_fingerprint(weights)
 
 
 def _train_options() -> list[argparse.Action]:

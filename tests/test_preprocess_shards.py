@@ -46,24 +46,31 @@ def test_three_shards_then_the_assembly_give_the_unsharded_dataset_without_redoi
     preprocess_dataset(raw, reference, load_config("preprocess", None, []))
 
     out = tmp_path / "sharded"
-    shards = [_job(raw, out, SLURM_ARRAY_TASK_ID=str(i), SLURM_ARRAY_TASK_COUNT="3") for i in (1, 2, 3)]
+    array = {"SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "3", "SLURM_ARRAY_TASK_COUNT": "3"}
+    shards = [_job(raw, out, SLURM_ARRAY_TASK_ID=str(i), **array) for i in (1, 2, 3)]
     codes = [_finish(job)[0] for job in shards]
     records = [json.loads((out / "shards" / f"shard_{i:04d}_of_0003.json").read_text(encoding="utf-8"))
                for i in (1, 2, 3)]
     owned = [set(r["images"]) for r in records]
     assert sum(map(len, owned)) == len(set().union(*owned)) == 6  # every scan in exactly one shard
+    assert all(r["finished"] for r in records)
     assert codes == [1 if r["failures"] else 0 for r in records] and sum(len(r["failures"]) for r in records) == 1
     assert not (out / "manifest.csv").exists()  # shards write per-scan files only
 
-    # a shard that did not finish (killed by the scheduler): the assembly names it and stops
+    # a shard killed by the scheduler before its last scan: its record says started, not finished
     late = next(i for i in (1, 2, 3) if owned[i - 1] and not records[i - 1]["failures"])
     victim = sorted(owned[late - 1])[0].replace(".nii.gz", ".json")
     (out / "images" / victim).unlink()
-    (out / "shards" / f"shard_{late:04d}_of_0003.json").unlink()
+    record = out / "shards" / f"shard_{late:04d}_of_0003.json"
+    record.write_text(json.dumps({**records[late - 1], "finished": False}), encoding="utf-8")
     code, err = _finish(_job(raw, out))
     assert code == 2 and f"shard(s) {late}/3" in err and "never finished" in err and "1 of 6 scans" in err
-    # resubmitted alone (sbatch --array=LATE --export=ALL,SHARDS=3): its other scans are kept
-    code, _ = _finish(_job(raw, out, SLURM_ARRAY_TASK_ID=str(late), SLURM_ARRAY_TASK_COUNT="1", SHARDS="3"))
+    # resubmitted alone (sbatch --array=LATE): the script needs N, and the shard keeps its other scans
+    alone = {"SLURM_ARRAY_TASK_ID": str(late), "SLURM_ARRAY_TASK_MIN": str(late), "SLURM_ARRAY_TASK_MAX": str(late),
+             "SLURM_ARRAY_TASK_COUNT": "1"}
+    code, err = _finish(_job(raw, out, **alone))
+    assert code == 2 and "SHARDS=" in err  # from the script, or (task 1 looks like an array of one) from medldm
+    code, _ = _finish(_job(raw, out, **alone, SHARDS="3"))
     redone = json.loads((out / "shards" / f"shard_{late:04d}_of_0003.json").read_text(encoding="utf-8"))
     assert code == 0 and redone["resumed"] == len(owned[late - 1]) - 1
 

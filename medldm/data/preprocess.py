@@ -270,7 +270,8 @@ def preprocess_dataset(
     jobs = _plan_jobs(found.scans, output_dir, cfg)
 
     if shard is not None:
-        return _run_shard(output_dir, [j for j in jobs if shard.owns(j.stem)], shard, workers, len(jobs))
+        return _run_shard(output_dir, [j for j in jobs if shard.owns(j.stem)], shard, workers, len(jobs),
+                          config_hash(cfg))
     if assemble:
         results = _recorded_results(output_dir, jobs)
     else:
@@ -309,22 +310,43 @@ def _shard_record(output_dir: Path, shard: Shard) -> Path:
     return output_dir / "shards" / f"shard_{shard.index:04d}_of_{shard.count:04d}.json"
 
 
-def _run_shard(output_dir: Path, jobs: list[_Job], shard: Shard, workers: int, total: int) -> dict[str, Any]:
+def _run_shard(output_dir: Path, jobs: list[_Job], shard: Shard, workers: int, total: int,
+               cfg_hash: str) -> dict[str, Any]:
     """Preprocess one shard's scans; its per-scan files and ``shards/<shard>.json`` are all it writes."""
+    counts = {count for _, count in _shard_records(output_dir, cfg_hash)} - {shard.count}
+    if counts:  # e.g. one task of an array resubmitted alone, which SLURM reports as an array of one
+        raise ValueError(f"{output_dir / 'shards'} holds records of {sorted(counts)} shards made with these settings, "
+                         f"but this is --shard {shard}: use the same N (with scripts/slurm_preprocess.sbatch: "
+                         f"--export=ALL,SHARDS={min(counts)}), or delete {output_dir / 'shards'} to split the cohort anew")
     log.info("shard %s: preprocessing %d of the %d scans with %d worker(s)", shard, len(jobs), total, workers)
     record = _shard_record(output_dir, shard)
-    record.unlink(missing_ok=True)  # written again only when this shard has finished
+    summary: dict[str, Any] = {"shard": str(shard), "finished": False, "config_hash": cfg_hash,
+                               "num_scans": len(jobs), "of_scans": total, "images": [j.out_path.name for j in jobs],
+                               "host": socket.gethostname(), "versions": versions()}
+    write_json(record, summary)  # "started": an assembly can name a shard that never finished
     started = time.time()
     results = _process(jobs, workers, desc=f"shard {shard}")
     failures = [{"path": str(j.scan.path), "error": r["error"]} for j, r in zip(jobs, results) if "error" in r]
     for f in failures:
         log.warning("failed: %s", f["error"])
-    summary = {"shard": str(shard), "num_scans": len(jobs), "of_scans": total, "images": [j.out_path.name for j in jobs],
-               "resumed": sum(r["resumed"] for r in results), "failures": failures,
-               "config_hash": jobs[0].cfg_hash if jobs else None, "host": socket.gethostname(),
-               "seconds": round(time.time() - started, 1), "versions": versions()}
+    summary.update(finished=True, resumed=sum(r["resumed"] for r in results), failures=failures,
+                   seconds=round(time.time() - started, 1))
     write_json(record, summary)
     return summary
+
+
+def _shard_records(output_dir: Path, cfg_hash: str) -> dict[tuple[int, int], bool]:
+    """(index, count) -> finished, for every shard that ran into ``output_dir`` with these settings."""
+    records = {}
+    for path in (output_dir / "shards").glob("shard_*_of_*.json"):
+        try:
+            r = json.loads(path.read_text(encoding="utf-8"))
+            if r.get("config_hash") == cfg_hash:
+                index, count = map(int, r["shard"].split("/"))
+                records[(index, count)] = bool(r.get("finished"))
+        except (json.JSONDecodeError, KeyError, ValueError):
+            continue
+    return records
 
 
 def _recorded_results(output_dir: Path, jobs: list[_Job]) -> list[dict[str, Any]]:
@@ -334,15 +356,14 @@ def _recorded_results(output_dir: Path, jobs: list[_Job]) -> list[dict[str, Any]
     if not missing:
         log.info("assembling %d scans from their per-scan results (none preprocessed here)", len(jobs))
         return results
-    counts = Counter(int(p.stem.rsplit("_of_", 1)[1]) for p in (output_dir / "shards").glob("shard_*_of_*.json"))
+    records = _shard_records(output_dir, jobs[0].cfg_hash)
     where = ""
-    if counts:
-        n = counts.most_common(1)[0][0]
+    if records:
+        n = Counter(count for _, count in records).most_common(1)[0][0]
         owners = sorted({shard_of(j.stem, n) for j in missing})
-        unfinished = [i for i in owners if not _shard_record(output_dir, Shard(i, n)).is_file()]
+        unfinished = [i for i in owners if not records.get((i, n))]
         where = (f"; they belong to shard(s) {', '.join(f'{i}/{n}' for i in owners[:20])}"
-                 + (f", of which {', '.join(f'{i}/{n}' for i in unfinished[:20])} never finished" if unfinished else "")
-                 + " (or ran with other settings)")
+                 + (f", of which {', '.join(f'{i}/{n}' for i in unfinished[:20])} never finished" if unfinished else ""))
     examples = ", ".join(str(j.scan.path) for j in missing[:3])
     raise ValueError(f"--assemble: {len(missing)} of {len(jobs)} scans have no result with these settings in "
                      f"{output_dir / 'images'} (e.g. {examples}){where}: run those shards again with the same config "

@@ -211,7 +211,7 @@ def weights_fingerprint(states: dict[str, dict[str, torch.Tensor] | None]) -> st
         for key, tensor in sorted((states[name] or {}).items()):
             t = tensor.detach().cpu().contiguous().reshape(-1)
             h.update(f"{name}.{key}:{t.dtype}:{tuple(tensor.shape)};".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 
