@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config (default: the tiny CPU config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=1000 (repeatable)")
+
+
+def _usable_cores() -> int:
+    # the cores this process may run on (a SLURM or cgroup allotment), not the machine's
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _add_run_dir_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -51,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", type=Path, help="the dataset dir to write (or to resume into)")
     p.add_argument("--metadata", type=Path, help="IDA collection CSV or flat-layout CSV (default: found in INPUT_DIR)")
     p.add_argument("--adnimerge", type=Path, help="ADNIMERGE.csv for age at scan, sex and diagnosis per visit")
-    p.add_argument("--workers", type=int, default=1, help="scans preprocessed in parallel (default 1)")
+    p.add_argument("--workers", type=int, help="scans preprocessed in parallel, one core each (default: one per core "
+                                               "this process may use)")
     p.add_argument("--shard", metavar="I/N", help="preprocess only the I-th of N deterministic shares of the scans "
                                                   "(1 <= I <= N; e.g. one SLURM array task each) and write only their "
                                                   "per-scan files; then run --assemble once")
@@ -197,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
         shard = Shard.parse(args.shard) if args.shard else None
         cfg = load_config("preprocess", args.config, args.overrides)
         info = preprocess_dataset(args.input_dir, args.output_dir, cfg, metadata=args.metadata,
-                                  adnimerge=args.adnimerge, workers=args.workers, shard=shard, assemble=args.assemble)
+                                  adnimerge=args.adnimerge, workers=args.workers or _usable_cores(), shard=shard,
+                                  assemble=args.assemble)
         if shard is not None:
             print(f"shard {shard}: {info['num_scans']} of {info['of_scans']} scans -> {args.output_dir / 'images'} "
                   f"({info['resumed']} kept from an earlier run, {len(info['failures'])} failed); when every shard "

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from medldm.cli import build_parser
+from medldm.inference.encode import encode_dataset
 from medldm.training.checkpoint import load_checkpoint
 from medldm.training.loop import weights_fingerprint
 
@@ -93,7 +94,7 @@ def two_process_ae(dataset, tmp_path_factory) -> Path:
 def test_torchrun_script_and_plain_torchrun_train_both_stages_on_two_processes(dataset, two_process_ae, tmp_path):
     ae = _check_replicas(two_process_ae, 6)
     assert ae["discriminator"] is not None and ae["ema"] is not None  # all three networks were compared
-    _run(["medldm", "encode", "--data", str(dataset), "--autoencoder", str(two_process_ae)])
+    encode_dataset(dataset, two_process_ae)  # one process: not a launcher
     ldm = tmp_path / "ldm"
     _run(["scripts/torchrun_train.sh", "2", "diffusion", "--data", str(dataset), "--autoencoder", str(two_process_ae),
           "--run-dir", str(ldm), *LDM_ARGS, "--set", "train.steps=2"])

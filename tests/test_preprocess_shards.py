@@ -37,7 +37,7 @@ def _files(root: Path) -> dict[str, bytes]:
             or p.relative_to(root).as_posix() == "qc/summary.csv"}
 
 
-def test_three_shards_then_the_assembly_give_the_unsharded_dataset_without_redoing_a_scan(tmp_path):
+def test_three_shards_then_the_assembly_give_the_unsharded_dataset_without_redoing_a_scan(tmp_path, capsys):
     raw = tmp_path / "raw"
     write_phantoms(raw, 6, layout="flat", seed=5)
     broken = sorted(raw.rglob("*.nii.gz"))[2]
@@ -58,21 +58,25 @@ def test_three_shards_then_the_assembly_give_the_unsharded_dataset_without_redoi
     assert not (out / "manifest.csv").exists()  # shards write per-scan files only
 
     # a shard killed by the scheduler before its last scan: its record says started, not finished
-    late = next(i for i in (1, 2, 3) if owned[i - 1] and not records[i - 1]["failures"])
+    late = next(i for i in (3, 2) if owned[i - 1] and not records[i - 1]["failures"])
     victim = sorted(owned[late - 1])[0].replace(".nii.gz", ".json")
     (out / "images" / victim).unlink()
     record = out / "shards" / f"shard_{late:04d}_of_0003.json"
     record.write_text(json.dumps({**records[late - 1], "finished": False}), encoding="utf-8")
-    code, err = _finish(_job(raw, out))
-    assert code == 2 and f"shard(s) {late}/3" in err and "never finished" in err and "1 of 6 scans" in err
-    # resubmitted alone (sbatch --array=LATE): the script needs N, and the shard keeps its other scans
+    assert main(["preprocess", str(raw), str(out), "--assemble"]) == 2
+    err = capsys.readouterr().err
+    assert f"shard(s) {late}/3" in err and "never finished" in err and "1 of 6 scans" in err
+    # resubmitted alone (sbatch --array=LATE), SLURM reports an array of one: the script asks for N; and medldm
+    # refuses a shard count other than the one the records were made with
     alone = {"SLURM_ARRAY_TASK_ID": str(late), "SLURM_ARRAY_TASK_MIN": str(late), "SLURM_ARRAY_TASK_MAX": str(late),
              "SLURM_ARRAY_TASK_COUNT": "1"}
     code, err = _finish(_job(raw, out, **alone))
-    assert code == 2 and "SHARDS=" in err  # from the script, or (task 1 looks like an array of one) from medldm
+    assert code == 2 and "SHARDS=N" in err
+    assert main(["preprocess", str(raw), str(out), "--shard", "1/1"]) == 2
+    assert "SHARDS=3" in capsys.readouterr().err
     code, _ = _finish(_job(raw, out, **alone, SHARDS="3"))
-    redone = json.loads((out / "shards" / f"shard_{late:04d}_of_0003.json").read_text(encoding="utf-8"))
-    assert code == 0 and redone["resumed"] == len(owned[late - 1]) - 1
+    redone = json.loads(record.read_text(encoding="utf-8"))
+    assert code == 0 and redone["finished"] and redone["resumed"] == len(owned[late - 1]) - 1
 
     before = {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     code, _ = _finish(_job(raw, out))

@@ -37,7 +37,7 @@ def test_normalise_maps_the_head_percentiles_to_unit_range():
     assert 0.4 < out[vol > 0].mean() < 0.6
 
 
-def _template_files(tmp_path, rng, skull_stripped=False):
+def _template_files(tmp_path, rng, skull_stripped=False, extra=()):
     # a phantom head stands in for MNI152: the registration code is the same for any template
     vol, affine, labels = make_phantom_with_labels(rng, 70.0, "CN", "F")
     brain = np.isin(labels, (3, 4, 5, 6)).astype(np.float32)
@@ -48,7 +48,7 @@ def _template_files(tmp_path, rng, skull_stripped=False):
         f"registration.template={tmp_path / 'template.nii.gz'}",
         f"registration.template_mask={tmp_path / 'template_mask.nii.gz'}",
         "registration.shrink_factors=[2,1]", "registration.smoothing_sigmas=[4.0,0.0]",
-        "registration.sampling_fraction=0.2", "brain_mask=true", "n4.enabled=false"])
+        "registration.sampling_fraction=0.2", "brain_mask=true", "n4.enabled=false", *extra])
 
 
 def _dice(a, b):
@@ -134,3 +134,25 @@ def test_mni152_without_nilearn_is_a_clear_error(monkeypatch):
     cfg = load_config("preprocess", None, ["registration.enabled=true"])
     with pytest.raises(ValueError, match="pip install nilearn"):
         load_template(cfg)
+
+
+def test_a_registered_scan_does_not_depend_on_the_number_of_threads(tmp_path):
+    """Shards, --workers and machines with other core counts must make the same dataset (ITK's multithreaded
+    sums made N4 and every registration fit depend on the thread count, and the fits even on timing)."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(5)
+    cfg = _template_files(tmp_path, rng, extra=("n4.enabled=true", "registration.starts=2",
+                                                "registration.iterations=40"))
+    template = load_template(cfg)
+    moving, moving_affine, _ = make_phantom_with_labels(rng, 75.0, "MCI", "M")
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    outs = []
+    try:
+        for threads in (1, 4):
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+            outs.append(preprocess_volume(moving, moving_affine, cfg, template))
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+    for volume, _, stats in outs[1:]:
+        assert np.array_equal(volume, outs[0][0]) and stats == outs[0][2]

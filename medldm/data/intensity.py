@@ -7,7 +7,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from medldm.config import N4Config
-from medldm.data.io import to_sitk
+from medldm.data.io import itk_threads, to_sitk
 
 
 def head_mask(volume: np.ndarray) -> np.ndarray:
@@ -29,11 +29,12 @@ def n4_correct(volume: np.ndarray, affine: np.ndarray, cfg: N4Config) -> np.ndar
     mask = sitk.Cast(mask, sitk.sitkUInt8)
     shrink = [cfg.shrink_factor] * 3
     small, small_mask = sitk.Shrink(image, shrink), sitk.Shrink(mask, shrink)
-    corrector = sitk.N4BiasFieldCorrectionImageFilter()
-    corrector.SetMaximumNumberOfIterations(list(cfg.iterations))
-    corrector.SetConvergenceThreshold(cfg.convergence_threshold)
-    corrector.Execute(small, small_mask)
-    log_field = sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(image)).transpose(2, 1, 0)
+    with itk_threads(1):  # the same field whatever the machine (see itk_threads)
+        corrector = sitk.N4BiasFieldCorrectionImageFilter()
+        corrector.SetMaximumNumberOfIterations(list(cfg.iterations))
+        corrector.SetConvergenceThreshold(cfg.convergence_threshold)
+        corrector.Execute(small, small_mask)
+        log_field = sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(image)).transpose(2, 1, 0)
     return (np.clip(volume, 0, None) / np.exp(log_field)).astype(np.float32)
 
 

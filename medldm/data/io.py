@@ -99,6 +99,24 @@ def _check_slice_positions(folder: Path, files: tuple[str, ...]) -> None:
                          "duplicated")
 
 
+@contextmanager
+def itk_threads(n: int) -> Iterator[int]:
+    """Run SimpleITK filters created inside with ``n`` threads; yields the number there was before (put back on exit).
+
+    Preprocessing runs N4 and each registration fit single-threaded: ITK adds up per-thread partial sums, so a
+    result changed with the number of threads (N4: 1e-5) or even from run to run (Mattes MI), and registration
+    magnifies such differences into other fits. With one thread a scan gives the same volume on any machine,
+    with any --workers and in any --shard."""
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    try:
+        yield before
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
 def from_sitk(image: Any) -> tuple[np.ndarray, np.ndarray]:
     """SimpleITK image (x, y, z in LPS) -> (array in i, j, k order, RAS+ affine) as nibabel uses."""
     import SimpleITK as sitk
