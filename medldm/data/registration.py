@@ -182,7 +182,7 @@ def register_to_template(volume: np.ndarray, affine: np.ndarray, template: Templ
         return _run(fixed_k, target_k, candidate, cfg, seed=cfg.seed + k), candidate
 
     # one thread per fit (see itk_threads: the same scan registered twice in one process with 2 threads came out
-    # different, IXI012 metric -0.4263 vs -0.4273, voxels up to 0.14 apart); the starts run side by side instead,
+    # different, IXI012 metric -0.4300 vs -0.4299, voxels up to 0.11 apart); the starts run side by side instead,
     # on as many cores as this process may use (a preprocessing worker has one)
     with itk_threads(1) as cores, ThreadPoolExecutor(max(1, min(cfg.starts, cores))) as pool:
         fits = list(pool.map(fit, range(cfg.starts)))
