@@ -267,11 +267,11 @@ def preprocess_dataset(
     if not found.scans:
         reasons = "; ".join(f"{p}: {r}" for p, r in found.skipped[:5])
         raise ValueError(f"no usable scans found under {input_dir}" + (f" ({reasons})" if reasons else ""))
-    jobs = _plan_jobs(found.scans, output_dir, cfg)
+    cfg_hash = config_hash(cfg)
+    jobs = _plan_jobs(found.scans, output_dir, cfg, cfg_hash)
 
     if shard is not None:
-        return _run_shard(output_dir, [j for j in jobs if shard.owns(j.stem)], shard, workers, len(jobs),
-                          config_hash(cfg))
+        return _run_shard(output_dir, [j for j in jobs if shard.owns(j.stem)], shard, workers, len(jobs), cfg_hash)
     if assemble:
         results = _recorded_results(output_dir, jobs)
     else:
@@ -280,9 +280,8 @@ def preprocess_dataset(
     return _write_dataset(input_dir, output_dir, cfg, jobs, results, found.skipped, metadata, adnimerge)
 
 
-def _plan_jobs(scans: list[ScanRecord], output_dir: Path, cfg: PreprocessConfig) -> list[_Job]:
+def _plan_jobs(scans: list[ScanRecord], output_dir: Path, cfg: PreprocessConfig, cfg_hash: str) -> list[_Job]:
     visits = Counter((s.subject_id, s.session) for s in scans)
-    cfg_hash = config_hash(cfg)
     jobs = []
     for scan in scans:
         # subject_session names the file; the image id is added only where a visit has several scans
@@ -356,7 +355,7 @@ def _recorded_results(output_dir: Path, jobs: list[_Job]) -> list[dict[str, Any]
     if not missing:
         log.info("assembling %d scans from their per-scan results (none preprocessed here)", len(jobs))
         return results
-    records = _shard_records(output_dir, jobs[0].cfg_hash)
+    records = _shard_records(output_dir, missing[0].cfg_hash)
     where = ""
     if records:
         n = Counter(count for _, count in records).most_common(1)[0][0]
