@@ -213,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
             return 1 if info["failures"] else 0
         print(f"{info['num_scans']} scans of {info['num_subjects']} subjects -> {args.output_dir} "
               f"(splits {info['splits']}; {info['resumed']} kept from an earlier run; "
-              f"{len(info['outliers'])} flagged in {args.output_dir / 'qc' / 'index.html'})")
+              f"QC {info['qc']['pass']} pass, {info['qc']['warn']} warn, {info['qc']['fail']} fail "
+              f"({info['splits']['excluded']} excluded): {args.output_dir / 'qc' / 'index.html'})")
         if info["failures"]:
             print(f"{len(info['failures'])} scan(s) failed: see {args.output_dir / 'failures.csv'}", file=sys.stderr)
             return 1

@@ -8,7 +8,7 @@ from medldm.config import N4Config, load_config
 from medldm.data.intensity import head_mask, n4_correct, normalise
 from medldm.data.io import load_volume, save_volume
 from medldm.data.phantoms import make_phantom_with_labels
-from medldm.data.preprocess import preprocess_volume
+from medldm.data.preprocess import preprocess_scan, preprocess_volume
 from medldm.data.registration import load_template, register_to_template
 
 
@@ -60,13 +60,22 @@ def test_registration_puts_another_head_on_the_template_grid_and_masks_the_brain
     cfg = _template_files(tmp_path, rng)
     template = load_template(cfg)
     assert template.image.shape == (48, 56, 48) and template.mask.any()
-    moving, moving_affine, _ = make_phantom_with_labels(rng, 80.0, "AD", "M")  # other size, pose and orientation
-    out, out_affine, stats = preprocess_volume(moving, moving_affine, cfg, template)
-    np.testing.assert_allclose(out_affine, template.affine)
+    moving, moving_affine, labels = make_phantom_with_labels(rng, 80.0, "AD", "M")  # other size, pose, orientation
+    result = preprocess_scan(moving, moving_affine, cfg, template)
+    out, stats = result.volume, result.stats
+    np.testing.assert_allclose(result.affine, template.affine)
     assert out.shape == (48, 56, 48) and np.isfinite(stats["registration_metric"])
-    assert not out[~template.mask].any(), "voxels outside the template's brain mask survived the skull strip"
+    assert stats["brain_extraction"] == "deepbet"
+    # the skull strip keeps the scan's own brain (deepbet's mask, registered), which lies on the template's
+    assert not out[~result.brain].any(), "voxels outside the scan's brain mask survived the skull strip"
+    assert _dice(result.brain, template.mask) > 0.85 and stats["registration_dice"] > 0.85
+    assert stats["registration_correlation"] > cfg.qc.min_correlation
     tpl_brain = template.mask & (template.image > 0)
     assert _dice(out > 0.1, tpl_brain) > 0.85
+    # its brain volume (the manifest's tiv_ml), measured on its own grid: the phantom's brain with its ventricles
+    # (deepbet's mask follows the brain's surface, not the skull's: the CSF around the brain is left out)
+    truth = np.isin(labels, (4, 5, 6)).sum() * abs(np.linalg.det(moving_affine[:3, :3])) / 1000.0
+    assert stats["tiv_ml"] == pytest.approx(truth, rel=0.15)
 
 
 @pytest.mark.parametrize("skull_stripped", [False, True], ids=["head template", "brain-only template"])
@@ -86,7 +95,11 @@ def test_registration_improves_on_the_starting_overlap(tmp_path, skull_stripped)
     moving_affine = pose @ moving_affine
     grid = to_sitk(template.image, template.affine)
     unregistered = from_sitk(sitk.Resample(to_sitk(moving, moving_affine), grid, sitk.Transform()))[0]
-    registered, _ = register_to_template(moving, moving_affine, template, cfg.registration)
+    from medldm.data.brain import rough_brain_mask
+
+    reg = register_to_template(moving, moving_affine, rough_brain_mask(moving, moving_affine), template,
+                               cfg.registration)
+    registered = reg.image
     inside = template.mask
 
     def correlation(v):
@@ -95,6 +108,8 @@ def test_registration_improves_on_the_starting_overlap(tmp_path, skull_stripped)
     # brains of two phantoms share their outline and ventricles, not their sulci: a brain-only match is lower
     assert correlation(registered) > (0.45 if skull_stripped else 0.8)
     assert correlation(registered) > correlation(unregistered) + 0.15
+    # the correlation QC reads is the one measured here (the brain-only template: inside the scan's mask)
+    assert reg.correlation == pytest.approx(correlation(registered * reg.mask if skull_stripped else registered), abs=1e-4)
 
 
 def test_output_header_carries_nothing_from_the_source_and_uint8_reads_back_in_unit_range(tmp_path, raw_adni):

@@ -11,7 +11,9 @@ import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose, EnsureTyped, LoadImaged
 
-MANIFEST_COLUMNS = ("subject_id", "session", "image", "age", "sex", "diagnosis", "split", "source", "source_sha256")
+# split is train, val, test, or excluded (a scan that failed QC: listed, never trained or evaluated on)
+MANIFEST_COLUMNS = ("subject_id", "session", "image", "age", "sex", "diagnosis", "split", "qc_status", "tiv_ml", "source",
+                    "source_sha256")
 
 
 def read_manifest(data_dir: str | Path) -> list[dict[str, Any]]:

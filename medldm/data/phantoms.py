@@ -116,8 +116,10 @@ class _Canvas:
         self.labels[alpha > 0.5] = label
 
 
-def _geometry(rng: np.random.Generator, semi_axes: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray]:
-    """Random scanner geometry around a head: (affine, shape, head centre in world mm)."""
+def _geometry(rng: np.random.Generator, semi_axes: np.ndarray, neck_mm: float = 0.0
+              ) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray]:
+    """Random scanner geometry around a head: (affine, shape, head centre in world mm); ``neck_mm`` more field of
+    view below the head, along the voxel axis nearest to the body's (so the neck fills it)."""
     directions = np.zeros((3, 3))
     for axis, (world_axis, sign) in enumerate(axcodes2ornt(_AXCODES[rng.integers(len(_AXCODES))])):
         directions[int(world_axis), axis] = sign
@@ -137,6 +139,12 @@ def _geometry(rng: np.random.Generator, semi_axes: np.ndarray) -> tuple[np.ndarr
     head_centre = rng.uniform(-10, 10, 3)
     grid_centre = head_centre + directions @ rng.uniform(-slack, slack)
     affine = nib.affines.from_matvec(directions * spacing, grid_centre - (directions * spacing) @ ((shape - 1) / 2))
+    if neck_mm > 0:
+        axis = int(np.argmax(np.abs(directions[2])))  # the voxel axis that runs (most) up and down
+        extra = int(np.ceil(neck_mm / spacing[axis]))
+        shape[axis] += extra
+        if directions[2, axis] > 0:  # the axis runs upwards: the new voxels go before the first one
+            affine[:3, 3] -= affine[:3, axis] * extra
     return affine, (int(shape[0]), int(shape[1]), int(shape[2])), head_centre
 
 
@@ -152,14 +160,14 @@ def _world_grid(affine: np.ndarray, shape: tuple[int, int, int], origin: np.ndar
     return coords
 
 
-def _scan(rng: np.random.Generator, subject: _Subject, age: float, diagnosis: str | None,
+def _scan(rng: np.random.Generator, subject: _Subject, age: float, diagnosis: str | None, neck_mm: float = 0.0,
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One acquisition of a subject at an age: (float32 volume, affine, uint8 tissue labels)."""
     if diagnosis not in (*ADNI_GROUPS, None):
         raise ValueError(f"diagnosis must be one of {ADNI_GROUPS} or None, got {diagnosis!r}")
     severity = _SEVERITY.get(diagnosis, 0.0)
     years = age - 40.0
-    affine, shape, centre = _geometry(rng, subject.semi_axes)
+    affine, shape, centre = _geometry(rng, subject.semi_axes, neck_mm)
     x, y, z = _world_grid(affine, shape, centre)
     # coil sensitivity: smooth, +-20%, fixed to the scanner rather than the head, so it changes between visits
     bias = _waves(rng, 3, (250.0, 500.0))(x, y, z)
@@ -217,9 +225,10 @@ def _scan(rng: np.random.Generator, subject: _Subject, age: float, diagnosis: st
 
 
 def make_phantom_with_labels(rng: np.random.Generator, age: float, diagnosis: str | None, sex: str | None,
-                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One T1-like head with its ground truth: (float32 volume, 4x4 affine, uint8 labels, see TISSUE_LABELS)."""
-    return _scan(rng, _draw_subject(rng, sex), age, diagnosis)
+                             neck_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One T1-like head with its ground truth: (float32 volume, 4x4 affine, uint8 labels, see TISSUE_LABELS);
+    ``neck_mm`` extends the field of view below the head by that much neck (a full-head-and-neck acquisition)."""
+    return _scan(rng, _draw_subject(rng, sex), age, diagnosis, neck_mm)
 
 
 def make_phantom(rng: np.random.Generator, age: float, diagnosis: str | None, sex: str | None,

@@ -26,10 +26,12 @@ from medldm import __version__
 from medldm.config import PreprocessConfig, to_dict
 from medldm.data.dataset import MANIFEST_COLUMNS
 from medldm.data.discovery import ScanRecord, discover_scans
+from medldm.data.brain import brain_mask, resolve_method, rough_brain_mask
 from medldm.data.intensity import head_mask, n4_correct, normalise
 from medldm.data.io import load_volume, save_volume, write_csv, write_json
-from medldm.data.qc import write_qc
-from medldm.data.registration import Template, load_template, register_to_template
+from medldm.data.qc import assess, write_qc
+from medldm.data.registration import (Registration, Template, load_template, register_to_template,
+                                      tilt_degrees, to_scan_grid)
 from medldm.data.splits import assign_splits
 from medldm.versions import versions
 from medldm.viz import save_png, three_plane
@@ -37,7 +39,7 @@ from medldm.viz import save_png, three_plane
 log = logging.getLogger(__name__)
 
 # settings that do not change a preprocessed volume, so changing them does not redo the work
-_NOT_PER_SCAN = ("split", "diagnosis_map", "description_patterns", "preferred_types", "one_scan_per_visit")
+_NOT_PER_SCAN = ("split", "qc", "diagnosis_map", "description_patterns", "preferred_types", "one_scan_per_visit")
 
 
 def config_hash(cfg: PreprocessConfig) -> str:
@@ -63,13 +65,26 @@ def _crop_to_shape(volume: np.ndarray, affine: np.ndarray, shape: tuple[int, int
     return image[0].numpy().astype(np.float32), image.affine.numpy().astype(np.float64)
 
 
-def preprocess_volume(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig,
-                      template: Template | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """One scan -> (float32 volume of cfg.shape in [0, 1], its affine, statistics for QC)."""
+@dataclass
+class Preprocessed:
+    """One preprocessed scan: the volume, its affine, its statistics (for QC and the sidecar), its brain mask."""
+
+    volume: np.ndarray
+    affine: np.ndarray
+    stats: dict[str, Any]
+    # the scan's own brain mask on the output grid (None when there is no brain extraction: no registration)
+    brain: np.ndarray | None = None
+
+
+def preprocess_scan(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig,
+                    template: Template | None = None) -> Preprocessed:
+    """One scan -> float32 volume of cfg.shape in [0, 1], its affine, statistics for QC and its brain mask."""
     spacing_in = np.linalg.norm(affine[:3, :3], axis=0)
     if spacing_in.max() > cfg.max_input_spacing:
         raise ValueError(f"voxel spacing {np.round(spacing_in, 2).tolist()} mm is coarser than "
                          f"max_input_spacing={cfg.max_input_spacing} mm: too low resolution for a T1 model")
+    if cfg.brain_extraction.method == "auto":
+        cfg = resolve_method(cfg)
     stats: dict[str, Any] = {"input_shape": list(data.shape), "input_spacing": np.round(spacing_in, 3).tolist(),
                              "input_axcodes": "".join(nib.aff2axcodes(affine))}
     image = MetaTensor(torch.as_tensor(data, dtype=torch.float32)[None], affine=torch.as_tensor(affine))
@@ -80,12 +95,22 @@ def preprocess_volume(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfi
     volume, affine = image[0].numpy().astype(np.float32), image.affine.numpy().astype(np.float64)
     if cfg.n4.enabled:
         volume = n4_correct(volume, affine, cfg.n4)
+    brain = None
     if template is not None:
-        volume, stats["registration_metric"] = register_to_template(volume, affine, template, cfg.registration)
-        affine = template.affine
+        reg, native_brain, passes = _register(volume, affine, template, cfg)
+        stats["brain_extraction"] = cfg.brain_extraction.method
+        stats["brain_masks_drawn"] = passes
+        stats["tiv_ml"] = round(float(native_brain.sum()) * float(np.prod(cfg.spacing)) / 1000.0, 1)
+        stats.update(registration_metric=round(reg.metric, 5), registration_correlation=round(reg.correlation, 4),
+                     registration_dice=None if reg.dice is None else round(reg.dice, 4),
+                     registration_scales=reg.scales, registration_start=reg.start,
+                     registration_problem=reg.problem, registration_matrix=np.round(reg.matrix, 5).tolist())
+        volume, affine, brain = reg.image, template.affine, reg.mask
+        # the scan's own brain where a network drew it; the template's where the rough mask is all there is
+        keep = brain if cfg.brain_extraction.method == "deepbet" else template.mask
         if cfg.brain_mask:
-            volume = volume * template.mask
-        mask = template.mask if cfg.brain_mask else head_mask(volume)
+            volume = volume * keep
+        mask = keep if cfg.brain_mask else head_mask(volume)
         volume, window = normalise(volume, mask, cfg.percentiles)
     else:
         volume, window = normalise(volume, head_mask(volume), cfg.percentiles)
@@ -97,7 +122,58 @@ def preprocess_volume(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfi
     stats.update(intensity_window=[round(v, 3) for v in window],
                  foreground_ml=round(float(mask.sum()) * float(np.prod(cfg.spacing)) / 1000.0, 1),
                  foreground_mean=round(float(volume[mask].mean()) if mask.any() else 0.0, 4))
-    return volume, affine, stats
+    return Preprocessed(volume, affine, stats, brain)
+
+
+# a brain-extraction network sees the head as trained (upright) within this; a scan tipped further is extracted
+# again on the registered (upright) grid, and registered again with that mask
+_MAX_TILT = 20.0
+_MAX_DRAWN = 4
+
+
+def _register(volume: np.ndarray, affine: np.ndarray, template: Template, cfg: PreprocessConfig
+              ) -> tuple[Registration, np.ndarray, int]:
+    """Brain mask, then registration; (the best registration, the brain mask on the scan's grid, masks drawn)."""
+    be = cfg.brain_extraction
+    drawn = 0
+
+    def attempt(brain: np.ndarray, pose: np.ndarray | None) -> tuple[Registration, np.ndarray]:
+        # pose: the template->scan matrix of the grid the mask was drawn on (identity: the scan's own; None: not
+        # drawn by the network). deepbet, trained on upright heads, misses the brain of a scan tipped by 30 degrees
+        # or more (Dice 0.6-0.7 on IXI): once registration has found how the head lies, the network is shown the
+        # head upright, and the scan is registered again with that mask, while that improves the fit
+        nonlocal drawn
+        reg = register_to_template(volume, affine, brain, template, cfg.registration)
+        while be.method == "deepbet" and drawn < _MAX_DRAWN and (
+                pose is None or tilt_degrees(np.linalg.inv(pose) @ reg.matrix) > _MAX_TILT):
+            upright = brain_mask(reg.image, template.affine, be)
+            drawn += 1
+            again = to_scan_grid(upright, template, reg.matrix, volume.shape, affine) > 0.5
+            if not again.any():
+                break
+            second = register_to_template(volume, affine, again, template, cfg.registration)
+            if second.correlation <= reg.correlation:
+                break
+            reg, brain, pose = second, again, reg.matrix
+        return reg, brain
+
+    brain = brain_mask(volume, affine, be)
+    drawn += be.method == "deepbet"
+    reg, brain = attempt(brain, np.eye(4))
+    if be.method == "deepbet" and reg.correlation < cfg.qc.min_correlation:
+        # the network's first mask led the fit astray (a head tipped far enough that the mask took in the scalp):
+        # start again from the erosion mask, which does not care how the head lies, and let the network redraw
+        other, other_brain = attempt(rough_brain_mask(volume, affine), None)
+        if other.correlation > reg.correlation:
+            reg, brain = other, other_brain
+    return reg, brain, drawn
+
+
+def preprocess_volume(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig,
+                      template: Template | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One scan -> (float32 volume of cfg.shape in [0, 1], its affine, statistics for QC)."""
+    out = preprocess_scan(data, affine, cfg, template)
+    return out.volume, out.affine, out.stats
 
 
 def source_sha256(path: Path) -> str:
@@ -127,6 +203,11 @@ class _Job:
     def sidecar(self) -> Path:
         """Written last after a success: an image without it is redone."""
         return self.out_path.with_name(f"{self.stem}.json")
+
+    @property
+    def mask_path(self) -> Path:
+        """The scan's own brain mask on the output grid (uint8), where brain extraction ran."""
+        return self.out_path.parent.parent / "masks" / self.out_path.name
 
     @property
     def failure_record(self) -> Path:
@@ -194,10 +275,16 @@ def _run_job(job: _Job) -> dict[str, Any]:
     try:
         data, affine = load_volume(job.scan.path, first_volume_of_4d=job.cfg.use_first_volume_of_4d)
         template = load_template(job.cfg) if job.cfg.registration.enabled else None
-        volume, out_affine, stats = preprocess_volume(data, affine, job.cfg, template)
-        save_volume(job.out_path, volume, out_affine, descrip=f"medldm {__version__} preprocessed",
+        out = preprocess_scan(data, affine, job.cfg, template)
+        save_volume(job.out_path, out.volume, out.affine, descrip=f"medldm {__version__} preprocessed",
                     dtype=job.cfg.output_dtype)
-        save_png(job.qc_png, three_plane(volume))
+        if out.brain is not None:
+            save_volume(job.mask_path, out.brain.astype(np.uint8), out.affine, descrip="medldm brain mask",
+                        dtype="uint8")
+        else:
+            job.mask_path.unlink(missing_ok=True)
+        save_png(job.qc_png, three_plane(out.volume))
+        stats = out.stats
         result = {"config_hash": job.cfg_hash, "source": str(job.scan.path),
                   "source_sha256": source_sha256(job.scan.path), "stats": stats}
         write_json(job.sidecar, result)  # last: an image without its sidecar is redone by the next run
@@ -206,7 +293,7 @@ def _run_job(job: _Job) -> dict[str, Any]:
     except Exception as e:  # one bad scan must not stop a batch of thousands
         error = f"{job.scan.path}: {e}"
         # what an earlier run made of this scan with other settings is stale now
-        for stale in (job.sidecar, job.out_path, job.qc_png):
+        for stale in (job.sidecar, job.out_path, job.qc_png, job.mask_path):
             stale.unlink(missing_ok=True)
         try:
             write_json(job.failure_record, {"config_hash": job.cfg_hash, "source": str(job.scan.path), "error": error})
@@ -252,6 +339,7 @@ def preprocess_dataset(
     per-scan files are written; ``assemble`` preprocesses nothing and builds the dataset from those files.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    cfg = resolve_method(cfg)  # brain_extraction.method=auto becomes what runs here, before the settings are hashed
     if shard is not None and assemble:
         raise ValueError("--shard and --assemble exclude each other: run the shards first, then --assemble once")
     if output_dir.resolve().is_relative_to(input_dir.resolve()):
@@ -384,19 +472,29 @@ def _write_dataset(input_dir: Path, output_dir: Path, cfg: PreprocessConfig, job
     if resumed:
         log.info("%d scans were already preprocessed with these settings and were kept", resumed)
 
-    diagnosis = {j.scan.subject_id: _map_diagnosis(j.scan.diagnosis, cfg) for j, _ in done}
+    # QC first: a scan whose registration failed is kept out of the splits (by default), so no split is drawn for it
+    verdicts = assess([r["stats"] for _, r in done], cfg.qc)
+    excluded = [cfg.qc.exclude_failed and status == "fail" for status, _ in verdicts]
+    diagnosis = {j.scan.subject_id: _map_diagnosis(j.scan.diagnosis, cfg) for (j, _), x in zip(done, excluded) if not x}
     split = assign_splits(diagnosis, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed,
                           stratify=cfg.split.stratify, previous=_previous_splits(output_dir))
     rows = []
-    for j, r in done:
+    for (j, r), x, (status, _) in zip(done, excluded, verdicts):
         s = j.scan
+        tiv = r["stats"].get("tiv_ml")
         rows.append({
             "subject_id": s.subject_id, "session": s.session, "image": f"images/{j.out_path.name}",
             "age": "" if s.age is None else f"{s.age:.2f}", "sex": s.sex or "",
-            "diagnosis": _map_diagnosis(s.diagnosis, cfg) or "", "split": split[s.subject_id],
+            "diagnosis": _map_diagnosis(s.diagnosis, cfg) or "", "split": "excluded" if x else split[s.subject_id],
+            "qc_status": status, "tiv_ml": "" if tiv is None else tiv,
             "source": str(s.path), "source_sha256": r["source_sha256"],
         })
     _write_manifest(output_dir / "manifest.csv", rows)
+    qc_failed = [{"image": row["image"], "source": row["source"], "split": row["split"], "reasons": reasons}
+                 for row, (status, reasons) in zip(rows, verdicts) if status == "fail"]
+    for f in qc_failed:
+        log.warning("QC failed%s: %s (%s)", ", excluded" if f["split"] == "excluded" else "", f["image"],
+                    "; ".join(f["reasons"]))
 
     # synthetic volumes are written on the grid of the first training volume (the template grid when registered)
     reference = next((r for r in rows if r["split"] == "train"), rows[0])
@@ -411,14 +509,19 @@ def _write_dataset(input_dir: Path, output_dir: Path, cfg: PreprocessConfig, job
         "num_scans": len(rows),
         "num_subjects": len({r["subject_id"] for r in rows}),
         "resumed": resumed,
-        "splits": {k: sum(r["split"] == k for r in rows) for k in ("train", "val", "test")},
+        "splits": {k: sum(r["split"] == k for r in rows) for k in ("train", "val", "test", "excluded")},
+        "qc": {status: sum(v[0] == status for v in verdicts) for status in ("pass", "warn", "fail")},
+        "qc_failed": qc_failed,
         "failures": [{"path": p, "error": e} for p, e in failures],
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "reference": {"image": reference["image"], "affine": ref_affine.tolist(), "shape": list(cfg.shape),
                       "spacing": list(cfg.spacing)},
     }
     write_json(output_dir / "preprocess.json", info)
-    info["outliers"] = write_qc(output_dir, rows, [r["stats"] for _, r in done])
+    info["outliers"] = write_qc(output_dir, rows, [r["stats"] for _, r in done], verdicts)
+    if all(excluded):
+        raise ValueError(f"all {len(done)} preprocessed scans failed registration QC (e.g. {qc_failed[0]['image']}: "
+                         f"{'; '.join(qc_failed[0]['reasons'])}): see {output_dir / 'qc' / 'index.html'}")
     return info
 
 

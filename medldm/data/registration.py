@@ -1,20 +1,30 @@
-"""Affine registration to a T1 template (SimpleITK) and the template's reference grid and brain mask."""
+"""Affine registration to a T1 template (SimpleITK) and the template's reference grid and brain mask.
+
+A scan meets the template in three steps, each guarded against the wrong minima that multi-site scans produce:
+1. starts from the brain masks: the scan's brain centre and size against the template's, in each of the 24
+   orientations a scanner (or a wrong header) can produce and the 4 that align the masks' principal axes;
+   each start is scored by its correlation with the template at the coarsest level;
+2. the best ``starts`` of them get a coarse similarity fit (rotation, shift, one scale), scored again;
+3. the best gets the affine fit (Mattes mutual information, multi-resolution), which is refused when its
+   scales or shears are not a human head's.
+The registered scan's quality is measured on an absolute scale (correlation with the template inside its brain
+mask, Dice of the two brain masks), so that QC can compare it across scans and cohorts.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
-from skimage.filters import threshold_otsu
 
 from medldm.config import PreprocessConfig, RegistrationConfig
-from medldm.data.intensity import head_mask
 from medldm.data.io import from_sitk, itk_threads, load_volume, to_sitk
 
 # files of the ICBM152 2009c nonlinear symmetric template inside the nilearn package
@@ -32,6 +42,8 @@ class Template:
     affine: np.ndarray
     # the template image holds a brain only (as ICBM152 in nilearn): scans are then matched skull-stripped too
     skull_stripped: bool = False
+    # the template smoothed and resampled for each registration level, made once per process
+    levels: dict[tuple[float, float], tuple[Any, Any]] = field(default_factory=dict, repr=False)
 
 
 def _nilearn_data_dir() -> Path:
@@ -95,49 +107,175 @@ def _on_output_grid(image: np.ndarray, affine: np.ndarray, mask: np.ndarray | No
     return Template(image, out_mask, grid, stripped)
 
 
-def _brain_centre_guess(volume: np.ndarray, affine: np.ndarray, depth_mm: float = 100.0) -> np.ndarray:
-    """World (RAS) centre of the top ``depth_mm`` of the head: the brain sits there, the neck and face do not."""
-    mask = head_mask(volume)
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass
+class Registration:
+    """A scan registered to the template, with what QC needs to judge the fit."""
+
+    image: np.ndarray  # the scan on the template grid
+    mask: np.ndarray  # the scan's own brain mask on the template grid
+    matrix: np.ndarray  # 4x4 RAS: template point -> scan point
+    metric: float  # Mattes mutual information of the final fit (lower is better; not comparable across scans)
+    correlation: float  # Pearson r with the template inside the template's brain mask (comparable across scans)
+    dice: float | None  # Dice of the scan's registered brain mask with the template's (None: template has no mask)
+    scales: list[float]  # singular values of the linear part (scan mm per template mm)
+    start: str  # the start the fit came from: an orientation as axis codes, or "moments"
+    problem: str | None = None  # an affine refused as implausible, and what was kept instead
+
+
+def _moments(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(centre in world mm, covariance in world mm^2, volume in ml) of a mask."""
     ijk = np.argwhere(mask)
-    world = nib.affines.apply_affine(affine, ijk)
-    top = world[:, 2].max()
-    return world[world[:, 2] > top - depth_mm].mean(0)
+    if len(ijk) < 10:
+        raise ValueError("the brain mask is empty: nothing to register")
+    world = nib.affines.apply_affine(affine, ijk[:: max(1, len(ijk) // 200_000)])
+    volume = len(ijk) * abs(np.linalg.det(affine[:3, :3])) / 1000.0
+    return world.mean(0), np.cov(world.T), volume
 
 
-def rough_brain_mask(volume: np.ndarray, affine: np.ndarray, erode_mm: float = 8.0) -> np.ndarray:
-    """A rough skull strip for registration only: erode the head until the brain comes apart from the scalp
-    (the dark skull between them), keep the largest piece, grow it back."""
-    spacing = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
-    steps = max(1, int(round(erode_mm / spacing)))
-    mask = volume > threshold_otsu(volume)
-    core = ndimage.binary_erosion(mask, iterations=steps)
-    labels, n = ndimage.label(core)
-    if n == 0:
-        return mask
-    core = labels == (1 + int(np.argmax(ndimage.sum(core, labels, range(1, n + 1)))))
-    return ndimage.binary_fill_holes(ndimage.binary_dilation(core, iterations=steps) & mask)
+def _orientations() -> list[tuple[str, np.ndarray]]:
+    """The 24 rotations that map the axes onto each other (a scanner's or a header's orientations), identity first."""
+    out = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1, -1), repeat=3):
+            r = np.zeros((3, 3))
+            r[list(perm), [0, 1, 2]] = signs
+            if np.linalg.det(r) > 0:
+                out.append(("".join(nib.aff2axcodes(nib.affines.from_matvec(r))), r))
+    return sorted(out, key=lambda o: o[0] != "RAS")
 
 
-def _run(fixed, moving, transform, cfg: RegistrationConfig, coarse_only: bool = False, seed: int | None = None
-         ) -> float:
+def _starts(template: Template, mask: np.ndarray, affine: np.ndarray, cfg: RegistrationConfig
+            ) -> list[tuple[str, np.ndarray]]:
+    """Candidate template->scan transforms (4x4 RAS) that put the template's brain on the scan's brain."""
+    region = template.mask if template.mask is not None else template.image > template.image.mean()
+    c_t, cov_t, vol_t = _moments(region, template.affine)
+    c_m, cov_m, vol_m = _moments(mask, affine)
+    scale = float(np.clip((vol_m / vol_t) ** (1 / 3), *cfg.scale_range))
+    rotations = list(_orientations())
+    # principal axes: the rotation that takes the template brain's axes onto the scan brain's (4 sign choices)
+    _, e_t = np.linalg.eigh(cov_t)
+    _, e_m = np.linalg.eigh(cov_m)
+    for signs in itertools.product((1, -1), repeat=3):
+        r = e_m @ np.diag(signs) @ e_t.T
+        if np.linalg.det(r) > 0:
+            rotations.append(("moments", r))
+    return [(name, nib.affines.from_matvec(scale * r, c_m - scale * r @ c_t)) for name, r in rotations]
+
+
+def _to_itk(matrix: np.ndarray, centre: np.ndarray) -> Any:
+    """A 4x4 RAS template->scan matrix as an ITK affine transform (LPS) about ``centre`` (RAS)."""
     import SimpleITK as sitk
 
-    levels = list(zip(cfg.shrink_factors, cfg.smoothing_sigmas))
-    if coarse_only and len(levels) > 1:
-        levels = levels[:-1]  # the rigid start needs no full-resolution pass
+    lps = _RAS_TO_LPS @ matrix[:3, :3] @ _RAS_TO_LPS
+    c = _RAS_TO_LPS @ centre
+    t = _RAS_TO_LPS @ nib.affines.apply_affine(matrix, centre) - c
+    transform = sitk.AffineTransform(3)
+    transform.SetCenter(c.tolist())
+    transform.SetMatrix(lps.ravel().tolist())
+    transform.SetTranslation(t.tolist())
+    return transform
+
+
+def _from_itk(transform: Any) -> np.ndarray:
+    """The 4x4 RAS template->scan matrix of an ITK affine-like transform."""
+    a = np.array(transform.GetMatrix()).reshape(3, 3)
+    c, t = np.array(transform.GetCenter()), np.array(transform.GetTranslation())
+    lin = _RAS_TO_LPS @ a @ _RAS_TO_LPS
+    offset = _RAS_TO_LPS @ (c + t - a @ c)
+    return nib.affines.from_matvec(lin, offset)
+
+
+def _similarity(matrix: np.ndarray, centre: np.ndarray) -> Any:
+    """An ITK similarity transform (rotation, one scale, shift) closest to a 4x4 RAS matrix."""
+    import SimpleITK as sitk
+
+    affine = _to_itk(matrix, centre)
+    lin = np.array(affine.GetMatrix()).reshape(3, 3)
+    u, sv, vt = np.linalg.svd(lin)
+    rotation = u @ vt
+    transform = sitk.Similarity3DTransform()
+    transform.SetCenter(affine.GetCenter())
+    transform.SetMatrix((rotation * float(np.cbrt(np.prod(sv)))).ravel().tolist())
+    transform.SetTranslation(affine.GetTranslation())
+    return transform
+
+
+def _as_affine(transform: Any) -> Any:
+    import SimpleITK as sitk
+
+    out = sitk.AffineTransform(3)
+    out.SetCenter(transform.GetCenter())
+    out.SetMatrix(transform.GetMatrix())
+    out.SetTranslation(transform.GetTranslation())
+    return out
+
+
+def _levels(cfg: RegistrationConfig, spacing: np.ndarray) -> list[tuple[float, float]]:
+    """(grid spacing in mm, smoothing sigma in mm) of each registration level, coarsest first."""
+    out = []
+    for shrink, sigma in zip(cfg.shrink_factors, cfg.smoothing_sigmas):
+        step = float(spacing.mean() * shrink)
+        # smoothed at least as much as the coarser grid needs, so that it does not alias
+        out.append((step, max(float(sigma), 0.5 * step if shrink > 1 else 0.0)))
+    return out
+
+
+def _level(image: Any, step: float, sigma: float) -> Any:
+    """An ITK image smoothed by ``sigma`` mm and resampled onto a grid of ``step`` mm over the same extent."""
+    import SimpleITK as sitk
+
+    if sigma > 0:
+        image = sitk.SmoothingRecursiveGaussian(image, sigma)
+    if np.allclose(image.GetSpacing(), step):
+        return image
+    size = [max(4, int(round(n * s / step))) for n, s in zip(image.GetSize(), image.GetSpacing())]
+    reference = sitk.Image(size, image.GetPixelID())
+    reference.SetSpacing([step] * 3)
+    reference.SetDirection(image.GetDirection())
+    # the same field of view: the first voxel centre moves by half the change in voxel size
+    shift = np.array(image.GetDirection()).reshape(3, 3) @ ((step - np.array(image.GetSpacing())) / 2)
+    reference.SetOrigin((np.array(image.GetOrigin()) + shift).tolist())
+    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+
+
+def _template_level(template: Template, step: float, sigma: float) -> tuple[Any, np.ndarray]:
+    """The template at a level (ITK image) and its brain region on that grid (bool array, x/y/z order)."""
+    import SimpleITK as sitk
+
+    key = (step, sigma)
+    if key not in template.levels:
+        image = _level(sitk.Cast(to_sitk(template.image, template.affine), sitk.sitkFloat32), step, sigma)
+        region = template.mask if template.mask is not None else template.image > template.image.mean()
+        mask = _level(to_sitk(region.astype(np.float32), template.affine), step, 0.0)
+        region = ndimage.binary_dilation(from_sitk(mask)[0] > 0.5, iterations=1)
+        template.levels[key] = (image, region)
+    return template.levels[key]
+
+
+def _correlation(image: Any, reference: Any, region: np.ndarray) -> float:
+    a = from_sitk(image)[0][region].astype(np.float64)
+    b = from_sitk(reference)[0][region].astype(np.float64)
+    if a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _fit(fixed: Any, moving: Any, transform: Any, cfg: RegistrationConfig, seed: int) -> float:
+    """One single-level Mattes fit of ``transform`` (in place); returns the final metric."""
+    import SimpleITK as sitk
 
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     # ITK reads seed 0 as "seed from the wall clock": shift by one so that every seed, 0 included, is reproducible
-    reg.SetMetricSamplingPercentage(cfg.sampling_fraction, (cfg.seed if seed is None else seed) + 1)
+    reg.SetMetricSamplingPercentage(cfg.sampling_fraction, seed + 1)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
                                                  numberOfIterations=cfg.iterations, gradientMagnitudeTolerance=1e-6)
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([f for f, _ in levels])
-    reg.SetSmoothingSigmasPerLevel([sigma for _, sigma in levels])
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(transform, inPlace=True)
     try:
         reg.Execute(fixed, moving)
@@ -146,46 +284,105 @@ def _run(fixed, moving, transform, cfg: RegistrationConfig, coarse_only: bool = 
     return float(reg.GetMetricValue())
 
 
-def register_to_template(volume: np.ndarray, affine: np.ndarray, template: Template,
-                         cfg: RegistrationConfig) -> tuple[np.ndarray, float]:
-    """Register a scan to the template (rigid, then affine; Mattes MI, multi-resolution) and resample it onto
-    the template's grid. Returns (volume on the template grid, final metric value; lower is better)."""
+def _fit_levels(pyramid: list[tuple[Any, Any]], transform: Any, cfg: RegistrationConfig, seed: int) -> float:
+    metric = float("nan")
+    for level, (fixed, moving) in enumerate(pyramid):
+        metric = _fit(fixed, moving, transform, cfg, seed + 1000 * level)
+    return metric
+
+
+def implausible(matrix: np.ndarray, cfg: RegistrationConfig) -> str | None:
+    """Why a template->scan affine is not a human head meeting the template (None when it is one)."""
+    lin = matrix[:3, :3]
+    scales = np.linalg.svd(lin, compute_uv=False)
+    if np.linalg.det(lin) <= 0:
+        return "the affine mirrors the brain"
+    lo, hi = cfg.scale_range
+    if scales.min() < lo or scales.max() > hi:
+        return f"scales {np.round(scales, 2).tolist()} outside {[lo, hi]}"
+    if scales.max() / scales.min() > cfg.max_anisotropy:
+        return (f"one axis stretched {scales.max() / scales.min():.2f}x more than another "
+                f"(scales {np.round(scales, 2).tolist()}; limit {cfg.max_anisotropy})")
+    return None
+
+
+def register_to_template(volume: np.ndarray, affine: np.ndarray, brain: np.ndarray, template: Template,
+                         cfg: RegistrationConfig) -> Registration:
+    """Register a scan (with its brain mask ``brain``) to the template and resample both onto the template grid."""
     import SimpleITK as sitk
 
-    fixed = sitk.Cast(to_sitk(template.image, template.affine), sitk.sitkFloat32)
     moving = sitk.Cast(to_sitk(volume, affine), sitk.sitkFloat32)
-    # a skull-stripped template is matched with a roughly skull-stripped scan: with the scalp left in, the
+    # a skull-stripped template is matched with the skull-stripped scan: with the scalp left in, the
     # fit may shrink the whole head into the template's brain
-    target = moving
-    if template.skull_stripped:
-        target = to_sitk(volume * rough_brain_mask(volume, affine), affine)
-    # start from the brains' centres: the head's centre of mass would pull the template towards the neck
+    target = to_sitk((volume * brain).astype(np.float32), affine) if template.skull_stripped else moving
+    levels = _levels(cfg, np.linalg.norm(template.affine[:3, :3], axis=0))
+    with itk_threads(1) as cores:  # one thread per fit (see itk_threads); fits run side by side instead
+        fixed_levels = [_template_level(template, step, sigma) for step, sigma in levels]
+        pyramid = [(fixed, _level(target, step, sigma)) for (fixed, _), (step, sigma) in zip(fixed_levels, levels)]
+        coarse_fixed, coarse_region = fixed_levels[0]
+        centre = _moments(template.mask if template.mask is not None else template.image > template.image.mean(),
+                          template.affine)[0]
+
+        def score(transform: Any) -> float:
+            warped = sitk.Resample(pyramid[0][1], coarse_fixed, transform, sitk.sitkLinear, 0.0)
+            return _correlation(warped, coarse_fixed, coarse_region)
+
+        # 1. every start scored as it is
+        starts = [(score(_to_itk(m, centre)), name, m) for name, m in _starts(template, brain, affine, cfg)]
+        best = sorted(starts, key=lambda s: -s[0])[: cfg.starts]  # stable: ties keep the fixed order
+
+        # 2. a coarse similarity fit of the best starts (all levels but the finest), scored again
+        coarse = pyramid[:-1] or pyramid
+
+        def similarity(k: int) -> tuple[float, str, Any]:
+            _, name, m = best[k]
+            transform = _similarity(m, centre)
+            _fit_levels([(sitk.Image(f), sitk.Image(mv)) for f, mv in coarse], transform, cfg, cfg.seed + k)
+            return score(transform), name, transform
+
+        with ThreadPoolExecutor(max(1, min(len(best), cores))) as pool:
+            fitted = list(pool.map(similarity, range(len(best))))
+        _, start, chosen = max(fitted, key=lambda f: f[0])  # the first of equal scores: never timing-dependent
+
+        # 3. the affine fit from the chosen similarity, over every level
+        transform = _as_affine(chosen)
+        metric = _fit_levels(pyramid, transform, cfg, cfg.seed)
+        matrix = _from_itk(transform)
+        problem = implausible(matrix, cfg)
+        if problem is not None:  # keep the similarity fit, which a head can always be, and say so
+            kept = _from_itk(_as_affine(chosen))
+            problem = f"affine refused ({problem}); the similarity fit was kept"
+            transform, matrix = _as_affine(chosen), kept
+            if implausible(kept, cfg) is not None:
+                problem = f"implausible registration: {implausible(kept, cfg)}"
+
+        fixed_full = sitk.Cast(to_sitk(template.image, template.affine), sitk.sitkFloat32)
+        out = sitk.Resample(moving, fixed_full, transform, sitk.sitkLinear, 0.0)
+        out_mask = sitk.Resample(to_sitk(brain.astype(np.float32), affine), fixed_full, transform, sitk.sitkLinear, 0.0)
+    image, mask = from_sitk(out)[0], from_sitk(out_mask)[0] > 0.5
     region = template.mask if template.mask is not None else template.image > template.image.mean()
-    fixed_centre = nib.affines.apply_affine(template.affine, np.argwhere(region).mean(0))
-    moving_centre = _brain_centre_guess(volume, affine)
-    ras_to_lps = np.array([-1.0, -1.0, 1.0])
-    # with sampled voxels a fit sometimes runs off (a skull-stripped template is the hard case): run `starts`
-    # rigid-then-affine fits with different sampling seeds and keep the best match (lowest metric)
+    matched = image * mask if template.skull_stripped else image
+    correlation = 0.0
+    if matched[region].std() > 0:
+        correlation = float(np.corrcoef(matched[region], template.image[region])[0, 1])
+    dice = None
+    if template.mask is not None:
+        dice = float(2 * (mask & template.mask).sum() / max(1, mask.sum() + template.mask.sum()))
+    return Registration(image=image, mask=mask, matrix=matrix, metric=metric, correlation=correlation, dice=dice,
+                        scales=np.linalg.svd(matrix[:3, :3], compute_uv=False).round(3).tolist(), start=start,
+                        problem=problem)
 
-    def fit(k: int) -> tuple[float, Any]:
-        # images of its own: ITK does not promise that two pipelines may read one image at the same time
-        fixed_k, target_k = sitk.Image(fixed), sitk.Image(target)
-        fixed_k.MakeUnique(), target_k.MakeUnique()
-        rigid = sitk.Euler3DTransform()
-        rigid.SetCenter((fixed_centre * ras_to_lps).tolist())
-        rigid.SetTranslation(((moving_centre - fixed_centre) * ras_to_lps).tolist())
-        _run(fixed_k, target_k, rigid, cfg, coarse_only=True, seed=cfg.seed + k)
-        candidate = sitk.AffineTransform(3)
-        candidate.SetCenter(rigid.GetCenter())
-        candidate.SetMatrix(rigid.GetMatrix())
-        candidate.SetTranslation(rigid.GetTranslation())
-        return _run(fixed_k, target_k, candidate, cfg, seed=cfg.seed + k), candidate
 
-    # one thread per fit (see itk_threads: the same scan registered twice in one process with 2 threads came out
-    # different, IXI012 metric -0.4300 vs -0.4299, voxels up to 0.11 apart); the starts run side by side instead,
-    # on as many cores as this process may use (a preprocessing worker has one)
-    with itk_threads(1) as cores, ThreadPoolExecutor(max(1, min(cfg.starts, cores))) as pool:
-        fits = list(pool.map(fit, range(cfg.starts)))
-    metric, transform = min(fits, key=lambda f: f[0])  # the first of equal fits: the order never depends on timing
-    out = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0)
-    return from_sitk(out)[0], metric
+def tilt_degrees(matrix: np.ndarray) -> float:
+    """How far a template->scan matrix tips the template's superior axis away from the scan's (pitch and roll;
+    a turn about the vertical axis does not count). Brain-extraction networks are trained on upright heads."""
+    up = matrix[:3, :3] @ np.array([0.0, 0.0, 1.0])
+    return float(np.degrees(np.arccos(np.clip(up[2] / np.linalg.norm(up), -1.0, 1.0))))
+
+
+def to_scan_grid(image: np.ndarray, template: Template, matrix: np.ndarray, shape: tuple[int, ...],
+                 affine: np.ndarray, order: int = 1) -> np.ndarray:
+    """An image on the template grid pulled back onto a scan's grid through a template->scan matrix."""
+    voxel = np.linalg.inv(template.affine) @ np.linalg.inv(matrix) @ affine  # scan voxel -> template voxel
+    return ndimage.affine_transform(image.astype(np.float32), voxel[:3, :3], voxel[:3, 3], output_shape=shape,
+                                    order=order, mode="constant", cval=0.0)
