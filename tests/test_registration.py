@@ -32,7 +32,8 @@ def setup(tmp_path_factory):
         "spacing=[4.0,4.0,4.0]", "shape=[48,56,48]", "registration.enabled=true",
         f"registration.template={tmp / 'template.nii.gz'}", f"registration.template_mask={tmp / 'template_mask.nii.gz'}",
         "registration.shrink_factors=[2,1]", "registration.smoothing_sigmas=[4.0,0.0]",
-        "registration.sampling_fraction=0.2", "brain_mask=true", "n4.enabled=true", "max_input_spacing=5.5",
+        "registration.sampling_fraction=0.2", "brain_mask=true", "n4.enabled=true", "n4.shrink_factor=3",
+        "max_input_spacing=5.5",
         # deepbet's networks at a 128 cube instead of 256: the same code, 8x fewer voxels for the CPU tests
         "brain_extraction.method=deepbet", "brain_extraction.network_size=128"])
     return cfg, load_template(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
@@ -22,10 +23,27 @@ def head_mask(volume: np.ndarray) -> np.ndarray:
 
 def n4_correct(volume: np.ndarray, affine: np.ndarray, cfg: N4Config) -> np.ndarray:
     """N4 bias-field correction: the field is fitted on a shrunk image and divided out at full resolution."""
+    volume = np.clip(volume, 0, None)
+    head = head_mask(volume)
+    # fitted on the head's bounding box (with a margin) only: N4's time grows with the voxels it is given, and the
+    # air around a head is half of a typical field of view; the air outside the box is left as it is
+    if not head.any():
+        return _n4_box(volume, np.ones(volume.shape, bool), affine, cfg)
+    margin = cfg.shrink_factor * 2
+    box = tuple(slice(max(0, int(i.min()) - margin), int(i.max()) + 1 + margin) for i in np.nonzero(head))
+    corner = nib.affines.apply_affine(affine, [b.start for b in box])
+    box_affine = affine.copy()
+    box_affine[:3, 3] = corner
+    out = volume.copy()
+    out[box] = _n4_box(volume[box], head[box], box_affine, cfg)
+    return out
+
+
+def _n4_box(volume: np.ndarray, head: np.ndarray, affine: np.ndarray, cfg: N4Config) -> np.ndarray:
     import SimpleITK as sitk  # preprocessing only; keeps GPU code paths free of SimpleITK
 
-    image = to_sitk(np.clip(volume, 0, None), affine)
-    mask = to_sitk(head_mask(volume).astype(np.float32), affine)
+    image = to_sitk(np.ascontiguousarray(volume), affine)
+    mask = to_sitk(np.ascontiguousarray(head).astype(np.float32), affine)
     mask = sitk.Cast(mask, sitk.sitkUInt8)
     shrink = [cfg.shrink_factor] * 3
     small, small_mask = sitk.Shrink(image, shrink), sitk.Shrink(mask, shrink)
@@ -35,7 +53,7 @@ def n4_correct(volume: np.ndarray, affine: np.ndarray, cfg: N4Config) -> np.ndar
         corrector.SetConvergenceThreshold(cfg.convergence_threshold)
         corrector.Execute(small, small_mask)
         log_field = sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(image)).transpose(2, 1, 0)
-    return (np.clip(volume, 0, None) / np.exp(log_field)).astype(np.float32)
+    return (volume / np.exp(log_field)).astype(np.float32)
 
 
 def normalise(volume: np.ndarray, mask: np.ndarray, percentiles: tuple[float, float]) -> tuple[np.ndarray, list[float]]:
