@@ -55,7 +55,7 @@ def padded(mm: float = 40.0) -> Case:
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
         pad = np.ceil(mm / spacing).astype(int)
         rng = np.random.default_rng(0)
-        background = vol[vol < np.percentile(vol, 20)]
+        background = vol[vol <= np.percentile(vol, 20)]
         out = rng.choice(background, size=tuple(np.array(vol.shape) + 2 * pad)).astype(np.float32)
         out[tuple(slice(p, p + n) for p, n in zip(pad, vol.shape))] = vol
         new = affine.copy()
