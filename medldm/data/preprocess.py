@@ -129,6 +129,8 @@ def preprocess_scan(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig,
 # again on the registered (upright) grid, and registered again with that mask
 _MAX_TILT = 20.0
 _MAX_DRAWN = 4
+# the pose of a mask drawn on the scan's own grid: no template->scan transform (a pose, not a volume's affine)
+_DRAWN_ON_THE_SCANS_GRID = np.eye(4)
 
 
 def _register(volume: np.ndarray, affine: np.ndarray, template: Template, cfg: PreprocessConfig
@@ -158,8 +160,8 @@ def _register(volume: np.ndarray, affine: np.ndarray, template: Template, cfg: P
         return reg, brain
 
     brain = brain_mask(volume, affine, be)
-    drawn += be.method == "deepbet"
-    reg, brain = attempt(brain, np.eye(4))
+    drawn += 1 if be.method == "deepbet" else 0
+    reg, brain = attempt(brain, _DRAWN_ON_THE_SCANS_GRID)
     if be.method == "deepbet" and reg.correlation < cfg.qc.min_correlation:
         # the network's first mask led the fit astray (a head tipped far enough that the mask took in the scalp):
         # start again from the erosion mask, which does not care how the head lies, and let the network redraw

@@ -43,7 +43,14 @@ class Template:
     # the template image holds a brain only (as ICBM152 in nilearn): scans are then matched skull-stripped too
     skull_stripped: bool = False
     # the template smoothed and resampled for each registration level, made once per process
-    levels: dict[tuple[float, float], tuple[Any, Any]] = field(default_factory=dict, repr=False)
+    levels: dict[tuple[float, float], Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # what every registration reads, computed once: the brain region, its centre, covariance and volume (ml),
+        # and the image as ITK sees it
+        self.region = self.mask if self.mask is not None else self.image > self.image.mean()
+        self.centre, self.covariance, self.volume_ml = _moments(self.region, self.affine)
+        self.itk = None  # the float32 ITK image, made on first use (SimpleITK is imported lazily)
 
 
 def _nilearn_data_dir() -> Path:
@@ -150,8 +157,7 @@ def _orientations() -> list[tuple[str, np.ndarray]]:
 def _starts(template: Template, mask: np.ndarray, affine: np.ndarray, cfg: RegistrationConfig
             ) -> list[tuple[str, np.ndarray]]:
     """Candidate template->scan transforms (4x4 RAS) that put the template's brain on the scan's brain."""
-    region = template.mask if template.mask is not None else template.image > template.image.mean()
-    c_t, cov_t, vol_t = _moments(region, template.affine)
+    c_t, cov_t, vol_t = template.centre, template.covariance, template.volume_ml
     c_m, cov_m, vol_m = _moments(mask, affine)
     scale = float(np.clip((vol_m / vol_t) ** (1 / 3), *cfg.scale_range))
     rotations = list(_orientations())
@@ -247,8 +253,25 @@ class _Level:
 
     image: Any
     region: np.ndarray
-    sampled: Any  # ITK mask: the brain and 10 mm around it (its edge is where a brain-only template has information)
+    # brain-only templates: the metric samples the brain and 10 mm around it (ITK mask; None: the whole grid, as for
+    # a template with the head in it, whose scalp and skull carry information too)
+    sampled: Any
     sampled_fraction: float
+
+    def copy(self) -> _Level:
+        """Images of its own for a fit in another thread (ITK does not promise that two pipelines may read one)."""
+        import SimpleITK as sitk
+
+        return _Level(sitk.Image(self.image), self.region, None if self.sampled is None else sitk.Image(self.sampled),
+                      self.sampled_fraction)
+
+
+def _template_itk(template: Template) -> Any:
+    import SimpleITK as sitk
+
+    if template.itk is None:
+        template.itk = sitk.Cast(to_sitk(template.image, template.affine), sitk.sitkFloat32)
+    return template.itk
 
 
 def _template_level(template: Template, step: float, sigma: float) -> _Level:
@@ -256,22 +279,20 @@ def _template_level(template: Template, step: float, sigma: float) -> _Level:
 
     key = (step, sigma)
     if key not in template.levels:
-        image = _level(sitk.Cast(to_sitk(template.image, template.affine), sitk.sitkFloat32), step, sigma)
-        region = template.mask if template.mask is not None else template.image > template.image.mean()
-        mask = _level(to_sitk(region.astype(np.float32), template.affine), step, 0.0)
-        region = from_sitk(mask)[0] > 0.5
-        around = ndimage.binary_dilation(region, iterations=max(1, int(round(10.0 / step))))
-        sampled = to_sitk(around.astype(np.uint8), nib.affines.from_matvec(
-            np.diag([step] * 3), np.array(image.GetOrigin()) * np.array([-1.0, -1.0, 1.0])))
-        sampled.CopyInformation(image)
-        template.levels[key] = _Level(image, ndimage.binary_dilation(region, iterations=1), sampled,
-                                      float(around.mean()))
+        image = _level(_template_itk(template), step, sigma)
+        brain = _level(to_sitk(template.region.astype(np.float32), template.affine), step, 0.0) > 0.5
+        sampled, fraction = None, 1.0
+        if template.skull_stripped:
+            sampled = sitk.BinaryDilate(brain, [max(1, int(round(10.0 / step)))] * 3)
+            fraction = float(sitk.GetArrayViewFromImage(sampled).mean())
+        template.levels[key] = _Level(image, ndimage.binary_dilation(from_sitk(brain)[0] > 0, iterations=1),
+                                      sampled, fraction)
     return template.levels[key]
 
 
-def _correlation(image: Any, reference: Any, region: np.ndarray) -> float:
-    a = from_sitk(image)[0][region].astype(np.float64)
-    b = from_sitk(reference)[0][region].astype(np.float64)
+def _correlation(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
+    """Pearson r of two images inside a region (0 where either is flat there)."""
+    a, b = a[region].astype(np.float64), b[region].astype(np.float64)
     if a.std() == 0 or b.std() == 0:
         return 0.0
     return float(np.corrcoef(a, b)[0, 1])
@@ -287,7 +308,8 @@ def _fit(level: _Level, moving: Any, transform: Any, cfg: RegistrationConfig, se
     # samples fall on the brain and around it only (as many as sampling_fraction of the whole grid would give):
     # with a brain-only template most of the grid is empty, and an affine fit on the few samples left on the brain
     # ran off at 3 mm (IXI scans at 1 mm, scales 1.46 x 0.87 x 0.35)
-    reg.SetMetricFixedMask(level.sampled)
+    if level.sampled is not None:
+        reg.SetMetricFixedMask(level.sampled)
     # ITK reads seed 0 as "seed from the wall clock": shift by one so that every seed, 0 included, is reproducible
     reg.SetMetricSamplingPercentage(min(1.0, cfg.sampling_fraction / max(level.sampled_fraction, 1e-3)), seed + 1)
     reg.SetInterpolator(sitk.sitkLinear)
@@ -338,12 +360,12 @@ def register_to_template(volume: np.ndarray, affine: np.ndarray, brain: np.ndarr
         fixed_levels = [_template_level(template, step, sigma) for step, sigma in levels]
         pyramid = [(fixed, _level(target, step, sigma)) for fixed, (step, sigma) in zip(fixed_levels, levels)]
         coarse_fixed, coarse_region = fixed_levels[0].image, fixed_levels[0].region
-        centre = _moments(template.mask if template.mask is not None else template.image > template.image.mean(),
-                          template.affine)[0]
+        coarse_template = from_sitk(coarse_fixed)[0]
+        centre = template.centre
 
         def score(transform: Any) -> float:
             warped = sitk.Resample(pyramid[0][1], coarse_fixed, transform, sitk.sitkLinear, 0.0)
-            return _correlation(warped, coarse_fixed, coarse_region)
+            return _correlation(from_sitk(warped)[0], coarse_template, coarse_region)
 
         # 1. every start scored as it is
         starts = [(score(_to_itk(m, centre)), name, m) for name, m in _starts(template, brain, affine, cfg)]
@@ -355,8 +377,7 @@ def register_to_template(volume: np.ndarray, affine: np.ndarray, brain: np.ndarr
         def similarity(k: int) -> tuple[float, str, Any]:
             _, name, m = best[k]
             transform = _similarity(m, centre)
-            _fit_levels([(_Level(sitk.Image(f.image), f.region, sitk.Image(f.sampled), f.sampled_fraction),
-                          sitk.Image(mv)) for f, mv in coarse], transform, cfg, cfg.seed + k)
+            _fit_levels([(f.copy(), sitk.Image(mv)) for f, mv in coarse], transform, cfg, cfg.seed + k)
             return score(transform), name, transform
 
         with ThreadPoolExecutor(max(1, min(len(best), cores))) as pool:
@@ -367,24 +388,20 @@ def register_to_template(volume: np.ndarray, affine: np.ndarray, brain: np.ndarr
         # brain blurred to a blob collapsed one axis (IXI at 1 mm with adni.yaml, 6 mm level: scales 1.41 x 0.77 x 0.27)
         transform = _as_affine(chosen)
         metric = _fit_levels(pyramid[1:] or pyramid, transform, cfg, cfg.seed)
+        problem = implausible(_from_itk(transform), cfg)
+        if problem is not None:  # keep the similarity fit, which a head can nearly always be, and say so
+            transform = _as_affine(chosen)
+            still = implausible(_from_itk(transform), cfg)
+            problem = (f"implausible registration: {still}" if still else
+                       f"affine refused ({problem}); the similarity fit was kept")
         matrix = _from_itk(transform)
-        problem = implausible(matrix, cfg)
-        if problem is not None:  # keep the similarity fit, which a head can always be, and say so
-            kept = _from_itk(_as_affine(chosen))
-            problem = f"affine refused ({problem}); the similarity fit was kept"
-            transform, matrix = _as_affine(chosen), kept
-            if implausible(kept, cfg) is not None:
-                problem = f"implausible registration: {implausible(kept, cfg)}"
 
-        fixed_full = sitk.Cast(to_sitk(template.image, template.affine), sitk.sitkFloat32)
+        fixed_full = _template_itk(template)
         out = sitk.Resample(moving, fixed_full, transform, sitk.sitkLinear, 0.0)
         out_mask = sitk.Resample(to_sitk(brain.astype(np.float32), affine), fixed_full, transform, sitk.sitkLinear, 0.0)
     image, mask = from_sitk(out)[0], from_sitk(out_mask)[0] > 0.5
-    region = template.mask if template.mask is not None else template.image > template.image.mean()
     matched = image * mask if template.skull_stripped else image
-    correlation = 0.0
-    if matched[region].std() > 0:
-        correlation = float(np.corrcoef(matched[region], template.image[region])[0, 1])
+    correlation = _correlation(matched, template.image, template.region)
     dice = None
     if template.mask is not None:
         dice = float(2 * (mask & template.mask).sum() / max(1, mask.sum() + template.mask.sum()))
