@@ -72,7 +72,7 @@ def deepbet_mask(volume: np.ndarray, affine: np.ndarray, cfg: BrainExtractionCon
     size = cfg.network_size
     with torch.inference_mode():
         try:
-            probability = bet.run_model(ras.copy(), shape=(size, size, size))
+            probability = bet.run_model(ras, shape=(size, size, size))
         except AssertionError as e:  # deepbet asserts when its first network finds no brain at all
             raise ValueError(f"brain extraction (deepbet) found no brain in the scan ({e})") from None
     mask = probability > cfg.threshold

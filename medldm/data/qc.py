@@ -18,8 +18,6 @@ from medldm.config import QCConfig
 # A registration much worse than the cohort's fails; any other statistic far out is a warning to look at.
 REGISTRATION_SCREENED = (("registration_correlation", "low", 0.05), ("registration_dice", "low", 0.02))
 WARNING_SCREENED = (("foreground_ml", "both", 0.02), ("foreground_mean", "both", 0.02), ("tiv_ml", "both", 0.02))
-SCREENED = tuple(k for k, _, _ in REGISTRATION_SCREENED + WARNING_SCREENED)
-Z_LIMIT = 3.5
 SHEET_SIZE = 100  # scans per contact sheet page
 TILE_HEIGHT = 64
 STATUSES = ("pass", "warn", "fail")
