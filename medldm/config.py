@@ -526,6 +526,13 @@ class EvaluateConfig:
     prefilter_factor: int = 4
     nearest_candidates: int = 5
     memorisation_percentile: float = 99.0
+    # plausibility: a sample is off the data manifold when its nearest-training SSIM is below both this percentile
+    # of the real test volumes' and their median minus plausibility_z robust SDs, or when one of its intensity and
+    # tissue statistics lies more than plausibility_z robust SDs (median/MAD) from the training volumes'
+    plausibility_percentile: float = 1.0
+    plausibility_z: float = 3.5
+    # tissue classes inside the brain for morphometry: otsu (scikit-image multi-Otsu) or gmm (EM from it)
+    morphometry_method: str = "otsu"
     # FID on MedicalNet ResNet features: a local .pth (nothing is downloaded); empty = FID skipped, as the report says
     fid_weights: str = ""
     fid_depth: int = 10
@@ -541,6 +548,10 @@ class EvaluateConfig:
             raise ConfigError(f"{prefix}.prefilter_factor and {prefix}.nearest_candidates must be >= 1")
         if not 0 < self.memorisation_percentile <= 100:
             raise ConfigError(f"{prefix}.memorisation_percentile must be in (0, 100]")
+        if not 0 <= self.plausibility_percentile < 50 or self.plausibility_z <= 0:
+            raise ConfigError(f"{prefix}.plausibility_percentile must be in [0, 50) and {prefix}.plausibility_z > 0")
+        if self.morphometry_method not in ("otsu", "gmm"):
+            raise ConfigError(f"{prefix}.morphometry_method={self.morphometry_method!r}: use otsu or gmm")
 
 
 STAGES: dict[str, type] = {

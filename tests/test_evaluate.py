@@ -55,6 +55,8 @@ def test_report_has_reconstruction_diversity_and_memorisation(dataset, ae_run, l
     assert gen["ms_ssim_difference"] == pytest.approx(gen["synthetic"]["ms_ssim_mean"] - gen["real_test"]["ms_ssim_mean"])
     mem = gen["memorisation"]
     assert mem["flagged"] == [3] and gen["files"][3] == "sample_9999.nii.gz"
+    # the copy is a brain (plausible) and a copy (memorised); the verdict table says both first
+    assert gen["plausibility"]["synthetic"][3]["plausible"] and gen["plausibility"]["real_test_n"] == len(mem["real_test"])
     copy = mem["synthetic"][3]
     assert copy["nearest_train_image"] == train[1]["image"] and copy["ssim"] == pytest.approx(1.0, abs=1e-3)
     assert len(mem["real_test"]) == report["test_volumes"]
@@ -64,8 +66,11 @@ def test_report_has_reconstruction_diversity_and_memorisation(dataset, ae_run, l
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "MS-SSIM" in md and "1 of 4 synthetic volumes are closer" in md and "sample_9999.nii.gz" in md
     assert gen["conditioning"]["synthetic"]["skipped"] == "fewer than 3 different ages"  # sampled without an age
+    assert md.index("## Verdict") < md.index("## Autoencoder") and "possibly memorised: 1 of 4" in md
+    assert set(gen["morphometry"]["distances"]) >= {"brain_ml", "csf_fraction", "ventricle_ml"}
     assert "## Conditioning check: age" in md
-    for png in ("reconstructions_worst.png", "synthetic_vs_real.png", "nearest_training.png", "scores.png"):
+    for png in ("reconstructions_worst.png", "synthetic_vs_real.png", "nearest_training.png", "scores.png",
+                "plausibility.png", "morphometry.png"):
         assert (out / png).is_file()
 
 
@@ -163,15 +168,25 @@ def test_samples_from_several_dirs_give_the_within_seed_age_check(dataset, ldm_r
     from .conftest import train_age_range
 
     low, high = train_age_range(dataset)
+    train = [r for r in read_manifest(dataset) if r["split"] == "train"]
     dirs = []
-    for age in (low, (low + high) / 2, high):  # the same two seeds at three requested ages
+    for k, age in enumerate((low, (low + high) / 2, high)):  # the same two seeds at three requested ages
         dirs.append(tmp_path / f"age{age:.0f}")
         sample_run(ldm_run, dirs[-1], num=2, steps=2, seed=0, conditions={"age": f"{age}"})
+        # a tiny model's 2-step samples are not brains, and the age check only measures brains: each seed becomes
+        # a training head whose central dark ("ventricle") ball widens with the requested age
+        for seed in (0, 1):
+            data, affine = load_volume(dataset / train[seed]["image"])
+            grid = np.stack(np.meshgrid(*[np.arange(n) - n / 2 for n in data.shape], indexing="ij"))
+            data[np.sqrt((grid ** 2).sum(0)) < 1.5 + k] = 0.05
+            save_volume(dirs[-1] / f"sample_{seed:04d}.nii.gz", data, affine, dtype="int16")
     report = evaluate(dataset, tmp_path / "r", load_config("evaluate"), samples=dirs)
     gen = report["generation"]
     assert gen["num_samples"] == 6 and gen["files"][0] == f"{dirs[0].name}/sample_0000.nii.gz"
-    trend = gen["conditioning"]["synthetic"]
-    assert trend["n"] == 6 and trend["seeds_at_several_ages"] == 2 and -1 <= trend["within_seed_r"] <= 1
+    assert gen["plausibility"]["plausible"] == 6
+    for measure in ("csf_fraction", "ventricle_ml"):
+        trend = gen["conditioning"]["measures"][measure]["synthetic"]
+        assert trend["n"] == 6 and trend["seeds_at_several_ages"] == 2 and trend["within_seed_r"] > 0.9
     assert "within seed (2 seeds at several ages)" in (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
     with pytest.raises(FileNotFoundError, match="no such folder"):
         evaluate(dataset, tmp_path / "r2", load_config("evaluate"), samples=[dirs[0], tmp_path / "nope"])

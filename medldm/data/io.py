@@ -24,11 +24,12 @@ def is_nifti(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES)
 
 
-def load_volume(path: str | Path, first_volume_of_4d: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def load_volume(path: str | Path, first_volume_of_4d: bool = False, allow_empty: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Load a 3D scan as (float32 array, 4x4 RAS+ world affine); a folder is read as one DICOM series.
 
     Refuses, naming the file: unreadable files, 2D images, 4D images (unless ``first_volume_of_4d``),
-    NaN/infinite voxels and all-zero images.
+    NaN/infinite voxels and all-zero images (unless ``allow_empty``: a blank synthetic volume is a result to count).
     """
     path = Path(path)
     if path.is_dir():
@@ -53,7 +54,7 @@ def load_volume(path: str | Path, first_volume_of_4d: bool = False) -> tuple[np.
         raise ValueError(f"{path}: expected a 3D volume, got shape {list(data.shape)} (a 2D image?)")
     if not np.isfinite(data).all():
         raise ValueError(f"{path}: contains NaN or infinite voxels")
-    if not data.any():
+    if not allow_empty and not data.any():
         raise ValueError(f"{path}: every voxel is zero")
     return data, affine
 

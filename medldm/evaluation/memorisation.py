@@ -31,22 +31,32 @@ class NearestTraining:
 
     ``load(i)`` returns training volume i as a (1, X, Y, Z) tensor; the pooled features of all of them are
     computed once (one pass, with a progress bar), full volumes are reloaded only as candidates (a few cached).
+    ``measure`` (optional) is applied to every training volume in the same pass; its results are ``measured``.
     """
 
     def __init__(self, load: Callable[[int], torch.Tensor], count: int, metrics: VolumeMetrics, factor: int = 4,
-                 candidates: int = 5, device: torch.device | str = "cpu") -> None:
+                 candidates: int = 5, device: torch.device | str = "cpu",
+                 measure: Callable[[torch.Tensor], Any] | None = None) -> None:
         if count < 1:
             raise ValueError("memorisation check: the dataset has no training volumes to compare with")
         self.metrics, self.factor, self.k, self.device = metrics, factor, min(candidates, count), torch.device(device)
         self.load = lru_cache(maxsize=32)(load)
-        self.features = torch.stack([pooled(load(i), factor) for i in tqdm(range(count), desc="training features",
-                                                                         unit="volume")]).to(self.device)
+        self.measured: list[Any] = []
+        features = []
+        for i in tqdm(range(count), desc="training features", unit="volume"):
+            volume = load(i)
+            features.append(pooled(volume, factor))
+            if measure is not None:
+                self.measured.append(measure(volume))
+        self.features = torch.stack(features).to(self.device)
 
-    def __call__(self, volume: torch.Tensor) -> tuple[int, float]:
-        """(index of the nearest training volume, its SSIM to ``volume``)."""
+    def __call__(self, volume: torch.Tensor, exclude: int | None = None) -> tuple[int, float]:
+        """(index of the nearest training volume, its SSIM to ``volume``), never training volume ``exclude``."""
         volume = volume.to(self.device)
         distance = torch.cdist(pooled(volume, self.factor)[None], self.features)[0]
-        shortlist = torch.topk(distance, self.k, largest=False).indices.tolist()
+        if exclude is not None:
+            distance[exclude] = float("inf")
+        shortlist = torch.topk(distance, min(self.k, len(distance) - (exclude is not None)), largest=False).indices.tolist()
         ssims = [self.metrics.ssim_only(volume, self.load(i)) for i in shortlist]
         best = int(np.argmax(ssims))
         return shortlist[best], float(ssims[best])

@@ -31,7 +31,8 @@ def score_plots(path: str | Path, generation: dict[str, Any]) -> None:
     if "real_ages" in cond:
         ax3.scatter(cond["real_ages"], cond["real_values"], color=REAL, s=18,
                     label=_label("real test (true age)", cond["real_test"]))
-    ax3.set(xlabel="age (years)", ylabel="CSF-like share of the head", title="age check")
+    ax3.set(xlabel="age (years)", ylabel=cond.get("quantity", "CSF-like share of the head"),
+            title="age check (plausible samples)")
     ax3.legend(fontsize=8)
     if not np.isfinite(ages).any():
         ax3.text(0.5, 0.5, "samples have no requested age", ha="center", va="center", transform=ax3.transAxes)
@@ -51,3 +52,61 @@ def _hist(ax: Any, sets: dict[str, list[float]], title: str) -> None:
 
 def _label(name: str, trend: dict[str, Any]) -> str:
     return f"{name}, r={trend['pearson_r']:+.2f}" if trend.get("pearson_r") is not None else name
+
+
+def verdict_sheet(path: str | Path, tiles: list[np.ndarray], names: list[str], verdicts: list[dict[str, Any]],
+                  columns: int = 4) -> None:
+    """Every synthetic volume (three planes) framed green when plausible, red with its first reason when not."""
+    from matplotlib.figure import Figure
+
+    n = len(tiles)
+    rows = max(1, -(-n // columns))
+    fig = Figure(figsize=(4.2 * columns, 1.9 * rows + 0.4), dpi=90, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    bad = sum(not v["plausible"] for v in verdicts)
+    fig.suptitle(f"plausible {n - bad} of {n} (green); not a brain by the data's references: {bad} (red)")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
+    for ax, tile, name, v in zip(axes, tiles, names, verdicts):
+        ax.imshow(tile, cmap="gray", vmin=0, vmax=255)  # three_plane tiles are uint8
+        ax.set_frame_on(True)
+        colour = "#2ca02c" if v["plausible"] else SYNTHETIC
+        for spine in ax.spines.values():
+            spine.set(color=colour, linewidth=3)
+        why = "" if v["plausible"] else "\n" + v["reasons"][0].split(":")[0][:60]
+        ax.set_title(f"{name} (SSIM {v['nearest_train_ssim']:.2f}){why}", fontsize=7, color=colour)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def morphometry_plot(path: str | Path, morph: dict[str, Any]) -> None:
+    """One panel per measure: the values of training, real test, reconstructed test and plausible synthetic volumes."""
+    from matplotlib.figure import Figure
+
+    measures = list(morph["measures"])
+    fig = Figure(figsize=(3.3 * len(measures), 3.6), dpi=100, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(measures)))
+    sets = (("train", "train", "#7f7f7f"), ("real_test", "test", REAL), ("reconstructed_test", "test via AE", "#9467bd"),
+            ("synthetic", "synthetic", SYNTHETIC))
+    rng = np.random.default_rng(0)
+    for ax, m in zip(axes, measures):
+        summary = morph["distances"][m]["summary"]
+        shown = [(key, label, colour) for key, label, colour in sets if key in summary]
+        for pos, (key, label, colour) in enumerate(shown):
+            values = [x[m] for x in (morph.get(key) or [])]
+            if key == "synthetic":  # only the plausible samples are compared
+                values = [x[m] for x, ok in zip(morph["synthetic"], morph.get("plausible") or []) if ok]
+            values = np.asarray(values, float)
+            values = values[np.isfinite(values)]
+            ax.scatter(pos + rng.uniform(-0.15, 0.15, len(values)), values, s=10, color=colour, alpha=0.7)
+            if len(values):
+                ax.hlines(np.median(values), pos - 0.3, pos + 0.3, color="k", linewidth=1.5)
+        ax.set_xticks(range(len(shown)), [label for _, label, _ in shown], rotation=30, fontsize=8)
+        d = morph["distances"][m]
+        ks, yard = d["synthetic_vs_test"]["ks"], d["train_vs_test"]["ks"]
+        ax.set_title(f"{morph['measures'][m]}\nKS {ks if ks is None else f'{ks:.2f}'} "
+                     f"(train vs test {yard if yard is None else f'{yard:.2f}'})", fontsize=8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
