@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -34,3 +36,31 @@ def test_gpu_benchmark_runs_at_tiny_size_and_the_paths_agree(tmp_path):
     numerics = {k: c for k, c in result["checks"].items() if "within" in k}
     assert len(numerics) == 8 and all(c["ok"] for c in numerics.values()), numerics
     assert "| check | value | holds |" in (tmp_path / "gpu_bench.md").read_text(encoding="utf-8")
+
+
+def test_quality_benchmark_runs_at_tiny_size_and_resumes(dataset, tmp_path):
+    """benchmarks/quality.py as documented, with the tiny configs: quality.json has the keys checks read."""
+    root = BENCHMARKS.parent
+    out = tmp_path / "quality"
+    cmd = [sys.executable, str(BENCHMARKS / "quality.py"), "--data", str(dataset), "--out", str(out), "--num", "3",
+           "--steps", "2", "--minutes-autoencoder", "5", "--minutes-diffusion", "5",
+           "--autoencoder-config", str(root / "configs/autoencoder/tiny.yaml"),
+           "--diffusion-config", str(root / "configs/diffusion/tiny.yaml"),
+           "--evaluate-config", str(root / "configs/evaluate/tiny.yaml"),
+           "--set-autoencoder", "train.steps=6", "train.val_every=6", "train.checkpoint_every=6",
+           "--set-diffusion", "train.steps=6", "train.val_every=6", "train.checkpoint_every=6", "preview.every=0"]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
+    q = json.loads((out / "quality.json").read_text(encoding="utf-8"))
+    assert 0 < q["autoencoder"]["test_ssim"] <= 1 and np.isfinite(q["autoencoder"]["test_psnr"])
+    assert q["samples"]["n"] == 3 and 0 <= q["samples"]["plausible"] <= 3 and 0 <= q["samples"]["memorised"] <= 3
+    assert 0 < q["samples"]["diversity_ms_ssim"] <= 1 and 0 < q["real"]["diversity_ms_ssim"] <= 1
+    assert {"brain_ml", "csf_ml", "ventricle_ml"} <= set(q["morphometry"])
+    for m in q["morphometry"].values():
+        assert {"synthetic_vs_test", "train_vs_test"} <= set(m)
+    assert q["minutes"]["total"] > 0 and q["machine"]["cpus"] >= 1
+    assert (out / "report" / "report.md").is_file() and (out / "report" / "plausibility.png").is_file()
+    # a rerun skips the trained stages and redoes only what --redo names
+    first = (out / "autoencoder" / "checkpoints" / "latest.pt").stat().st_mtime_ns
+    run = subprocess.run(cmd + ["--redo", "evaluate"], check=True, capture_output=True, text=True, cwd=tmp_path)
+    assert "autoencoder: done in an earlier run" in run.stderr and "sample: done in an earlier run" in run.stderr
+    assert (out / "autoencoder" / "checkpoints" / "latest.pt").stat().st_mtime_ns == first
