@@ -184,6 +184,8 @@ def test_samples_from_several_dirs_give_the_within_seed_age_check(dataset, ldm_r
     gen = report["generation"]
     assert gen["num_samples"] == 6 and gen["files"][0] == f"{dirs[0].name}/sample_0000.nii.gz"
     assert gen["plausibility"]["plausible"] == 6
+    # no --autoencoder: the one the samples' sidecars name (SHA-256 checked) decodes the reference volumes
+    assert "sidecars" in report["reconstruction"]["found_in"] and "through the autoencoder" in gen["plausibility"]["reference"]
     for measure in ("csf_fraction", "ventricle_ml"):
         trend = gen["conditioning"]["measures"][measure]["synthetic"]
         assert trend["n"] == 6 and trend["seeds_at_several_ages"] == 2 and trend["within_seed_r"] > 0.9

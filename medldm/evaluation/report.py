@@ -477,7 +477,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += verdict_table(report)
     rec = report.get("reconstruction")
     if rec:
-        lines += ["## Autoencoder reconstruction (test split)", "", f"Checkpoint: `{rec['checkpoint']}`", "",
+        lines += ["## Autoencoder reconstruction (test split)", "", f"Checkpoint: `{rec['checkpoint']}`" + (f", found in {rec['found_in']}" if rec.get("found_in") else ""), "",
                   "| metric | mean | std |", "|---|---|---|"]
         for k in ("ssim", "ms_ssim", "psnr", "mae"):
             lines.append(f"| {k.upper().replace('_', '-')} | {rec[k]['mean']:.4f} | {rec[k]['std']:.4f} |")
