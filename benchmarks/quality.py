@@ -16,7 +16,9 @@ whatever its subjects). The stages run with the small configs (``--autoencoder-c
 4. `medldm evaluate` against the test split (reconstruction, plausibility, memorisation, diversity, morphometry).
 
 Every stage records itself in OUT/state.json: a rerun after a crash resumes the stage that was running and skips
-the finished ones; ``--redo sample`` (or ``evaluate``) reruns from that stage on the trained models. Runs on the
+the finished ones; ``--redo sample`` (or ``evaluate``) reruns from that stage on the trained models (a rerun with
+other sampling settings is refused without it). A resumed training stage gets its full time limit again, and
+``minutes`` records the attempt that finished each stage. Runs on the
 CPU or a GPU (whatever torch sees). OUT/quality.json holds the numbers, OUT/report/ the full report.
 """
 
@@ -83,6 +85,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"minutes": {}, "done": []}
     if args.redo:
         state["done"] = [s for s in state["done"] if STAGES.index(s) < STAGES.index(args.redo)]
+    # samples made with other settings are not what this command asks for: refuse rather than report them
+    asked = {"num": args.num, "seed": args.seed, "guidance": args.guidance, "steps": args.steps}
+    if "sample" in state["done"] and state.get("sampled_with", asked) != asked:
+        raise SystemExit(f"{out}: its samples were made with {state['sampled_with']}, not {asked}: add --redo sample")
+    state["sampled_with"] = state.get("sampled_with", asked) if "sample" in state["done"] else asked
     ae_overrides = list(args.set_autoencoder)
     if args.minutes_autoencoder is not None:
         ae_overrides.append(f"train.time_limit_minutes={args.minutes_autoencoder}")
@@ -147,12 +154,15 @@ def summarise(report: dict[str, Any], state: dict[str, Any], args: argparse.Name
                         "test_ms_ssim": rec["ms_ssim"]["mean"]},
         "samples": {"n": gen["num_samples"], "plausible": plaus["plausible"], "memorised": len(mem["flagged"]),
                     "diversity_ms_ssim": gen["synthetic"]["ms_ssim_mean"],
-                    "plausible_diversity_ms_ssim": (gen.get("synthetic_plausible") or {}).get("ms_ssim_mean"),
+                    "plausible_diversity_ms_ssim": (gen.get("synthetic_plausible") or {}).get("ms_ssim_mean") if
+                    plaus["plausible"] < gen["num_samples"] else gen["synthetic"]["ms_ssim_mean"],
                     "implausible": [{"file": e["file"], "reasons": e["reasons"]} for e in plaus["synthetic"]
                                     if not e["plausible"]]},
         "real": {"n": report["test_volumes"], "diversity_ms_ssim": (gen["real_test"] or {}).get("ms_ssim_mean"),
                  "plausible": plaus["real_test_plausible"]},
-        "morphometry": {m: {k: v for k, v in d.items() if k in ("synthetic_vs_test", "train_vs_test", "unit")}
+        "morphometry": {m: {k: v for k, v in d.items() if k in ("synthetic_vs_test", "train_vs_test",
+                                                                 "synthetic_vs_reconstructed", "reconstructed_vs_test",
+                                                                 "unit")}
                         for m, d in gen["morphometry"]["distances"].items()},
         "minutes": {**{k: round(v, 2) for k, v in state["minutes"].items()},
                     "total": round(sum(state["minutes"].values()), 2)},

@@ -82,3 +82,20 @@ def test_rule_follows_the_real_references_not_fixed_numbers():
     assert np.isclose(floor["median_minus_z"], 0.83 - floor["z_used"] * 1.4826 * mad)
     # few references widen the limit (a Student-t prediction interval), many leave it near z
     assert prediction_limit(3.5, 8) > 6 and 3.5 < prediction_limit(3.5, 1000) < 3.52
+
+
+def test_degenerate_references_and_volumes_do_not_break_the_verdict():
+    from medldm.evaluation.morphometry import Morphometry
+
+    # one reference volume says nothing about the spread (no floor); a NaN among them is dropped, not propagated
+    assert ssim_floor([0.7], 1.0, 3.5)["floor"] == float("-inf")
+    assert np.isfinite(ssim_floor([0.80, float("nan"), 0.82, 0.84, 0.86, 0.81], 1.0, 3.5)["floor"])
+    # a two-valued or constant volume gets statistics (and a reason), not an exception
+    morph = Morphometry(0.001, np.ones((16, 16, 16), bool))
+    two = np.zeros((16, 16, 16), np.float32)
+    two[4:12, 4:12, 4:12] = 0.5
+    two[6:10, 6:10, 6:10] = 1.0
+    stats = morph(two)
+    assert np.isfinite(stats["intracranial_ml"]) and not np.isfinite(stats["contrast"])
+    v = verdict(0.9, stats, {"floor": 0.1, "percentile": 0.1, "median_minus_z": 0.1}, {}, 3.5, 1.0)
+    assert not v["plausible"] and v["reasons"] == ["no tissue contrast: one intensity class inside the brain mask"]

@@ -53,12 +53,14 @@ class NearestTraining:
     def __call__(self, volume: torch.Tensor, exclude: int | None = None) -> tuple[int, float]:
         """(index of the nearest training volume, its SSIM to ``volume``), never training volume ``exclude``."""
         volume = volume.to(self.device)
-        distance = torch.cdist(pooled(volume, self.factor)[None], self.features)[0]
-        if exclude is not None:
-            distance[exclude] = float("inf")
-        shortlist = torch.topk(distance, min(self.k, len(distance) - (exclude is not None)), largest=False).indices.tolist()
+        distance = torch.nan_to_num(torch.cdist(pooled(volume, self.factor)[None], self.features)[0],
+                                    nan=float("inf"))
+        order = torch.argsort(distance).tolist()
+        shortlist = [i for i in order if i != exclude][: self.k]
+        if not shortlist:
+            raise ValueError("nearest training volume: no training volume left to compare with")
         ssims = [self.metrics.ssim_only(volume, self.load(i)) for i in shortlist]
-        best = int(np.argmax(ssims))
+        best = int(np.nanargmax(ssims)) if np.isfinite(ssims).any() else 0
         return shortlist[best], float(ssims[best])
 
 

@@ -11,7 +11,7 @@ registered), so one measurement applies to all of them and their distributions c
 * **brain volume**: grey + white matter in ml (on the template grid: an affinely registered dataset measures it
   relative to the template's head size, the same for every volume);
 * **ventricle size**: CSF in a central region of the grid, a box at fixed fractions of the bounding box of the
-  training volumes' mean intracranial mask (around the lateral ventricles in MNI152 space: x -25..25,
+  real (test) volumes' mean intracranial mask (around the lateral ventricles in MNI152 space: x -25..25,
   y -45..25, z -5..35 mm).
 
 On volumes that are not skull-stripped the "intracranial" mask is the head and the classes are the head's; the
@@ -61,7 +61,11 @@ def tissue_classes(volume: np.ndarray, mask: np.ndarray, method: str = "otsu") -
     if values.size < 10 or np.ptp(values) <= 0:
         out[mask] = 1
         return out
-    t = threshold_multiotsu(values, classes=3)
+    try:
+        t = threshold_multiotsu(values, classes=3)
+    except ValueError:  # fewer than three intensities (a constant or two-valued volume): no tissue classes
+        out[mask] = 1
+        return out
     classes = np.digitize(values, t)
     if method == "gmm":
         classes = _gmm(values.astype(np.float64), classes)
@@ -111,7 +115,8 @@ class Morphometry:
 
     @classmethod
     def for_dataset(cls, affine: np.ndarray, training: Iterable[np.ndarray], method: str = "otsu") -> Morphometry:
-        """The central region from the mean intracranial mask of real volumes on the dataset's grid."""
+        """The central region from the mean intracranial mask of real volumes on the dataset's grid (``medldm
+        evaluate`` passes the test volumes, which it holds in memory)."""
         total, n = None, 0
         for v in training:  # a running sum: a thousand full-size masks need not be held at once
             mask = intracranial_mask(v).astype(np.float32)

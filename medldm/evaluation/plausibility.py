@@ -68,6 +68,10 @@ def robust_reference(values: Sequence[dict[str, float]]) -> dict[str, dict[str, 
 def ssim_floor(real_nearest: Sequence[float], percentile: float, z: float) -> dict[str, float]:
     """The nearest-training SSIM below which a volume is further from the training set than real unseen ones."""
     r = np.asarray(real_nearest, float)
+    r = r[np.isfinite(r)]
+    if len(r) < 2:  # one volume says nothing about the spread: no floor
+        return {"floor": float("-inf"), "percentile": float("-inf"), "median_minus_z": float("-inf"),
+                "z_used": float("inf"), "n": int(len(r))}
     median = float(np.median(r))
     spread = 1.4826 * float(np.median(np.abs(r - median)))
     limit = prediction_limit(z, len(r))
@@ -80,8 +84,10 @@ def verdict(nearest_ssim: float, stats: dict[str, float], floor: dict[str, float
             reference: dict[str, dict[str, float]], z: float, percentile: float) -> dict[str, Any]:
     """Plausible or not, with every reason and the robust z of each statistic."""
     reasons, zs = [], {}
-    if not all(np.isfinite(v) for v in stats.values()):
+    if not np.isfinite(stats.get("intracranial_ml", 0.0)):
         reasons.append("no brain: nothing above the background")
+    elif not np.isfinite(stats.get("contrast", 0.0)):
+        reasons.append("no tissue contrast: one intensity class inside the brain mask")
     if nearest_ssim < floor["floor"]:
         reasons.append(f"off the data manifold: nearest-training SSIM {nearest_ssim:.3f} < {floor['floor']:.3f} "
                        f"(reference volumes: percentile {percentile:g} {floor['percentile']:.3f}, median - "

@@ -35,7 +35,7 @@ def score_plots(path: str | Path, generation: dict[str, Any]) -> None:
             title="age check (plausible samples)")
     ax3.legend(fontsize=8)
     if not np.isfinite(ages).any():
-        ax3.text(0.5, 0.5, "samples have no requested age", ha="center", va="center", transform=ax3.transAxes)
+        ax3.text(0.5, 0.5, "no plausible sample with a requested age", ha="center", va="center", transform=ax3.transAxes)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
 

@@ -213,7 +213,8 @@ def _generation(dirs: list[Path], data_dir: Path, rows: list[dict[str, Any]], re
         # a copy comes out of the decoder as smooth as any sample: the memorisation threshold is the decoded real
         # volumes' too (the raw test volumes' threshold flagged smooth average brains on IXI)
         mem["threshold_ssim_raw_test"] = mem["threshold_ssim"]
-        mem["threshold_ssim"] = float(np.percentile(ref_ssim, cfg.memorisation_percentile))
+        finite = [x for x in ref_ssim if np.isfinite(x)]
+        mem["threshold_ssim"] = float(np.percentile(finite, cfg.memorisation_percentile)) if finite else 1.0
         mem["threshold_reference"] = (f"{len(test_decoded)} test and {len(ref_ssim) - len(test_decoded)} training "
                                       "volumes through the autoencoder")
         for entry in mem["synthetic"]:
@@ -323,7 +324,7 @@ def _plausibility(syn_ssim: list[float], syn_m: list[dict[str, float]], ref_ssim
     limits = robust_reference(extra_m + ref_m)
     syn = [{"file": name, **verdict(s, m, floor, limits, z, pct)} for name, s, m in zip(names, syn_ssim, syn_m)]
     real = []
-    for i, (name, m) in enumerate(zip(ref_names, ref_m)):
+    for i, (name, m) in enumerate(zip(ref_names if len(ref_ssim) > 1 else [], ref_m)):
         floor_i = ssim_floor(ref_ssim[:i] + ref_ssim[i + 1:], pct, z) if len(ref_ssim) > 1 else floor
         real.append({"image": name, **verdict(ref_ssim[i], m, floor_i,
                                               robust_reference(extra_m + ref_m[:i] + ref_m[i + 1:]), z, pct)})
@@ -427,7 +428,7 @@ def _plausibility_md(gen: dict[str, Any]) -> list[str]:
     p = gen["plausibility"]
     f = p["ssim_floor"]
     lines = ["## Plausibility: is every sample a brain?", "",
-             f"**plausible: {p['plausible']} of {p['n']}**; the reference volumes by the same rule, each left out: "
+             f"**plausible: {p['plausible']} of {p['n']}**; the reference's test volumes by the same rule, each left out: "
              f"{p['real_test_plausible']} of {p['real_test_n']}. The reference: {p['reference']}. A volume is "
              f"implausible when its nearest-training SSIM is below {f['floor']:.3f} (the lower of the reference's "
              f"percentile {p['percentile']:g}, {f['percentile']:.3f}, and its median minus "
