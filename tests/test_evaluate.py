@@ -119,17 +119,20 @@ def test_ms_ssim_runs_on_every_volume_size_it_accepts():
 
 
 def test_age_check_finds_ventricles_that_grow_with_the_requested_age():
-    from medldm.evaluation.anatomy import age_trend, csf_fraction
+    from medldm.evaluation.anatomy import age_trend
+    from medldm.evaluation.morphometry import Morphometry
 
     grid = np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij")) - 15.5
     radius = np.sqrt((grid ** 2).sum(0))
     ages = [50, 60, 70, 80, 55, 75]
-    volumes = []
-    for age in ages:  # a bright "brain" ball with a dark "ventricle" that widens with age
-        v = np.where(radius < 14, 0.8, 0.0)
+    morph = Morphometry(0.001, radius < 8)
+    values = []
+    for age in ages:  # a "brain" ball (grey rim, white core) with a dark "ventricle" that widens with age
+        v = np.where(radius < 14, 0.5, 0.0)
+        v[radius < 11] = 0.8
         v[radius < (age - 30) / 10] = 0.1
-        volumes.append(v)
-    trend = age_trend(ages, [csf_fraction(v) for v in volumes])
+        values.append(morph(v)["ventricle_ml"])
+    trend = age_trend(ages, values)
     assert trend["n"] == 6 and trend["pearson_r"] > 0.95 and trend["slope_per_decade"] > 0
     assert age_trend([70, 70, 70], [0.1, 0.2, 0.3])["skipped"] == "fewer than 3 different ages"
     # three seeds far apart, each a little darker with age: pooled, the seeds hide it; within seed it is clear

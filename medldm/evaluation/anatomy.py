@@ -1,8 +1,7 @@
-"""A simple measured quantity per volume, for checking that an age-conditioned model follows its condition.
+"""Does an age-conditioned model follow its condition? Trends of a measured quantity against age.
 
-Ventricles and sulci widen with age, so the dark (CSF-like) share of the brain grows: on T1 volumes in [0, 1]
-it is the share of the head/brain voxels (above ``background``) darker than half of their median intensity.
-Crude, but monotone in ventricle size, and the same measurement is applied to real volumes as the reference.
+The quantities are the morphometry measures (medldm.evaluation.morphometry: CSF share, ventricle and brain
+volume), applied alike to samples (against their requested age) and real volumes (against their true age).
 """
 
 from __future__ import annotations
@@ -11,14 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-
-def csf_fraction(volume: np.ndarray, background: float = 0.05) -> float:
-    """Share of the voxels inside the head (> ``background``) darker than half of their median intensity."""
-    inside = volume[volume > background]
-    if inside.size == 0:
-        return float("nan")
-    return float((inside < 0.5 * np.median(inside)).mean())
 
 
 def age_trend(ages: Sequence[float], values: Sequence[float], seeds: Sequence[int] | None = None) -> dict[str, Any]:
