@@ -65,17 +65,26 @@ class NearestTraining:
 
 
 def memorisation(synthetic: Sequence[torch.Tensor], real_test: Sequence[torch.Tensor], nearest: NearestTraining,
-                 percentile: float = 99.0) -> dict[str, Any]:
-    """Nearest-training SSIM of every synthetic and real test volume, the threshold and the flagged samples."""
+                 percentile: float = 99.0, reference_ssim: Sequence[float] | None = None,
+                 reference: str = "the real test volumes") -> dict[str, Any]:
+    """Nearest-training SSIM of every synthetic and real test volume, the threshold and the flagged samples.
+
+    The threshold is the ``percentile`` of the real test volumes' nearest-training SSIM, or of ``reference_ssim``
+    when given (``medldm evaluate`` passes real volumes through the samples' autoencoder: a decoded copy is as
+    smooth as any sample). Non-finite values are left out."""
     if not real_test:
         raise ValueError("memorisation check: needs real test volumes for the threshold")
     real = [nearest(v) for v in tqdm(real_test, desc="nearest training (real test)", unit="volume")]
     synth = [nearest(v) for v in tqdm(synthetic, desc="nearest training (synthetic)", unit="volume")]
-    threshold = float(np.percentile([s for _, s in real], percentile))
-    flagged = [i for i, (_, s) in enumerate(synth) if s > threshold]
+    raw = float(np.percentile([s for _, s in real], percentile))
+    out: dict[str, Any] = {"percentile": percentile, "threshold_reference": reference}
+    finite = [float(x) for x in (reference_ssim or []) if np.isfinite(x)]
+    if reference_ssim is not None:
+        out["threshold_ssim_raw_test"] = raw
+    threshold = float(np.percentile(finite, percentile)) if finite else raw
     return {
-        "percentile": percentile, "threshold_ssim": threshold,
+        **out, "threshold_ssim": threshold,
         "real_test": [{"nearest_train": j, "ssim": s} for j, s in real],
         "synthetic": [{"nearest_train": j, "ssim": s, "flagged": s > threshold} for j, s in synth],
-        "flagged": flagged,
+        "flagged": [i for i, (_, s) in enumerate(synth) if s > threshold],
     }

@@ -192,12 +192,8 @@ def _generation(dirs: list[Path], data_dir: Path, rows: list[dict[str, Any]], re
 
     nearest = NearestTraining(lambda i: _load(data_dir / train[i]["image"]), len(train), metrics,
                               cfg.prefilter_factor, cfg.nearest_candidates, dev, measure=measure)
-    mem = memorisation(synthetic, real, nearest, cfg.memorisation_percentile)
-    for entry in mem["synthetic"] + mem["real_test"]:
-        entry["nearest_train_image"] = train[entry["nearest_train"]]["image"]
-    for entry, name in zip(mem["synthetic"], names):
-        entry["file"] = name
     ref_ssim = ref_m = None
+    threshold_reference = "the real test volumes"
     if decoded is not None:
         # the reference of decoded samples: real volumes through the same autoencoder, the test volumes and up to
         # REFERENCE_TRAIN training volumes (each compared with the training set without itself)
@@ -210,18 +206,14 @@ def _generation(dirs: list[Path], data_dir: Path, rows: list[dict[str, Any]], re
                 v = decode(nearest.load(i))
                 ref_ssim.append(nearest(v, exclude=i)[1])
                 ref_m.append(measure(v))
-        # a copy comes out of the decoder as smooth as any sample: the memorisation threshold is the decoded real
-        # volumes' too (the raw test volumes' threshold flagged smooth average brains on IXI)
-        mem["threshold_ssim_raw_test"] = mem["threshold_ssim"]
-        finite = [x for x in ref_ssim if np.isfinite(x)]
-        mem["threshold_ssim"] = float(np.percentile(finite, cfg.memorisation_percentile)) if finite else 1.0
-        mem["threshold_reference"] = (f"{len(test_decoded)} test and {len(ref_ssim) - len(test_decoded)} training "
-                                      "volumes through the autoencoder")
-        for entry in mem["synthetic"]:
-            entry["flagged"] = entry["ssim"] > mem["threshold_ssim"]
-        mem["flagged"] = [i for i, e in enumerate(mem["synthetic"]) if e["flagged"]]
-    else:
-        mem["threshold_reference"] = "the real test volumes"
+        threshold_reference = (f"{len(test_decoded)} test and {len(ref_ssim) - len(test_decoded)} training volumes "
+                               "through the autoencoder")
+    # the raw test volumes' threshold flagged smooth average brains on IXI: the decoded reference sets it if known
+    mem = memorisation(synthetic, real, nearest, cfg.memorisation_percentile, ref_ssim, threshold_reference)
+    for entry in mem["synthetic"] + mem["real_test"]:
+        entry["nearest_train_image"] = train[entry["nearest_train"]]["image"]
+    for entry, name in zip(mem["synthetic"], names):
+        entry["file"] = name
     out["memorisation"] = mem
     syn_m, real_m = [measure(v) for v in synthetic], [measure(v) for v in real]
     test_rows = split_rows(rows, "test")
