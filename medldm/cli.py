@@ -8,13 +8,15 @@ import os
 import sys
 from pathlib import Path
 
+from medldm.errors import InputError
+
 
 def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"{flag} {item!r}: expected key=value, e.g. {flag} age=70")
+            raise InputError(f"{flag} {item!r}: expected key=value, e.g. {flag} age=70")
         out[key.strip()] = value.strip()
     return out
 

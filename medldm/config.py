@@ -17,11 +17,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from medldm.errors import InputError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or override that cannot be used; the message names the key and the fix."""
 
 

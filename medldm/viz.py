@@ -7,6 +7,8 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 
+from medldm.errors import InputError
+
 
 def three_plane(volume: np.ndarray, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
     """Axial, coronal and sagittal mid-slices of a RAS volume side by side, as uint8 (subject right on the right, A/S up)."""
@@ -22,7 +24,7 @@ def three_plane(volume: np.ndarray, vmin: float = 0.0, vmax: float = 1.0) -> np.
 def grid(tiles: list[np.ndarray], columns: int = 4) -> np.ndarray:
     """Tile equally typed 2D uint8 images into one sheet (padding smaller tiles)."""
     if not tiles:
-        raise ValueError("grid: no images to tile")
+        raise InputError("grid: no images to tile")
     h = max(t.shape[0] for t in tiles) + 2
     w = max(t.shape[1] for t in tiles) + 2
     rows = -(-len(tiles) // columns)

@@ -12,6 +12,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from medldm.config import BrainExtractionConfig, PreprocessConfig
+from medldm.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def resolve_method(cfg: PreprocessConfig) -> PreprocessConfig:
             log.warning("brain_extraction.method=auto: deepbet is not installed, so the rough erosion mask is used "
                         "(it mis-registers some scans; pip install -e '.[deepbet]' for the trained network)")
     elif method == "deepbet" and not deepbet_available():
-        raise ValueError(DEEPBET_MISSING)
+        raise InputError(DEEPBET_MISSING)
     return replace(cfg, brain_extraction=replace(cfg.brain_extraction, method=method))
 
 
@@ -45,7 +46,7 @@ _NETWORKS: dict[str, object] = {}
 def _deepbet():
     if "deepbet" not in _NETWORKS:
         if not deepbet_available():
-            raise ValueError(DEEPBET_MISSING)
+            raise InputError(DEEPBET_MISSING)
         import warnings
 
         from deepbet import BrainExtraction
@@ -74,10 +75,10 @@ def deepbet_mask(volume: np.ndarray, affine: np.ndarray, cfg: BrainExtractionCon
         try:
             probability = bet.run_model(ras, shape=(size, size, size))
         except AssertionError as e:  # deepbet asserts when its first network finds no brain at all
-            raise ValueError(f"brain extraction (deepbet) found no brain in the scan ({e})") from None
+            raise InputError(f"brain extraction (deepbet) found no brain in the scan ({e})") from None
     mask = probability > cfg.threshold
     if not mask.any():
-        raise ValueError("brain extraction (deepbet) found no brain in the scan")
+        raise InputError("brain extraction (deepbet) found no brain in the scan")
     mask = bet.postprocess(mask)  # the largest component, with its holes (ventricles) filled
     return np.ascontiguousarray(nib.orientations.apply_orientation(mask, back)).astype(bool)
 
@@ -102,4 +103,4 @@ def brain_mask(volume: np.ndarray, affine: np.ndarray, cfg: BrainExtractionConfi
         return deepbet_mask(volume, affine, cfg)
     if cfg.method == "rough":
         return rough_brain_mask(volume, affine)
-    raise ValueError(f"brain_extraction.method={cfg.method!r} was not resolved (call resolve_method first)")
+    raise InputError(f"brain_extraction.method={cfg.method!r} was not resolved (call resolve_method first)")

@@ -11,6 +11,8 @@ import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose, EnsureTyped, LoadImaged
 
+from medldm.errors import InputError
+
 # split is train, val, test, or excluded (a scan that failed QC: listed, never trained or evaluated on)
 MANIFEST_COLUMNS = ("subject_id", "session", "image", "age", "sex", "diagnosis", "split", "qc_status", "tiv_ml", "source",
                     "source_sha256")
@@ -25,7 +27,7 @@ def read_manifest(data_dir: str | Path) -> list[dict[str, Any]]:
         reader = csv.DictReader(f)
         missing = [c for c in ("subject_id", "image", "split") if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}")
+            raise InputError(f"{path}: missing column(s) {missing}")
         rows = []
         for row in reader:
             row = {k: (v if v != "" else None) for k, v in row.items()}

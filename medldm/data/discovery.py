@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from medldm.errors import InputError
+
 _T = TypeVar("_T")
 
 _PTID = re.compile(r"^\d{3}_S_\d{4}$")
@@ -84,7 +86,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 def _require_columns(path: Path, header: list[str], required: Sequence[str]) -> None:
     missing = [c for c in required if c not in header]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {header}")
+        raise InputError(f"{path}: missing column(s) {missing}; found {header}")
 
 
 def _parse_age(text: str) -> float | None:
@@ -93,14 +95,14 @@ def _parse_age(text: str) -> float | None:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"age {text!r} is not a number") from None
+        raise InputError(f"age {text!r} is not a number") from None
 
 
 def _parse_sex(text: str) -> str | None:
     if not text:
         return None
     if text.lower() not in _SEX:
-        raise ValueError(f"sex {text!r} is not one of M, F, male, female")
+        raise InputError(f"sex {text!r} is not one of M, F, male, female")
     return _SEX[text.lower()]
 
 
@@ -113,7 +115,7 @@ def _parse_date(text: str) -> dt.date | None:
             return dt.datetime.strptime(text, layout).date()
         except ValueError:
             pass
-    raise ValueError(f"date {text!r} is neither YYYY-MM-DD nor M/D/YYYY")
+    raise InputError(f"date {text!r} is neither YYYY-MM-DD nor M/D/YYYY")
 
 
 def _parse_or_warn(parse: Callable[[str], _T | None], text: str, where: str,
@@ -362,16 +364,16 @@ def discover_scans(input_dir: str | Path, metadata: str | Path | None = None,
     """
     for name, value in (("description_patterns", description_patterns), ("preferred_types", preferred_types)):
         if isinstance(value, str):  # a bare string would be read as a sequence of one-letter patterns
-            raise ValueError(f"{name} must be a sequence of strings, got the string {value!r}")
+            raise InputError(f"{name} must be a sequence of strings, got the string {value!r}")
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
-        raise ValueError(f"input_dir {input_dir} is not a directory")
+        raise InputError(f"input_dir {input_dir} is not a directory")
     metadata = None if metadata is None else Path(metadata)
     if metadata is not None and not metadata.is_file():
-        raise ValueError(f"metadata file {metadata} does not exist")
+        raise InputError(f"metadata file {metadata} does not exist")
     adnimerge = None if adnimerge is None else Path(adnimerge)
     if adnimerge is not None and not adnimerge.is_file():
-        raise ValueError(f"adnimerge file {adnimerge} does not exist")
+        raise InputError(f"adnimerge file {adnimerge} does not exist")
     root = _adni_root(input_dir)
     if root is not None:
         found = _discover_adni(root, input_dir, metadata, adnimerge, description_patterns, preferred_types,
@@ -379,9 +381,9 @@ def discover_scans(input_dir: str | Path, metadata: str | Path | None = None,
     else:
         csv_path = metadata or input_dir / "participants.csv"
         if not csv_path.is_file():
-            raise ValueError(f"{input_dir} holds neither layout; expected {_LAYOUTS}")
+            raise InputError(f"{input_dir} holds neither layout; expected {_LAYOUTS}")
         if adnimerge is not None:
-            raise ValueError(f"adnimerge applies to ADNI download trees only; {input_dir} is a flat folder")
+            raise InputError(f"adnimerge applies to ADNI download trees only; {input_dir} is a flat folder")
         found = _discover_flat(csv_path)
     found.scans.sort(key=lambda s: (s.subject_id, s.session, s.image_id))
     return found

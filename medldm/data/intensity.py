@@ -9,6 +9,7 @@ from skimage.filters import threshold_otsu
 
 from medldm.config import N4Config
 from medldm.data.io import itk_threads, to_sitk
+from medldm.errors import InputError
 
 
 def head_mask(volume: np.ndarray) -> np.ndarray:
@@ -61,5 +62,5 @@ def normalise(volume: np.ndarray, mask: np.ndarray, percentiles: tuple[float, fl
     values = volume[mask] if mask.any() else volume.ravel()
     lo, hi = np.percentile(values, percentiles)
     if hi <= lo:
-        raise ValueError(f"flat intensities inside the head ({lo:.3g} at both percentiles {list(percentiles)})")
+        raise InputError(f"flat intensities inside the head ({lo:.3g} at both percentiles {list(percentiles)})")
     return np.clip((volume - lo) / (hi - lo), 0.0, 1.0).astype(np.float32), [float(lo), float(hi)]

@@ -17,6 +17,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from medldm.errors import InputError
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -35,27 +37,27 @@ def load_volume(path: str | Path, first_volume_of_4d: bool = False, allow_empty:
     if path.is_dir():
         data, affine = _load_dicom_series(path)
     elif not is_nifti(path):
-        raise ValueError(f"{path}: not a NIfTI file (.nii/.nii.gz) or a DICOM series folder")
+        raise InputError(f"{path}: not a NIfTI file (.nii/.nii.gz) or a DICOM series folder")
     else:
         try:
             img = nib.load(str(path))
             data = np.asanyarray(img.dataobj, dtype=np.float32)
         except Exception as e:  # nibabel raises many types for truncated or corrupt files
-            raise ValueError(f"{path}: cannot be read as NIfTI ({type(e).__name__}: {e})") from None
+            raise InputError(f"{path}: cannot be read as NIfTI ({type(e).__name__}: {e})") from None
         affine = img.affine.astype(np.float64)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 4:
         if not first_volume_of_4d:
-            raise ValueError(f"{path}: a 4D image with {data.shape[-1]} volumes; set "
+            raise InputError(f"{path}: a 4D image with {data.shape[-1]} volumes; set "
                              "preprocess.use_first_volume_of_4d=true to use its first volume")
         data = data[..., 0]
     if data.ndim != 3 or min(data.shape) < 2:
-        raise ValueError(f"{path}: expected a 3D volume, got shape {list(data.shape)} (a 2D image?)")
+        raise InputError(f"{path}: expected a 3D volume, got shape {list(data.shape)} (a 2D image?)")
     if not np.isfinite(data).all():
-        raise ValueError(f"{path}: contains NaN or infinite voxels")
+        raise InputError(f"{path}: contains NaN or infinite voxels")
     if not allow_empty and not data.any():
-        raise ValueError(f"{path}: every voxel is zero")
+        raise InputError(f"{path}: every voxel is zero")
     return data, affine
 
 
@@ -65,18 +67,18 @@ def _load_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
-        raise ValueError(f"{folder}: no DICOM series found (expected .dcm files of one image)")
+        raise InputError(f"{folder}: no DICOM series found (expected .dcm files of one image)")
     if len(series) > 1:
-        raise ValueError(f"{folder}: holds {len(series)} DICOM series (mixed series); expected exactly one")
+        raise InputError(f"{folder}: holds {len(series)} DICOM series (mixed series); expected exactly one")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])  # sorted by slice position
     if len(files) < 2:
-        raise ValueError(f"{folder}: DICOM series has {len(files)} slice(s); a 3D scan needs more")
+        raise InputError(f"{folder}: DICOM series has {len(files)} slice(s); a 3D scan needs more")
     _check_slice_positions(folder, files)
     reader.SetFileNames(files)
     try:
         image = reader.Execute()
     except RuntimeError as e:
-        raise ValueError(f"{folder}: DICOM series cannot be read ({e})") from None
+        raise InputError(f"{folder}: DICOM series cannot be read ({e})") from None
     return from_sitk(image)
 
 
@@ -90,12 +92,12 @@ def _check_slice_positions(folder: Path, files: tuple[str, ...]) -> None:
         header.SetFileName(name)
         header.ReadImageInformation()
         if not header.HasMetaDataKey("0020|0032"):
-            raise ValueError(f"{folder}: {Path(name).name} has no ImagePositionPatient; cannot order the slices")
+            raise InputError(f"{folder}: {Path(name).name} has no ImagePositionPatient; cannot order the slices")
         positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
     steps = np.linalg.norm(np.diff(np.array(positions), axis=0), axis=1)
     if steps.min() < 1e-3 or steps.max() > 1.5 * np.median(steps):
         where = int(np.argmax(steps)) if steps.max() > 1.5 * np.median(steps) else int(np.argmin(steps))
-        raise ValueError(f"{folder}: inconsistent slice spacing (slices {where} to {where + 1} are "
+        raise InputError(f"{folder}: inconsistent slice spacing (slices {where} to {where + 1} are "
                          f"{steps[where]:.2f} mm apart, median {np.median(steps):.2f} mm): a slice is missing or "
                          "duplicated")
 
@@ -159,7 +161,7 @@ def save_dicom_series(folder: str | Path, data: np.ndarray, affine: np.ndarray, 
     folder = Path(folder)
     data = np.asarray(data)
     if not np.issubdtype(data.dtype, np.integer) or data.ndim != 3:
-        raise ValueError(f"{folder}: DICOM export needs a 3D integer volume, got {data.dtype} {list(data.shape)}")
+        raise InputError(f"{folder}: DICOM export needs a 3D integer volume, got {data.dtype} {list(data.shape)}")
     affine = np.asarray(affine, dtype=np.float64)
     if np.linalg.det((_LPS_TO_RAS @ affine)[:3, :3]) < 0:
         data = data[:, :, ::-1]
@@ -212,12 +214,32 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def atomic_path(final: Path) -> Path:
-    """A temporary sibling of ``final`` to write first and ``os.replace`` afterwards."""
+    """A temporary sibling of ``final`` to write first and ``os.replace`` afterwards (it keeps ``final``'s suffixes, so
+    writers that choose the format by name still do)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp{''.join(final.suffixes)}"
     # created like any new file (mode 0666 less the umask; mkstemp would make it private), and never over another
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     return tmp
+
+
+@contextmanager
+def atomic_write(final: str | Path) -> Iterator[Path]:
+    """``with atomic_write(path) as tmp:`` write ``tmp``; it replaces ``path`` only when the block ends without an
+    error. On any error (or a crash) ``path`` keeps its old content, or stays absent, and ``tmp`` is removed: a
+    reader never sees half a file. Every file medldm writes goes through here."""
+    tmp = atomic_path(Path(final))
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file (UTF-8) atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # integer storage: value = round(intensity in [0, 1] x levels); NIfTI readers get [0, 1] back through scl_slope
@@ -238,50 +260,34 @@ def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, descrip:
     path = Path(path)
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise ValueError(f"{path}: refusing to write an invalid affine {affine.tolist()}")
+        raise InputError(f"{path}: refusing to write an invalid affine {affine.tolist()}")
     if dtype in INTEGER_LEVELS:
         img = nib.Nifti1Image(to_integer(data, dtype), affine)
         img.header.set_slope_inter(1 / INTEGER_LEVELS[dtype][1], 0.0)
     elif dtype == "float32":
         img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
     else:
-        raise ValueError(f"{path}: unsupported dtype {dtype!r} (float32, int16 or uint8)")
+        raise InputError(f"{path}: unsupported dtype {dtype!r} (float32, int16 or uint8)")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     if descrip is not None:
         img.header["descrip"] = descrip[:79].encode()
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_csv(path: str | Path, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
     """Write a CSV atomically (a crash never leaves half a table)."""
-    path = Path(path)
-    tmp = atomic_path(path)
-    try:
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(obj: Any) -> Any:

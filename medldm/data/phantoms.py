@@ -21,6 +21,7 @@ from nibabel.orientations import axcodes2ornt
 from scipy.spatial.transform import Rotation
 
 from medldm.data.io import keep_locale
+from medldm.errors import InputError
 
 ADNI_GROUPS = ("CN", "SMC", "EMCI", "LMCI", "MCI", "AD")
 FLAT_DIAGNOSES = ("CN", "MCI", "AD")
@@ -82,7 +83,7 @@ def _waves(rng: np.random.Generator, count: int, wavelength_mm: tuple[float, flo
 
 def _draw_subject(rng: np.random.Generator, sex: str | None) -> _Subject:
     if sex not in (*SEXES, None):
-        raise ValueError(f"sex must be one of {SEXES} or None, got {sex!r}")
+        raise InputError(f"sex must be one of {SEXES} or None, got {sex!r}")
     size = {"M": 1.03, "F": 0.97, None: 1.0}[sex]
     semi_axes = rng.uniform((65.0, 85.0, 70.0), (80.0, 100.0, 85.0)) * size
     return _Subject(semi_axes=semi_axes, scalp=rng.uniform(4.0, 6.0), skull=rng.uniform(5.0, 7.0),
@@ -164,7 +165,7 @@ def _scan(rng: np.random.Generator, subject: _Subject, age: float, diagnosis: st
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One acquisition of a subject at an age: (float32 volume, affine, uint8 tissue labels)."""
     if diagnosis not in (*ADNI_GROUPS, None):
-        raise ValueError(f"diagnosis must be one of {ADNI_GROUPS} or None, got {diagnosis!r}")
+        raise InputError(f"diagnosis must be one of {ADNI_GROUPS} or None, got {diagnosis!r}")
     severity = _SEVERITY.get(diagnosis, 0.0)
     years = age - 40.0
     affine, shape, centre = _geometry(rng, subject.semi_axes, neck_mm)
@@ -432,13 +433,13 @@ def write_phantoms(out_dir: str | Path, num: int, layout: str = "adni", seed: in
         instead of NIfTI; only axis-aligned scans qualify, so fewer may come out; ADNI layout only.
     """
     if num < 1:
-        raise ValueError(f"num must be a positive integer (>= 1), got {num}")
+        raise InputError(f"num must be a positive integer (>= 1), got {num}")
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not 0.0 <= dicom_fraction <= 1.0:
-        raise ValueError(f"dicom_fraction must be between 0 and 1, got {dicom_fraction}")
+        raise InputError(f"dicom_fraction must be between 0 and 1, got {dicom_fraction}")
     if layout != "adni" and (adnimerge or dicom_fraction):
-        raise ValueError(f"adnimerge and dicom_fraction apply to the ADNI layout only, not {layout!r}")
+        raise InputError(f"adnimerge and dicom_fraction apply to the ADNI layout only, not {layout!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -33,6 +33,7 @@ from medldm.data.qc import assess, write_qc
 from medldm.data.registration import (Registration, Template, load_template, register_to_template,
                                       tilt_degrees, to_scan_grid)
 from medldm.data.splits import assign_splits
+from medldm.errors import InputError
 from medldm.versions import versions
 from medldm.viz import save_png, three_plane
 
@@ -81,7 +82,7 @@ def preprocess_scan(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig,
     """One scan -> float32 volume of cfg.shape in [0, 1], its affine, statistics for QC and its brain mask."""
     spacing_in = np.linalg.norm(affine[:3, :3], axis=0)
     if spacing_in.max() > cfg.max_input_spacing:
-        raise ValueError(f"voxel spacing {np.round(spacing_in, 2).tolist()} mm is coarser than "
+        raise InputError(f"voxel spacing {np.round(spacing_in, 2).tolist()} mm is coarser than "
                          f"max_input_spacing={cfg.max_input_spacing} mm: too low resolution for a T1 model")
     if cfg.brain_extraction.method == "auto":
         cfg = resolve_method(cfg)
@@ -117,7 +118,7 @@ def preprocess_scan(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig,
         volume, affine = _crop_to_shape(volume, affine, cfg.shape)
         mask = head_mask(volume) if volume.any() else volume > 0
     if not volume.any():
-        raise ValueError("empty after preprocessing (no head above the background)")
+        raise InputError("empty after preprocessing (no head above the background)")
     mask = mask & (volume > 0.05)  # tissue actually present, also inside a fixed template mask
     stats.update(intensity_window=[round(v, 3) for v in window],
                  foreground_ml=round(float(mask.sum()) * float(np.prod(cfg.spacing)) / 1000.0, 1),
@@ -232,7 +233,7 @@ class Shard:
         except ValueError:
             shard = None
         if not sep or shard is None or not 1 <= shard.index <= shard.count:
-            raise ValueError(f"--shard {text!r}: expected I/N with 1 <= I <= N, e.g. --shard 3/10 for the third of "
+            raise InputError(f"--shard {text!r}: expected I/N with 1 <= I <= N, e.g. --shard 3/10 for the third of "
                              "ten shards (shards are numbered from 1)")
         return shard
 
@@ -343,9 +344,9 @@ def preprocess_dataset(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     cfg = resolve_method(cfg)  # brain_extraction.method=auto becomes what runs here, before the settings are hashed
     if shard is not None and assemble:
-        raise ValueError("--shard and --assemble exclude each other: run the shards first, then --assemble once")
+        raise InputError("--shard and --assemble exclude each other: run the shards first, then --assemble once")
     if output_dir.resolve().is_relative_to(input_dir.resolve()):
-        raise ValueError(f"output dir {output_dir} is inside the input dir {input_dir}: the next run would "
+        raise InputError(f"output dir {output_dir} is inside the input dir {input_dir}: the next run would "
                          "discover its own outputs; choose an output dir outside the input")
     if cfg.registration.enabled and not assemble:
         load_template(cfg)  # a missing template is one clear error now, not one per scan
@@ -356,7 +357,7 @@ def preprocess_dataset(
         log.warning("%s: %s", where, what)
     if not found.scans:
         reasons = "; ".join(f"{p}: {r}" for p, r in found.skipped[:5])
-        raise ValueError(f"no usable scans found under {input_dir}" + (f" ({reasons})" if reasons else ""))
+        raise InputError(f"no usable scans found under {input_dir}" + (f" ({reasons})" if reasons else ""))
     cfg_hash = config_hash(cfg)
     jobs = _plan_jobs(found.scans, output_dir, cfg, cfg_hash)
 
@@ -404,7 +405,7 @@ def _run_shard(output_dir: Path, jobs: list[_Job], shard: Shard, workers: int, t
     """Preprocess one shard's scans; its per-scan files and ``shards/<shard>.json`` are all it writes."""
     counts = {count for _, count in _shard_records(output_dir, cfg_hash)} - {shard.count}
     if counts:  # e.g. one task of an array resubmitted alone, which SLURM reports as an array of one
-        raise ValueError(f"{output_dir / 'shards'} holds records of {sorted(counts)} shards made with these settings, "
+        raise InputError(f"{output_dir / 'shards'} holds records of {sorted(counts)} shards made with these settings, "
                          f"but this is --shard {shard}: use the same N (with scripts/slurm_preprocess.sbatch: "
                          f"--export=ALL,SHARDS={min(counts)}), or delete {output_dir / 'shards'} to split the cohort anew")
     log.info("shard %s: preprocessing %d of the %d scans with %d worker(s)", shard, len(jobs), total, workers)
@@ -454,7 +455,7 @@ def _recorded_results(output_dir: Path, jobs: list[_Job]) -> list[dict[str, Any]
         where = (f"; they belong to shard(s) {', '.join(f'{i}/{n}' for i in owners[:20])}"
                  + (f", of which {', '.join(f'{i}/{n}' for i in unfinished[:20])} never finished" if unfinished else ""))
     examples = ", ".join(str(j.scan.path) for j in missing[:3])
-    raise ValueError(f"--assemble: {len(missing)} of {len(jobs)} scans have no result with these settings in "
+    raise InputError(f"--assemble: {len(missing)} of {len(jobs)} scans have no result with these settings in "
                      f"{output_dir / 'images'} (e.g. {examples}){where}: run those shards again with the same config "
                      "(--shard I/N), or run without --assemble to preprocess the missing scans here")
 
@@ -469,7 +470,7 @@ def _write_dataset(input_dir: Path, output_dir: Path, cfg: PreprocessConfig, job
         log.warning("failed: %s", err)
     _write_failures(output_dir / "failures.csv", failures)
     if not done:
-        raise ValueError(f"all {len(jobs)} scans failed to preprocess; first error: {failures[0][1]}")
+        raise InputError(f"all {len(jobs)} scans failed to preprocess; first error: {failures[0][1]}")
     resumed = sum(r["resumed"] for _, r in done)
     if resumed:
         log.info("%d scans were already preprocessed with these settings and were kept", resumed)
@@ -522,7 +523,7 @@ def _write_dataset(input_dir: Path, output_dir: Path, cfg: PreprocessConfig, job
     write_json(output_dir / "preprocess.json", info)
     info["outliers"] = write_qc(output_dir, rows, [r["stats"] for _, r in done], verdicts)
     if all(excluded):
-        raise ValueError(f"all {len(done)} preprocessed scans failed registration QC (e.g. {qc_failed[0]['image']}: "
+        raise InputError(f"all {len(done)} preprocessed scans failed registration QC (e.g. {qc_failed[0]['image']}: "
                          f"{'; '.join(qc_failed[0]['reasons'])}): see {output_dir / 'qc' / 'index.html'}")
     return info
 

@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from medldm.config import PreprocessConfig, RegistrationConfig
 from medldm.data.io import from_sitk, itk_threads, load_volume, to_sitk
+from medldm.errors import InputError
 
 # files of the ICBM152 2009c nonlinear symmetric template inside the nilearn package
 _MNI_FILES = {"t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -56,7 +57,7 @@ class Template:
 def _nilearn_data_dir() -> Path:
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("registration.template=mni152 uses the ICBM152 2009 template that nilearn ships: "
+        raise InputError("registration.template=mni152 uses the ICBM152 2009 template that nilearn ships: "
                          "pip install nilearn (the [mni] extra of medldm: pip install -e '.[mni]'), or set registration.template to a template NIfTI "
                          "(and registration.template_mask to its brain mask)")
     return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
@@ -74,7 +75,7 @@ def _template_files(cfg: RegistrationConfig) -> tuple[tuple[np.ndarray, np.ndarr
     t1 = load_volume(cfg.template)
     mask = load_volume(cfg.template_mask)[0] if cfg.template_mask else None
     if mask is not None and mask.shape != t1[0].shape:
-        raise ValueError(f"registration.template_mask {cfg.template_mask} does not match the template's grid")
+        raise InputError(f"registration.template_mask {cfg.template_mask} does not match the template's grid")
     return t1, mask
 
 
@@ -136,7 +137,7 @@ def _moments(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """(centre in world mm, covariance in world mm^2, volume in ml) of a mask."""
     ijk = np.argwhere(mask)
     if len(ijk) < 10:
-        raise ValueError("the brain mask is empty: nothing to register")
+        raise InputError("the brain mask is empty: nothing to register")
     world = nib.affines.apply_affine(affine, ijk[:: max(1, len(ijk) // 200_000)])
     volume = len(ijk) * abs(np.linalg.det(affine[:3, :3])) / 1000.0
     return world.mean(0), np.cov(world.T), volume
@@ -320,7 +321,7 @@ def _fit(level: _Level, moving: Any, transform: Any, cfg: RegistrationConfig, se
     try:
         reg.Execute(level.image, moving)
     except RuntimeError as e:
-        raise ValueError(f"registration to the template failed ({str(e).strip().splitlines()[-1]})") from None
+        raise InputError(f"registration to the template failed ({str(e).strip().splitlines()[-1]})") from None
     return float(reg.GetMetricValue())
 
 

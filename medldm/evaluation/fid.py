@@ -15,13 +15,15 @@ from monai.metrics import FIDMetric
 from monai.networks import nets
 from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
 
+from medldm.errors import InputError
+
 DEPTHS = (10, 18, 34, 50, 101, 152, 200)
 
 
 def medicalnet(depth: int, weights: str | Path | None = None) -> torch.nn.Module:
     """A MONAI ResNet with MedicalNet's shortcut and bias settings, with the encoder weights of a local file."""
     if depth not in DEPTHS:
-        raise ValueError(f"evaluate.fid_depth={depth}: MedicalNet ResNets have depth {DEPTHS}")
+        raise InputError(f"evaluate.fid_depth={depth}: MedicalNet ResNets have depth {DEPTHS}")
     bias_downsample, shortcut = get_medicalnet_pretrained_resnet_args(depth)
     model = getattr(nets, f"resnet{depth}")(spatial_dims=3, n_input_channels=1, feed_forward=False,
                                             shortcut_type=shortcut, bias_downsample=bias_downsample)
@@ -36,7 +38,7 @@ def medicalnet(depth: int, weights: str | Path | None = None) -> torch.nn.Module
         own = model.state_dict()
         missing = [k for k in own if k not in state or state[k].shape != own[k].shape]
         if missing:
-            raise ValueError(f"evaluate.fid_weights: {path} does not fit a MedicalNet resnet{depth} "
+            raise InputError(f"evaluate.fid_weights: {path} does not fit a MedicalNet resnet{depth} "
                              f"({len(missing)} tensors missing or of another shape, e.g. {missing[0]}); "
                              "check evaluate.fid_depth")
         model.load_state_dict({k: state[k] for k in own})

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from medldm.errors import InputError
 from medldm.evaluation.metrics import VolumeMetrics
 
 
@@ -38,7 +39,7 @@ class NearestTraining:
                  candidates: int = 5, device: torch.device | str = "cpu",
                  measure: Callable[[torch.Tensor], Any] | None = None) -> None:
         if count < 1:
-            raise ValueError("memorisation check: the dataset has no training volumes to compare with")
+            raise InputError("memorisation check: the dataset has no training volumes to compare with")
         self.metrics, self.factor, self.k, self.device = metrics, factor, min(candidates, count), torch.device(device)
         self.load = lru_cache(maxsize=32)(load)
         self.measured: list[Any] = []
@@ -58,7 +59,7 @@ class NearestTraining:
         order = torch.argsort(distance).tolist()
         shortlist = [i for i in order if i != exclude][: self.k]
         if not shortlist:
-            raise ValueError("nearest training volume: no training volume left to compare with")
+            raise InputError("nearest training volume: no training volume left to compare with")
         ssims = [self.metrics.ssim_only(volume, self.load(i)) for i in shortlist]
         best = int(np.nanargmax(ssims)) if np.isfinite(ssims).any() else 0
         return shortlist[best], float(ssims[best])
@@ -73,7 +74,7 @@ def memorisation(synthetic: Sequence[torch.Tensor], real_test: Sequence[torch.Te
     when given (``medldm evaluate`` passes real volumes through the samples' autoencoder: a decoded copy is as
     smooth as any sample). Non-finite values are left out."""
     if not real_test:
-        raise ValueError("memorisation check: needs real test volumes for the threshold")
+        raise InputError("memorisation check: needs real test volumes for the threshold")
     real = [nearest(v) for v in tqdm(real_test, desc="nearest training (real test)", unit="volume")]
     synth = [nearest(v) for v in tqdm(synthetic, desc="nearest training (synthetic)", unit="volume")]
     raw = float(np.percentile([s for _, s in real], percentile))

@@ -11,6 +11,8 @@ import torch
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 from tqdm.auto import tqdm
 
+from medldm.errors import InputError
+
 # the standard five-scale MS-SSIM weights (Wang et al. 2003)
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
@@ -24,7 +26,7 @@ def ms_ssim_scales(shape: Sequence[int], kernel_size: int) -> int:
         if all(s // div > kernel_size - 1 for s in shape):
             n = k
     if n == 0:
-        raise ValueError(f"volumes of shape {list(shape)} are too small for MS-SSIM with kernel_size={kernel_size}: "
+        raise InputError(f"volumes of shape {list(shape)} are too small for MS-SSIM with kernel_size={kernel_size}: "
                          f"every side needs at least {kernel_size} voxels; lower evaluate.kernel_size (odd, >= 3)")
     return n
 
@@ -79,7 +81,7 @@ def pairwise_similarity(volumes: Sequence[torch.Tensor], metrics: VolumeMetrics,
     """
     pairs = random_pairs(len(volumes), max_pairs, seed)
     if not pairs:
-        raise ValueError("diversity needs at least two volumes")
+        raise InputError("diversity needs at least two volumes")
     ms, ss = [], []
     for first in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch"):
         chunk = pairs[first:first + batch_size]

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage, stats
 
+from medldm.errors import InputError
+
 FOREGROUND = 0.03
 MEASURES = {"brain_ml": "brain (grey + white matter), ml", "csf_ml": "CSF inside the brain mask, ml",
             "gm_ml": "grey matter, ml", "wm_ml": "white matter, ml", "csf_fraction": "CSF share of the brain mask",
@@ -70,7 +72,7 @@ def tissue_classes(volume: np.ndarray, mask: np.ndarray, method: str = "otsu") -
     if method == "gmm":
         classes = _gmm(values.astype(np.float64), classes)
     elif method != "otsu":
-        raise ValueError(f"tissue classes: method {method!r} is not otsu or gmm")
+        raise InputError(f"tissue classes: method {method!r} is not otsu or gmm")
     out[mask] = classes + 1
     return out
 
@@ -122,7 +124,7 @@ class Morphometry:
             mask = intracranial_mask(v).astype(np.float32)
             total, n = (mask if total is None else total + mask), n + 1
         if not n:
-            raise ValueError("morphometry: no volumes to define the central region on")
+            raise InputError("morphometry: no volumes to define the central region on")
         return cls(abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0, central_region(total / n), method)
 
     def __call__(self, volume: np.ndarray) -> dict[str, float]:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from medldm.config import EvaluateConfig, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest, split_rows
 from medldm.data.io import load_volume, write_json
+from medldm.errors import InputError
 from medldm.evaluation.metrics import VolumeMetrics, pairwise_similarity
 from medldm.evaluation.morphometry import MEASURES, Morphometry
 from medldm.evaluation.plots import morphometry_plot, score_plots, verdict_sheet
@@ -34,7 +35,7 @@ def evaluate(data_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig, aut
     """Evaluate an autoencoder run and/or samples (one or more sample dirs, e.g. one per requested age) against
     the dataset's test split (and, for memorisation, its train split)."""
     if autoencoder is None and samples is None:
-        raise ValueError("nothing to evaluate: give --autoencoder AE_RUN and/or --samples SAMPLES_DIR")
+        raise InputError("nothing to evaluate: give --autoencoder AE_RUN and/or --samples SAMPLES_DIR")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = read_manifest(data_dir)
@@ -42,7 +43,7 @@ def evaluate(data_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig, aut
     reference = info["reference"]
     test = split_rows(rows, "test")
     if not test:
-        raise ValueError(f"{data_dir}/manifest.csv has no test-split volumes; preprocess with split.test_fraction > 0")
+        raise InputError(f"{data_dir}/manifest.csv has no test-split volumes; preprocess with split.test_fraction > 0")
     metrics = VolumeMetrics(reference["shape"], cfg.kernel_size, cfg.kernel_sigma)
     out_dir.mkdir(parents=True, exist_ok=True)
     real = [_load(data_dir / r["image"]) for r in test]
@@ -152,7 +153,7 @@ def load_samples(dirs: Sequence[Path], reference: dict[str, Any]) -> tuple[list[
                        f"{np.round(np.linalg.norm(affine[:3, :3], axis=0), 3).tolist()} mm)")
         volumes.append(torch.from_numpy(data)[None].half())
     if bad:
-        raise ValueError(f"--samples: {', '.join(bad[:5])} do not match the dataset's {reference['shape']}, "
+        raise InputError(f"--samples: {', '.join(bad[:5])} do not match the dataset's {reference['shape']}, "
                          f"{''.join(axes)} at {np.round(spacing, 3).tolist()} mm; evaluation never resamples: sample "
                          "from a model of this dataset (or preprocess the data to the model's grid)")
     return files, volumes
@@ -171,7 +172,7 @@ def _generation(dirs: list[Path], data_dir: Path, rows: list[dict[str, Any]], re
         feature_net = medicalnet(cfg.fid_depth, cfg.fid_weights)
     files, synthetic = load_samples(dirs, reference)
     if len(files) < 2:
-        raise ValueError(f"--samples {' '.join(map(str, dirs))}: diversity needs at least 2 synthetic .nii.gz "
+        raise InputError(f"--samples {' '.join(map(str, dirs))}: diversity needs at least 2 synthetic .nii.gz "
                          f"volumes, found {len(files)}")
     names = [f.name if len(dirs) == 1 else f"{f.parent.name}/{f.name}" for f in files]
     out: dict[str, Any] = {"samples_dirs": [str(d.resolve()) for d in dirs], "num_samples": len(files),

@@ -31,6 +31,7 @@ from medldm.config import (
     to_dict,
 )
 from medldm.data.io import write_json
+from medldm.errors import InputError
 from medldm.models.conditioning import UnitRangeConditions
 from medldm.models.networks import build_autoencoder, build_unet
 from medldm.models.old_keys import convert_old_state_dict
@@ -283,7 +284,7 @@ def import_bundle(bundle_dir: str | Path, out_dir: str | Path, age_range: tuple[
     if not overwrite and any((run / "checkpoints" / "best.pt").exists() for run in (ae_run, ldm_run)):
         raise FileExistsError(f"{out} already holds imported runs; pass --overwrite or choose another --out")
     if age_range[0] >= age_range[1]:
-        raise ValueError(f"--age-range {age_range[0]:g} {age_range[1]:g}: the first must be the smaller")
+        raise InputError(f"--age-range {age_range[0]:g} {age_range[1]:g}: the first must be the smaller")
     config_file = bundle.root / "configs" / "inference.json"
     ae_cfg = autoencoder_config(bundle.autoencoder, f"{config_file} autoencoder_def")
     ldm_cfg = diffusion_config(bundle.unet, bundle.scheduler, ae_cfg.model.latent_channels, bundle.conditions,
@@ -300,14 +301,14 @@ def import_bundle(bundle_dir: str | Path, out_dir: str | Path, age_range: tuple[
         try:
             header = nib.load(str(reference_image))
         except (OSError, nib.filebasedimages.ImageFileError) as e:
-            raise ValueError(f"--reference {reference_image}: not a readable NIfTI ({e})") from None
+            raise InputError(f"--reference {reference_image}: not a readable NIfTI ({e})") from None
         if list(header.shape[:3]) != list(bundle.image_shape):
-            raise ValueError(f"--reference {reference_image}: its grid {list(header.shape)} is not the model's "
+            raise InputError(f"--reference {reference_image}: its grid {list(header.shape)} is not the model's "
                              f"{bundle.image_shape}")
         # the model's arrays are in the authors' layout: another axis order or direction would mirror the samples
         theirs, ours = nib.aff2axcodes(header.affine), nib.aff2axcodes(np.asarray(BRAIN_LDM_AFFINE))
         if theirs != ours:
-            raise ValueError(f"--reference {reference_image}: its voxel axes point {''.join(theirs)}, the model's "
+            raise InputError(f"--reference {reference_image}: its voxel axes point {''.join(theirs)}, the model's "
                              f"{''.join(ours)} (x mirrored, as the bundle's authors saved their samples); reorient "
                              "it to that layout first, or the samples would be written mirrored")
         reference.update(image=str(Path(reference_image).resolve()), affine=header.affine.tolist(),
@@ -382,5 +383,5 @@ def imported_diffusion_run(bundle_dir: str | Path) -> Path:
     try:
         return import_bundle(bundle.root, out, overwrite=True)["diffusion"]
     except OSError:  # no permission, or a read-only file system
-        raise ValueError(f"{bundle.root} is read-only: import it elsewhere with `medldm import-bundle "
+        raise InputError(f"{bundle.root} is read-only: import it elsewhere with `medldm import-bundle "
                          f"{bundle.root} --out RUNS` and sample with --run RUNS/diffusion") from None

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from medldm.data.io import write_json
+from medldm.errors import InputError
 from medldm.inference.encode import load_autoencoder_file
 from medldm.inference.sample import find_autoencoder, load_diffusion
 from medldm.training.checkpoint import best_checkpoint, load_checkpoint
@@ -54,7 +55,7 @@ def _onnx_runtime() -> Any:
         import onnxruntime
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError:
-        raise ValueError("--format onnx needs the onnx, onnxscript and onnxruntime packages: "
+        raise InputError("--format onnx needs the onnx, onnxscript and onnxruntime packages: "
                          "`pip install -e \".[onnx]\"` in a clone (or pip install onnx onnxscript "
                          "onnxruntime)") from None
     return onnxruntime
@@ -87,7 +88,7 @@ def export_model(run_dir: str | Path, fmt: str = "torchscript", out_dir: str | P
     UNet, at the run's shapes with batch 1, into ``out_dir`` (default RUN/export); ``export.json`` lists inputs,
     shapes and the measured difference from PyTorch. A difference above ``TOLERANCE`` is an error."""
     if fmt not in FORMATS:
-        raise ValueError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise InputError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         _onnx_runtime()  # before any work
     run = Path(run_dir)
@@ -125,7 +126,7 @@ def export_model(run_dir: str | Path, fmt: str = "torchscript", out_dir: str | P
         factor = 2 ** (len(ae_meta["config"]["model"]["channels"]) - 1)
         latent = [ae_meta["config"]["model"]["latent_channels"], *(s // factor for s in ae_meta["image_shape"])]
     else:
-        raise ValueError(f"{run}: not a medldm autoencoder or diffusion run (kind={kind!r})")
+        raise InputError(f"{run}: not a medldm autoencoder or diffusion run (kind={kind!r})")
     jobs.append(("decoder", Decoder(autoencoder), (torch.randn(1, *latent, generator=gen),),
                  (torch.randn(1, *latent, generator=gen),), ["z"], ae_meta["checkpoint"]))
 

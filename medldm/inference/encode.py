@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from medldm.config import AutoencoderConfig, config_from_dict
 from medldm.data.dataset import read_manifest, volume_dataset
 from medldm.data.io import write_json
+from medldm.errors import InputError
 from medldm.models.networks import build_autoencoder
 from medldm.training.checkpoint import autoencoder_checkpoint, file_sha256, load_checkpoint, save_checkpoint
 
@@ -31,7 +32,7 @@ def load_autoencoder_file(path: str | Path, device: torch.device | str = "cpu",
     path = Path(path)
     state = load_checkpoint(path)
     if state.get("kind") != "autoencoder":
-        raise ValueError(f"{path} is not an autoencoder checkpoint (kind={state.get('kind')!r})")
+        raise InputError(f"{path} is not an autoencoder checkpoint (kind={state.get('kind')!r})")
     cfg = config_from_dict("autoencoder", state["config"])
     model = build_autoencoder(cfg.model, sdpa=cfg.speed.sdpa)
     # the EMA weights are the autoencoder's output when the run kept an EMA
@@ -39,7 +40,7 @@ def load_autoencoder_file(path: str | Path, device: torch.device | str = "cpu",
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise ValueError(f"{path}: its weights do not fit the architecture in its own config "
+        raise InputError(f"{path}: its weights do not fit the architecture in its own config "
                          f"({str(e).splitlines()[0]}); the file is damaged or was edited") from None
     meta = {k: v for k, v in state.items() if k not in ("model", "ema", "discriminator", "optimizer",
                                                          "optimizer_d", "rng")}
@@ -93,7 +94,7 @@ def encode_dataset(data_dir: str | Path, ae_run: str | Path, device: str | None 
     """Write ``AE_RUN/latents/latents.pt`` (μ of every volume + scale factor + manifest rows) and ``latents.json``."""
     data_dir, ae_run = Path(data_dir), Path(ae_run)
     if batch_size < 1 or num_workers < 0:
-        raise ValueError(f"encode: batch size must be >= 1 and workers >= 0 (got {batch_size}, {num_workers})")
+        raise InputError(f"encode: batch size must be >= 1 and workers >= 0 (got {batch_size}, {num_workers})")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_autoencoder(ae_run, dev)
     cfg = config_from_dict("autoencoder", meta["config"])
@@ -108,7 +109,7 @@ def encode_dataset(data_dir: str | Path, ae_run: str | Path, device: str | None 
     mu = torch.cat(mus)
     train = torch.tensor([r["split"] == "train" for r in rows])
     if not train.any():
-        raise ValueError(f"{data_dir}/manifest.csv has no train-split volumes to compute the scale factor from")
+        raise InputError(f"{data_dir}/manifest.csv has no train-split volumes to compute the scale factor from")
     # unit-variance latents for the diffusion model (Rombach et al.); computed once, on the train split only
     std = mu[train].std().item()
     scale_factor = 1.0 / max(std, 1e-8)

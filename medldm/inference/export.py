@@ -23,6 +23,7 @@ from medldm.data.io import (
     write_csv,
     write_json,
 )
+from medldm.errors import InputError
 from medldm.versions import versions
 from medldm.viz import grid, save_png, three_plane
 
@@ -45,7 +46,7 @@ def prepare_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ValueError(f"--out {out_dir}: cannot write there ({e.strerror or e}); choose a folder you can write to") from None
+        raise InputError(f"--out {out_dir}: cannot write there ({e.strerror or e}); choose a folder you can write to") from None
     earlier = previous_outputs(out_dir)
     if earlier and not overwrite:
         raise FileExistsError(f"--out {out_dir} already holds {len(earlier)} files of earlier samples "
@@ -75,9 +76,9 @@ class SampleWriter:
     def __init__(self, out_dir: Path, reference: dict[str, Any], provenance: dict[str, Any],
                  fmt: str = "nifti", dtype: str = "int16") -> None:
         if fmt not in FORMATS:
-            raise ValueError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+            raise InputError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
         if dtype not in DTYPES:
-            raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+            raise InputError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         self.out_dir, self.fmt, self.dtype = out_dir, fmt, dtype
         self.affine = np.asarray(reference["affine"], dtype=np.float64)
         self.shape = list(reference["shape"])
@@ -92,7 +93,7 @@ class SampleWriter:
     def write(self, volume: np.ndarray, seed: int) -> Path:
         """Write one volume with its sidecar and preview; returns the NIfTI path (the DICOM folder if DICOM only)."""
         if list(volume.shape) != self.shape:
-            raise ValueError(f"sample shape {list(volume.shape)} differs from the reference {self.shape}")
+            raise InputError(f"sample shape {list(volume.shape)} differs from the reference {self.shape}")
         stem = f"sample_{seed:04d}"
         nifti = self.out_dir / f"{stem}.nii.gz"
         dicom = self.out_dir / f"{stem}_dicom"

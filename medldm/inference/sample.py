@@ -15,6 +15,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
 from medldm.config import config_from_dict
+from medldm.errors import InputError
 from medldm.inference.bundle import imported_diffusion_run, is_bundle
 from medldm.inference.encode import decode_latents, load_autoencoder_file
 from medldm.inference.export import SampleWriter, prepare_output_dir, remove_previous_outputs
@@ -32,7 +33,7 @@ def load_diffusion(run_dir: str | Path, device: torch.device | str = "cpu") -> t
     path = best_checkpoint(run_dir, "diffusion")
     state = load_checkpoint(path)
     if state.get("kind") != "diffusion":
-        raise ValueError(f"{path} is not a diffusion checkpoint (kind={state.get('kind')!r})")
+        raise InputError(f"{path} is not a diffusion checkpoint (kind={state.get('kind')!r})")
     cfg = config_from_dict("diffusion", state["config"])
     encoder = conditions_from_state(state["conditioning"])
     model = build_unet(cfg.model, state["latent_shape"][0], encoder.dim if encoder.keys else None, sdpa=cfg.speed.sdpa,
@@ -131,11 +132,11 @@ def sample_run(
     both off.
     """
     if num < 1 or batch_size < 1 or (steps is not None and steps < 1):
-        raise ValueError("--num, --steps and --batch-size must be >= 1")
+        raise InputError("--num, --steps and --batch-size must be >= 1")
     if eta < 0:
-        raise ValueError("--eta must be >= 0")
+        raise InputError("--eta must be >= 0")
     if sampler not in SAMPLERS:
-        raise ValueError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+        raise InputError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     decode_dev = resolve_device(decode_device, "--decode-device") if decode_device else dev
     out_dir = prepare_output_dir(out_dir, overwrite)
@@ -149,7 +150,7 @@ def sample_run(
     encoder = meta["encoder"]
     context_one, labels = condition_context(encoder, conditions, dev)
     if guidance != 1.0 and not getattr(encoder, "guidance", True):
-        raise ValueError(f"--guidance {guidance:g}: this model was trained without dropping its conditions, so it has "
+        raise InputError(f"--guidance {guidance:g}: this model was trained without dropping its conditions, so it has "
                          "no unconditional prediction to guide with; leave --guidance at 1")
     if guidance != 1.0 and not labels:
         log.warning("--guidance %.2f has no effect without --condition", guidance)
@@ -210,14 +211,14 @@ def _check_steps(sampler: str, steps: int | None, train_steps: int, eta: float) 
     if sampler == "ddpm":
         # MONAI's DDPM step assumes consecutive timesteps, so a shorter DDPM chain would be silently wrong
         if steps not in (None, train_steps):
-            raise ValueError(f"--sampler ddpm runs all {train_steps} training timesteps; drop --steps {steps} "
+            raise InputError(f"--sampler ddpm runs all {train_steps} training timesteps; drop --steps {steps} "
                              "or use --sampler ddim for fewer steps")
         if eta:
-            raise ValueError("--eta applies to DDIM only; DDPM steps are always stochastic")
+            raise InputError("--eta applies to DDIM only; DDPM steps are always stochastic")
         return train_steps
     steps = 50 if steps is None else steps
     if steps > train_steps:
-        raise ValueError(f"--steps {steps} is more than the {train_steps} timesteps the model was trained with")
+        raise InputError(f"--steps {steps} is more than the {train_steps} timesteps the model was trained with")
     return steps
 
 
@@ -231,7 +232,7 @@ def find_autoencoder(trained_with: dict[str, str], where: str | Path | None = No
             raise FileNotFoundError(f"the autoencoder checkpoint {path} that this diffusion model was trained with is "
                                     "missing (run dirs moved?); pass --autoencoder AE_RUN")
         if file_sha256(path) != want:
-            raise ValueError(f"the autoencoder checkpoint {path} changed since this diffusion model was trained on its "
+            raise InputError(f"the autoencoder checkpoint {path} changed since this diffusion model was trained on its "
                              "latents; restore that file, pass --autoencoder with a copy of it, or retrain")
         return path
     where = Path(where)
@@ -239,7 +240,7 @@ def find_autoencoder(trained_with: dict[str, str], where: str | Path | None = No
     for path in candidates:
         if file_sha256(path) == want:
             return path
-    raise ValueError(f"--autoencoder {where}: none of {[c.name for c in candidates]} is the checkpoint this diffusion "
+    raise InputError(f"--autoencoder {where}: none of {[c.name for c in candidates]} is the checkpoint this diffusion "
                      f"model was trained with (SHA-256 {want[:12]}…, was {trained_with['checkpoint']})")
 
 
@@ -247,9 +248,9 @@ def resolve_device(name: str, flag: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"{flag} {name!r}: use cpu, cuda or cuda:N") from None
+        raise InputError(f"{flag} {name!r}: use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{flag} {name}: this machine has no CUDA GPU (torch {torch.__version__})")
+        raise InputError(f"{flag} {name}: this machine has no CUDA GPU (torch {torch.__version__})")
     return dev
 
 

@@ -18,6 +18,7 @@ import torch
 from medldm.config import PreprocessConfig, config_from_dict, from_dict
 from medldm.data.dataset import read_dataset_info
 from medldm.data.io import load_volume, save_volume, write_json
+from medldm.errors import InputError
 from medldm.evaluation.metrics import VolumeMetrics
 from medldm.inference.encode import decode_latents, load_autoencoder, load_autoencoder_file, posterior_mean
 from medldm.inference.sample import (
@@ -78,7 +79,7 @@ def load_scan(path: str | Path, ae_meta: dict[str, Any]) -> Scan:
 def check_native(scan: Scan) -> None:
     """``--native`` needs a way back to the scan's grid: none after registration to a template."""
     if scan.registered:
-        raise ValueError(f"--native: {scan.path.name} was registered to a template during preprocessing and the "
+        raise InputError(f"--native: {scan.path.name} was registered to a template during preprocessing and the "
                          "transform is not kept, so there is no way back to its grid; leave out --native")
 
 
@@ -190,13 +191,13 @@ def decompress_latent(latent_path: str | Path, out_path: str | Path, autoencoder
     latent_path = Path(latent_path)
     state = load_checkpoint(latent_path)
     if state.get("kind") != "latent":
-        raise ValueError(f"{latent_path} is not a medldm latent (kind={state.get('kind')!r}); write one with "
+        raise InputError(f"{latent_path} is not a medldm latent (kind={state.get('kind')!r}); write one with "
                          "`medldm compress`")
     trained = {"checkpoint": state["autoencoder_checkpoint"], "sha256": state["autoencoder_sha256"]}
     try:
         ae_path = find_autoencoder(trained, autoencoder_run)
     except ValueError:
-        raise ValueError(f"{latent_path} was encoded by another autoencoder (SHA-256 {trained['sha256'][:12]}…, "
+        raise InputError(f"{latent_path} was encoded by another autoencoder (SHA-256 {trained['sha256'][:12]}…, "
                          f"{trained['checkpoint']}) than {autoencoder_run}; decompress with that one") from None
     except FileNotFoundError:
         raise FileNotFoundError(f"the autoencoder {trained['checkpoint']} that {latent_path} was encoded with is "
@@ -231,9 +232,9 @@ def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path,
     --seed SEED`` gives. The output keeps the scan's geometry and is marked as processed (synthetic at strength 1,
     where nothing of the scan is left); ``OUT.png`` shows input, output and difference."""
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"--strength {strength:g}: use a value from 0 (reconstruction only) to 1 (a new sample)")
+        raise InputError(f"--strength {strength:g}: use a value from 0 (reconstruction only) to 1 (a new sample)")
     if steps < 1:
-        raise ValueError("--steps must be >= 1")
+        raise InputError("--steps must be >= 1")
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     unet, meta, ae, ae_meta = _denoiser(run_dir, autoencoder_run, dev)
     scan = load_scan(in_path, ae_meta)

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from medldm.errors import InputError
+
 CATEGORIES = {"sex": ("M", "F"), "diagnosis": ("CN", "MCI", "AD")}
 
 
@@ -28,10 +30,10 @@ def _number(value: Any, key: str, where: str) -> float | None:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: {key}={value!r} is not a number; fix the manifest column or leave it empty "
+        raise InputError(f"{where}: {key}={value!r} is not a number; fix the manifest column or leave it empty "
                          "(unknown)") from None
     if not math.isfinite(number):
-        raise ValueError(f"{where}: {key}={value!r} is not a finite number")
+        raise InputError(f"{where}: {key}={value!r} is not a finite number")
     return number
 
 
@@ -47,7 +49,7 @@ class ConditionEncoder:
         self.numeric = {k: dict(v) for k, v in numeric.items()}
         missing = [k for k in self.keys if k not in CATEGORIES and k not in self.numeric]
         if missing:
-            raise ValueError(f"numeric condition(s) {missing} have no training statistics")
+            raise InputError(f"numeric condition(s) {missing} have no training statistics")
 
     @classmethod
     def fit(cls, keys: Sequence[str], rows: Sequence[Mapping[str, Any]], source: str = "manifest.csv"
@@ -59,7 +61,7 @@ class ConditionEncoder:
                 allowed = CATEGORIES[key]
                 bad = sorted({str(r.get(key)) for r in rows if r.get(key) is not None and r.get(key) not in allowed})
                 if bad:
-                    raise ValueError(f"{source}: {key} values {bad} are not one of {list(allowed)} (or empty = unknown)")
+                    raise InputError(f"{source}: {key} values {bad} are not one of {list(allowed)} (or empty = unknown)")
                 known = sum(r.get(key) is not None for r in rows)
             else:
                 values = [v for r in rows if (v := _number(r.get(key), key, f"{source}, {r.get('image')}")) is not None]
@@ -70,7 +72,7 @@ class ConditionEncoder:
                     numeric[key] = {"mean": mean, "std": std if std > 0 else 1.0, "min": min(values),
                                     "max": max(values)}
             if not known:
-                raise ValueError(f"diffusion.conditioning.keys names {key!r}, but no training scan in {source} has a "
+                raise InputError(f"diffusion.conditioning.keys names {key!r}, but no training scan in {source} has a "
                                  f"value for it (the column is missing or empty): fill the {key!r} column or remove {key!r} from conditioning.keys")
         return cls(keys, numeric)
 
@@ -124,27 +126,27 @@ class ConditionEncoder:
         labels: dict[str, Any] = {}
         for key, raw in conditions.items():
             if key not in self.keys:
-                raise ValueError(f"--condition {key}=...: this model is conditioned on "
+                raise InputError(f"--condition {key}=...: this model is conditioned on "
                                  f"{self.keys or 'nothing (it samples unconditionally)'}")
             if key == "sex":
                 value = raw.strip().upper()[:1]
                 if value not in CATEGORIES["sex"]:
-                    raise ValueError(f"--condition sex={raw}: use M or F")
+                    raise InputError(f"--condition sex={raw}: use M or F")
                 labels[key] = value
             elif key in CATEGORIES:
                 value = raw.strip().upper()
                 if value not in CATEGORIES[key]:
-                    raise ValueError(f"--condition {key}={raw}: use one of {list(CATEGORIES[key])}")
+                    raise InputError(f"--condition {key}={raw}: use one of {list(CATEGORIES[key])}")
                 labels[key] = value
             else:
                 try:
                     value = float(raw)
                 except ValueError:
                     unit = " of years" if key == "age" else ""
-                    raise ValueError(f"--condition {key}={raw}: {key} must be a number{unit}") from None
+                    raise InputError(f"--condition {key}={raw}: {key} must be a number{unit}") from None
                 lo, hi = self.numeric[key]["min"], self.numeric[key]["max"]
                 if not lo <= value <= hi:
-                    raise ValueError(f"--condition {key}={raw}: outside the training range {lo:g}–{hi:g}; the model "
+                    raise InputError(f"--condition {key}={raw}: outside the training range {lo:g}–{hi:g}; the model "
                                      "has not seen such scans")
                 labels[key] = value
         return labels
@@ -169,7 +171,7 @@ class UnitRangeConditions:
         self.codes = {k: dict(v) for k, v in (codes or {}).items()}
         missing = [k for k in self.keys if k not in self.ranges and k not in self.codes]
         if missing:
-            raise ValueError(f"condition(s) {missing} have neither a range nor codes")
+            raise InputError(f"condition(s) {missing} have neither a range nor codes")
 
     @property
     def dim(self) -> int:
@@ -195,19 +197,19 @@ class UnitRangeConditions:
         labels: dict[str, Any] = {}
         for key, raw in conditions.items():
             if key not in self.keys:
-                raise ValueError(f"--condition {key}=...: this model takes {self.keys}")
+                raise InputError(f"--condition {key}=...: this model takes {self.keys}")
             if key in self.codes:
                 value = raw.strip().upper()[:1] if key == "sex" else raw.strip()
                 if value not in self.codes[key]:
-                    raise ValueError(f"--condition {key}={raw}: use one of {list(self.codes[key])}")
+                    raise InputError(f"--condition {key}={raw}: use one of {list(self.codes[key])}")
             else:
                 try:
                     value = float(raw)
                 except ValueError:
-                    raise ValueError(f"--condition {key}={raw}: must be a number") from None
+                    raise InputError(f"--condition {key}={raw}: must be a number") from None
                 lo, hi = self.ranges[key]["min"], self.ranges[key]["max"]
                 if not min(lo, hi) <= value <= max(lo, hi):
-                    raise ValueError(f"--condition {key}={raw}: outside the model's range {lo:g}–{hi:g} "
+                    raise InputError(f"--condition {key}={raw}: outside the model's range {lo:g}–{hi:g} "
                                      f"{self.ranges[key].get('unit', '')}".rstrip())
             labels[key] = value
         return labels

@@ -6,6 +6,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscrimi
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from medldm.config import AutoencoderModelConfig, DiscriminatorConfig, SchedulerConfig, UNetConfig
+from medldm.errors import InputError
 
 
 def build_autoencoder(cfg: AutoencoderModelConfig, sdpa: bool = False) -> AutoencoderKL:
@@ -64,4 +65,4 @@ def build_scheduler(cfg: SchedulerConfig, kind: str = "ddpm") -> DDPMScheduler |
         return DDPMScheduler(**common)
     if kind == "ddim":
         return DDIMScheduler(**common)
-    raise ValueError(f"scheduler kind {kind!r}: use 'ddpm' or 'ddim'")
+    raise InputError(f"scheduler kind {kind!r}: use 'ddpm' or 'ddim'")

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 
 import torch
 
+from medldm.errors import InputError
+
 # (new name part, old name part), tried in order for a key the old state dict does not have
 RENAMES = (
     (".attn.to_q.", ".to_q."),  # self-attention: the projections moved into an inner SABlock
@@ -52,12 +54,12 @@ def convert_old_state_dict(model: torch.nn.Module, old: Mapping[str, torch.Tenso
             missing.append(key)
     unexpected = [k for k in old if k not in used and UNUSED_OLD not in k]
     if missing or unexpected:
-        raise ValueError(f"{source} does not fit {type(model).__name__} as configured: {len(missing)} weight(s) "
+        raise InputError(f"{source} does not fit {type(model).__name__} as configured: {len(missing)} weight(s) "
                          f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
                          "check that the network definition matches the weights")
     wrong = [f"{k}: {list(converted[k].shape)} vs {list(v.shape)}" for k, v in target.items()
              if converted[k].shape != v.shape]
     if wrong:
-        raise ValueError(f"{source}: {len(wrong)} weight(s) have other shapes than {type(model).__name__} as "
+        raise InputError(f"{source}: {len(wrong)} weight(s) have other shapes than {type(model).__name__} as "
                          f"configured, e.g. {wrong[:2]}")
     return converted

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from medldm.config import AutoencoderConfig, ConfigError, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest, split_rows, volume_dataset
+from medldm.errors import InputError
 from medldm.evaluation.metrics import VolumeMetrics
 from medldm.inference.encode import reconstruct
 from medldm.models.networks import build_autoencoder, build_discriminator
@@ -86,7 +87,7 @@ def _discriminator_fits(cfg: AutoencoderConfig, size: list[int]) -> bool:
 def check_resumable(state: dict[str, Any], cfg: AutoencoderConfig, path: Path) -> None:
     """A run resumes only with the architecture it was trained with."""
     if state.get("kind") != "autoencoder":
-        raise ValueError(f"{path} is not an autoencoder checkpoint (kind={state.get('kind')!r})")
+        raise InputError(f"{path} is not an autoencoder checkpoint (kind={state.get('kind')!r})")
     new = to_dict(cfg)
     for section, keys in (("model", None), ("discriminator", ("channels", "num_layers"))):
         old_s, new_s = state["config"].get(section, {}), new[section]
@@ -112,7 +113,7 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
     train_rows, val_rows = split_rows(rows, "train"), split_rows(rows, "val")
     for split, chosen in (("train", train_rows), ("val", val_rows)):
         if not chosen:
-            raise ValueError(f"{data_dir}/manifest.csv has no {split}-split volumes: preprocess again with "
+            raise InputError(f"{data_dir}/manifest.csv has no {split}-split volumes: preprocess again with "
                              "split.val_fraction > 0 (the autoencoder keeps its best checkpoint by validation SSIM)")
     latest = run_dir / "checkpoints" / "latest.pt"
     state = load_checkpoint(latest) if resume and latest.is_file() else None

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from medldm.data.io import atomic_path
+from medldm.errors import InputError
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -32,7 +33,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); "
+        raise InputError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); "
                          "is it a medldm checkpoint that was completely written?") from None
 
 

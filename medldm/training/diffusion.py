@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from medldm.config import ConfigError, DiffusionConfig, config_from_dict, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest
+from medldm.errors import InputError
 from medldm.inference.encode import decode_latents, latents_path, load_autoencoder_file
 from medldm.inference.sample import sample_latents
 from medldm.models.conditioning import ConditionEncoder, with_condition_channels
@@ -59,7 +60,7 @@ def load_latents(ae_run: Path) -> dict[str, Any]:
     cache = load_checkpoint(path)
     current = file_sha256(autoencoder_checkpoint(ae_run))
     if cache["autoencoder_sha256"] != current:
-        raise ValueError(f"{path} was encoded with another autoencoder checkpoint than {autoencoder_checkpoint(ae_run)}"
+        raise InputError(f"{path} was encoded with another autoencoder checkpoint than {autoencoder_checkpoint(ae_run)}"
                          f": run `medldm encode` again")
     return cache
 
@@ -96,7 +97,7 @@ def place_latents(z: torch.Tensor, mode: str, device: torch.device) -> tuple[tor
 def check_resumable(state: dict[str, Any], cfg: DiffusionConfig, cache: dict[str, Any], path: Path) -> None:
     """A run resumes only with its architecture, conditions, noise schedule and latents."""
     if state.get("kind") != "diffusion":
-        raise ValueError(f"{path} is not a diffusion checkpoint (kind={state.get('kind')!r})")
+        raise InputError(f"{path} is not a diffusion checkpoint (kind={state.get('kind')!r})")
     new = to_dict(cfg)
     # the checkpoint's config with today's defaults for keys added since it was written
     old = to_dict(config_from_dict("diffusion", state["config"]))
@@ -109,7 +110,7 @@ def check_resumable(state: dict[str, Any], cfg: DiffusionConfig, cache: dict[str
         raise ConfigError(f"--resume: diffusion.conditioning.keys is {list(cfg.conditioning.keys)} but "
                           f"{state['conditioning']['keys']} in {path}; resume with the run's config.yaml")
     if state["autoencoder"]["sha256"] != cache["autoencoder_sha256"]:
-        raise ValueError(f"--resume: {path} was trained on the latents of another autoencoder checkpoint than the "
+        raise InputError(f"--resume: {path} was trained on the latents of another autoencoder checkpoint than the "
                          "current one; start a new diffusion run")
 
 
@@ -128,12 +129,12 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
     rows = {r["image"]: r for r in read_manifest(data_dir)}
     missing = [im for im in cache["images"] if im not in rows]
     if missing:
-        raise ValueError(f"{len(missing)} latents have no row in {manifest} (e.g. {missing[0]}): "
+        raise InputError(f"{len(missing)} latents have no row in {manifest} (e.g. {missing[0]}): "
                          "encode this dataset with `medldm encode` again")
     labelled = [rows[im] for im in cache["images"]]
     train_idx = [i for i, r in enumerate(labelled) if r["split"] == "train"]
     if not train_idx:
-        raise ValueError(f"{manifest} has no train-split scans: preprocess again with val_fraction + test_fraction < 1")
+        raise InputError(f"{manifest} has no train-split scans: preprocess again with val_fraction + test_fraction < 1")
     val_idx = [i for i, r in enumerate(labelled) if r["split"] == "val"] or train_idx[:4]
     latest = run_dir / "checkpoints" / "latest.pt"
     state = load_checkpoint(latest) if resume and latest.is_file() else None
