@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +11,14 @@ import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose, EnsureTyped, LoadImaged
 
+from medldm.data.io import read_json
 from medldm.errors import InputError
 
 # split is train, val, test, or excluded (a scan that failed QC: listed, never trained or evaluated on)
 MANIFEST_COLUMNS = ("subject_id", "session", "image", "age", "sex", "diagnosis", "split", "qc_status", "tiv_ml", "source",
                     "source_sha256")
+# what every stage reads from each row (the rest may be empty or, in older manifests, absent)
+REQUIRED_COLUMNS = ("subject_id", "session", "image", "split")
 
 
 def read_manifest(data_dir: str | Path) -> list[dict[str, Any]]:
@@ -25,13 +28,24 @@ def read_manifest(data_dir: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"{path} not found: is {data_dir} the output of `medldm preprocess`?")
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in ("subject_id", "image", "split") if c not in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise InputError(f"{path}: missing column(s) {missing}")
+            raise InputError(f"{path}: missing column(s) {missing}; a manifest written by `medldm preprocess` has "
+                             f"{list(MANIFEST_COLUMNS)} (rerun it with --assemble to rewrite the manifest)")
         rows = []
-        for row in reader:
+        for line, row in enumerate(reader, start=2):
             row = {k: (v if v != "" else None) for k, v in row.items()}
-            row["age"] = float(row["age"]) if row.get("age") is not None else None
+            for column in REQUIRED_COLUMNS[:3]:
+                if row[column] is None:
+                    raise InputError(f"{path} line {line}: empty {column}")
+            if (age := row.get("age")) is not None:
+                try:
+                    row["age"] = float(age)
+                except ValueError:
+                    row["age"] = math.nan
+                if not math.isfinite(row["age"]):
+                    raise InputError(f"{path} line {line} ({row['image']}): age {age!r} is not a number of years; "
+                                     "correct it or leave it empty (unknown)")
             rows.append(row)
     return rows
 
@@ -41,7 +55,7 @@ def read_dataset_info(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / "preprocess.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {data_dir} the output of `medldm preprocess`?")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)
 
 
 def split_rows(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:

@@ -290,6 +290,15 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file medldm wrote; a damaged one is an ``InputError`` that names it (not "Expecting value")."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: damaged JSON ({e}); rerun the command that wrote it, or restore the file") from None
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (np.generic,)):
         return obj.item()
