@@ -177,3 +177,69 @@ def test_a_nearly_constant_statistic_flags_nothing():
     brain_ml = np.array([2040.0, 2039.5, 2040.2, 2038.9, 2040.1, 2041.0, 2039.7, 2010.0])  # 1.5 % apart
     assert not (np.abs(robust_z(brain_ml)) > 3.5).any()
     assert np.abs(robust_z(np.append(brain_ml, 1500.0)))[-1] > 3.5
+
+
+def _sha256(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_source_replaced_at_the_same_path_is_redone_and_the_run_says_why(tmp_path, good_scans, caplog,
+                                                                            monkeypatch):
+    (v1, a1), (v2, a2), (v3, a3) = good_scans
+    root = _flat(tmp_path / "in", {"s1": nib.Nifti1Image(v1, a1), "s2": nib.Nifti1Image(v2, a2),
+                                   "s3": nib.Nifti1Image(v3, a3)})
+    out = tmp_path / "out"
+    cfg = load_config("preprocess", None, FAST)
+    preprocess_dataset(root, out, cfg)
+    kept = {name: (out / "images" / f"{name}_bl.nii.gz").stat().st_mtime_ns for name in ("s1", "s3")}
+    old_image = (out / "images" / "s2_bl.nii.gz").read_bytes()
+
+    # the same subject re-exported: another file at the same path
+    nib.save(nib.Nifti1Image(v3[::-1].copy(), a2), root / "images" / "s2.nii.gz")
+    caplog.set_level("INFO", logger="medldm.data.preprocess")
+    info = preprocess_dataset(root, out, cfg)
+    assert info["resumed"] == 2 and info["redone_changed"] == 1
+    assert json.loads((out / "preprocess.json").read_text(encoding="utf-8"))["redone_changed"] == 1
+    assert {n: (out / "images" / f"{n}_bl.nii.gz").stat().st_mtime_ns for n in kept} == kept
+    assert (out / "images" / "s2_bl.nii.gz").read_bytes() != old_image
+    row = next(r for r in read_manifest(out) if r["subject_id"] == "s2")
+    assert row["source_sha256"] == _sha256(root / "images" / "s2.nii.gz")
+    sidecar = json.loads((out / "images" / "s2_bl.json").read_text(encoding="utf-8"))
+    assert sidecar["source_sha256"] == row["source_sha256"]
+    said = [r.getMessage() for r in caplog.records if "s2_bl.nii.gz" in r.getMessage()]
+    assert len(said) == 1 and "changed: source content" in said[0] and str(root / "images" / "s2.nii.gz") in said[0]
+
+    # nothing changed (the input dir spelled relative this time): everything is kept
+    monkeypatch.chdir(tmp_path)
+    info = preprocess_dataset("in", out, cfg)
+    assert info["resumed"] == 3 and info["redone_changed"] == 0
+
+    # a damaged sidecar: that scan is redone and the run says which file was damaged; the batch goes on
+    (out / "images" / "s1_bl.json").write_text('{"config_hash": "trunc', encoding="utf-8")
+    caplog.clear()
+    info = preprocess_dataset(root, out, cfg)
+    assert info["resumed"] == 2 and info["redone_changed"] == 1 and not info["failures"]
+    assert any("s1_bl.json is damaged" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert json.loads((out / "images" / "s1_bl.json").read_text(encoding="utf-8"))["source_sha256"] == \
+        _sha256(root / "images" / "s1.nii.gz")
+
+
+def test_another_input_folder_with_the_same_names_redoes_every_scan(tmp_path, good_scans, caplog):
+    (v1, a1), (v2, a2), (v3, a3) = good_scans
+    first = _flat(tmp_path / "site_a", {"s1": nib.Nifti1Image(v1, a1), "s2": nib.Nifti1Image(v2, a2)})
+    second = _flat(tmp_path / "site_b", {"s1": nib.Nifti1Image(v3, a3), "s2": nib.Nifti1Image(v1[::-1].copy(), a1)})
+    out = tmp_path / "out"
+    cfg = load_config("preprocess", None, ["split.val_fraction=0", "split.test_fraction=0"])
+    preprocess_dataset(first, out, cfg)
+    caplog.set_level("INFO", logger="medldm.data.preprocess")
+    info = preprocess_dataset(second, out, cfg)
+    assert info["resumed"] == 0 and info["redone_changed"] == 2
+    for row in read_manifest(out):
+        source = second / "images" / f"{row['subject_id']}.nii.gz"
+        assert row["source"] == str(source) and row["source_sha256"] == _sha256(source)
+        sidecar = json.loads((out / row["image"].replace(".nii.gz", ".json")).read_text(encoding="utf-8"))
+        assert sidecar["source"] == str(source) and sidecar["source_sha256"] == row["source_sha256"]
+    said = [r.getMessage() for r in caplog.records if "preprocessed again from" in r.getMessage()]
+    assert len(said) == 2 and all("source path, source content" in m for m in said)

@@ -13,6 +13,7 @@ import pytest
 
 from medldm.cli import main
 from medldm.config import load_config
+from medldm.data.dataset import read_manifest
 from medldm.data.phantoms import write_phantoms
 from medldm.data.preprocess import Shard, preprocess_dataset, shard_of
 
@@ -102,3 +103,35 @@ def test_bad_shard_options_are_one_line_errors(tmp_path, capsys):
     assert "numbered from 1" in capsys.readouterr().err
     assert main(["preprocess", str(tmp_path), str(tmp_path / "o"), "--shard", "1/3", "--assemble"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_the_assembly_refuses_results_made_from_a_source_that_changed_after_its_shard_ran(tmp_path):
+    import hashlib
+
+    raw = tmp_path / "raw"
+    write_phantoms(raw, 4, layout="flat", seed=8)
+    files = sorted((raw / "images").glob("*.nii.gz"))
+    cut, replaced = files[0], files[1]
+    whole = cut.read_bytes()
+    cut.write_bytes(whole[:2000])  # a download cut short: its shard records the failure
+    out = tmp_path / "out"
+    cfg = load_config("preprocess", None, ["split.val_fraction=0", "split.test_fraction=0.25"])
+    for i in (1, 2):
+        preprocess_dataset(raw, out, cfg, shard=Shard(i, 2))
+
+    # between the shards and the assembly the cut download is fetched again and another scan is re-exported
+    cut.write_bytes(whole)
+    replaced.write_bytes(files[2].read_bytes())
+    with pytest.raises(ValueError, match="2 of 4 scans have no result made from their current source") as refused:
+        preprocess_dataset(raw, out, cfg, assemble=True)
+    for source in (cut, replaced):
+        assert f"{source} (source content changed since its result was made)" in str(refused.value)
+    owners = sorted({shard_of(f"{p.name.removesuffix('.nii.gz')}_bl", 2) for p in (cut, replaced)})
+    assert f"shard(s) {', '.join(f'{i}/2' for i in owners)}" in str(refused.value)
+
+    summaries = [preprocess_dataset(raw, out, cfg, shard=Shard(i, 2)) for i in (1, 2)]
+    assert sum(s["resumed"] for s in summaries) == 2 and sum(s["redone_changed"] for s in summaries) == 1
+    info = preprocess_dataset(raw, out, cfg, assemble=True)
+    assert info["resumed"] == info["num_scans"] == 4 and not info["failures"]
+    sha = {row["source"]: row["source_sha256"] for row in read_manifest(out)}
+    assert all(sha[str(p)] == hashlib.sha256(p.read_bytes()).hexdigest() for p in files)

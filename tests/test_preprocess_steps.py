@@ -1,5 +1,7 @@
 """Each preprocessing step on its own: N4, registration + brain mask, header hygiene, output dtype."""
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -171,3 +173,37 @@ def test_a_registered_scan_does_not_depend_on_the_number_of_threads(tmp_path):
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
     for volume, _, stats in outs[1:]:
         assert np.array_equal(volume, outs[0][0]) and stats == outs[0][2]
+
+
+def test_a_template_replaced_at_the_same_path_redoes_the_registered_scans(tmp_path, caplog):
+    """The config names the template by its path; what a registered volume was made against is its content."""
+    from medldm.data.preprocess import preprocess_dataset
+
+    rng = np.random.default_rng(6)
+    cfg = _template_files(tmp_path, rng, extra=(
+        "brain_extraction.method=rough", "registration.starts=1", "registration.iterations=30",
+        "split.val_fraction=0", "split.test_fraction=0", "qc.exclude_failed=false"))
+    raw = tmp_path / "raw"
+    lines = ["subject_id,file,age,sex,diagnosis"]
+    for name in ("s1", "s2"):
+        vol, affine, _ = make_phantom_with_labels(rng, 72.0, "CN", "M")
+        save_volume(raw / "images" / f"{name}.nii.gz", vol, affine)
+        lines.append(f"{name},images/{name}.nii.gz,72,M,CN")
+    (raw / "participants.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    preprocess_dataset(raw, out, cfg)
+    assert preprocess_dataset(raw, out, cfg)["resumed"] == 2  # same template: kept
+
+    template = tmp_path / "template.nii.gz"
+    image, affine = load_volume(template)
+    save_volume(template, image * 1.5, affine)  # another template file at the same path: the config is the same
+    caplog.set_level("INFO", logger="medldm.data.preprocess")
+    info = preprocess_dataset(raw, out, cfg)
+    assert info["resumed"] == 0 and info["redone_changed"] == 2
+    said = [r.getMessage() for r in caplog.records if "preprocessed again from" in r.getMessage()]
+    assert len(said) == 2 and all(m.endswith("(changed: template)") for m in said)
+    from medldm.data.registration import template_sha256
+
+    for name in ("s1", "s2"):
+        sidecar = json.loads((out / "images" / f"{name}_bl.json").read_text(encoding="utf-8"))
+        assert sidecar["template_sha256"] == template_sha256(cfg.registration)

@@ -10,7 +10,7 @@ import logging
 import socket
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,10 @@ from medldm.data.dataset import MANIFEST_COLUMNS
 from medldm.data.discovery import ScanRecord, discover_scans
 from medldm.data.brain import brain_mask, resolve_method, rough_brain_mask
 from medldm.data.intensity import head_mask, n4_correct, normalise
-from medldm.data.io import load_volume, save_volume, write_csv, write_json
+from medldm.data.io import load_volume, read_json, save_volume, write_csv, write_json
 from medldm.data.qc import assess, write_qc
 from medldm.data.registration import (Registration, Template, load_template, register_to_template,
-                                      tilt_degrees, to_scan_grid)
+                                      template_sha256, tilt_degrees, to_scan_grid)
 from medldm.data.splits import assign_splits
 from medldm.errors import InputError
 from medldm.versions import versions
@@ -190,6 +190,14 @@ def source_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _source_digest(path: Path) -> str | None:
+    """source_sha256, or None where the source cannot be read (loading it then says why)."""
+    try:
+        return source_sha256(path)
+    except OSError:
+        return None
+
+
 @dataclass
 class _Job:
     scan: ScanRecord
@@ -197,6 +205,8 @@ class _Job:
     qc_png: Path
     cfg: PreprocessConfig
     cfg_hash: str
+    # SHA-256 of the registration template's files (None: no registration)
+    template_sha256: str | None = None
 
     @property
     def stem(self) -> str:
@@ -252,31 +262,77 @@ def shard_of(stem: str, count: int) -> int:
     return 1 + int(hashlib.sha256(stem.encode()).hexdigest()[:12], 16) % count
 
 
-def _recorded_result(job: _Job, failures_too: bool) -> dict[str, Any] | None:
-    """The result an earlier run (or shard) left for this scan with the same settings, or None."""
+# a damaged sidecar stands in for what changed: the scan is redone, and the run says why
+_DAMAGED = "damaged sidecar"
+
+
+def _made_from(job: _Job, source_sha: str | None) -> dict[str, Any]:
+    """What a scan's output is made from, as its sidecar (and failure record) records it."""
+    return {"config_hash": job.cfg_hash, "source": str(job.scan.path), "source_sha256": source_sha,
+            "template_sha256": job.template_sha256}
+
+
+def _changes(previous: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between what made an earlier result and what would make it now (empty: the same)."""
+    def place(source: Any) -> str | None:
+        # the same file however the input dir was spelled (relative, absolute, through a symlink)
+        return str(Path(source).resolve()) if isinstance(source, str) and source else None
+
+    changed = []
+    if previous.get("config_hash") != now["config_hash"]:
+        changed.append("config")
+    if place(previous.get("source")) != place(now["source"]):
+        changed.append("source path")
+    if previous.get("source_sha256") != now["source_sha256"]:
+        changed.append("source content")
+    if previous.get("template_sha256") != now["template_sha256"]:
+        changed.append("template")
+    return changed
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A sidecar or failure record, or None when it is damaged (not JSON, or not the object medldm writes)."""
     try:
-        if job.out_path.is_file() and job.sidecar.is_file():
-            previous = json.loads(job.sidecar.read_text(encoding="utf-8"))
-            if previous.get("config_hash") == job.cfg_hash:
-                if not job.qc_png.is_file():  # qc/ was deleted: redraw the picture, keep the volume
-                    save_png(job.qc_png, three_plane(load_volume(job.out_path)[0]))
-                return {**previous, "resumed": True}
-        if failures_too and job.failure_record.is_file():
-            previous = json.loads(job.failure_record.read_text(encoding="utf-8"))
-            if previous.get("config_hash") == job.cfg_hash:
-                return {"error": previous["error"], "resumed": True}
-    except (json.JSONDecodeError, KeyError):
-        pass  # a broken record: the scan has no result
-    return None
+        record = read_json(path)
+    except InputError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _recorded_result(job: _Job, source_sha: str | None, failures_too: bool) -> tuple[dict[str, Any] | None, list[str]]:
+    """The result an earlier run (or shard) left for this scan, when it was made from this source (path and
+    content) with these settings and this template; else (None, what changed since it was made: empty if none was)."""
+    now = _made_from(job, source_sha)
+    changed: list[str] = []
+    if job.out_path.is_file() and job.sidecar.is_file():
+        previous = _read_record(job.sidecar)
+        changed = [_DAMAGED] if previous is None or "stats" not in previous else _changes(previous, now)
+        if not changed:
+            if not job.qc_png.is_file():  # qc/ was deleted: redraw the picture, keep the volume
+                save_png(job.qc_png, three_plane(load_volume(job.out_path)[0]))
+            return {**previous, "resumed": True}, []
+    if failures_too and job.failure_record.is_file():
+        previous = _read_record(job.failure_record)
+        if previous is not None and "error" in previous:
+            failure_changed = _changes(previous, now)
+            if not failure_changed:
+                return {"error": previous["error"], "resumed": True}, []
+            changed = changed or failure_changed
+    return None, changed
 
 
 def _run_job(job: _Job) -> dict[str, Any]:
-    """Preprocess one scan to its output file (or reuse it); never raises: a bad scan is a result with an error."""
-    previous = _recorded_result(job, failures_too=False)  # earlier failures are tried again
+    """Preprocess one scan to its output file (or reuse it); never raises: a bad scan is a result with an error.
+
+    The result says what ``changed`` when an earlier output of this scan was there but made from something else."""
+    source_sha = _source_digest(job.scan.path)  # once per run: it decides the resume and goes into the sidecar
+    previous, changed = _recorded_result(job, source_sha, failures_too=False)  # earlier failures are tried again
     if previous is not None:
         return previous
     try:
         data, affine = load_volume(job.scan.path, first_volume_of_4d=job.cfg.use_first_volume_of_4d)
+        if source_sha is None:  # readable now, but not when it was hashed: hash it again, or fail with the reason
+            source_sha = source_sha256(job.scan.path)
         template = load_template(job.cfg) if job.cfg.registration.enabled else None
         out = preprocess_scan(data, affine, job.cfg, template)
         save_volume(job.out_path, out.volume, out.affine, descrip=f"medldm {__version__} preprocessed",
@@ -287,22 +343,34 @@ def _run_job(job: _Job) -> dict[str, Any]:
         else:
             job.mask_path.unlink(missing_ok=True)
         save_png(job.qc_png, three_plane(out.volume))
-        stats = out.stats
-        result = {"config_hash": job.cfg_hash, "source": str(job.scan.path),
-                  "source_sha256": source_sha256(job.scan.path), "stats": stats}
+        # the template this process registered to (the same as the run's, unless it was replaced meanwhile)
+        result = {**_made_from(job, source_sha), "template_sha256": template.sha256 if template else None,
+                  "stats": out.stats}
         write_json(job.sidecar, result)  # last: an image without its sidecar is redone by the next run
         job.failure_record.unlink(missing_ok=True)
-        return {**result, "resumed": False}
+        return {**result, "resumed": False, "changed": changed}
     except Exception as e:  # one bad scan must not stop a batch of thousands
         error = f"{job.scan.path}: {e}"
         # what an earlier run made of this scan with other settings is stale now
         for stale in (job.sidecar, job.out_path, job.qc_png, job.mask_path):
             stale.unlink(missing_ok=True)
         try:
-            write_json(job.failure_record, {"config_hash": job.cfg_hash, "source": str(job.scan.path), "error": error})
+            write_json(job.failure_record, {**_made_from(job, source_sha), "error": error})
         except OSError as write_error:
             log.warning("%s: cannot record the failure (%s)", job.failure_record, write_error)
-        return {"error": error, "resumed": False}
+        return {"error": error, "resumed": False, "changed": changed}
+
+
+def _say_redone(jobs: list[_Job], results: list[dict[str, Any]]) -> int:
+    """Log each scan preprocessed again because its earlier output was made from something else; how many were."""
+    redone = [(j, r["changed"]) for j, r in zip(jobs, results) if r.get("changed")]
+    for j, changed in redone:
+        if changed == [_DAMAGED]:
+            log.warning("%s is damaged: %s was preprocessed again", j.sidecar, j.scan.path)
+        else:
+            log.info("images/%s was made from something else: preprocessed again from %s (changed: %s)",
+                     j.out_path.name, j.scan.path, ", ".join(changed))
+    return len(redone)
 
 
 def _one_thread() -> None:
@@ -337,7 +405,8 @@ def preprocess_dataset(
 ) -> dict[str, Any]:
     """Discover, preprocess and split every scan under ``input_dir``; write the dataset dir; return a summary.
 
-    Rerunning on the same output dir skips scans already done with the same settings and keeps every
+    Rerunning on the same output dir keeps a scan's output when it was made from the same source (path and
+    SHA-256) with the same per-scan settings and template, redoes it otherwise (and says why), and keeps every
     earlier subject in its split. With ``shard`` only that shard's scans are preprocessed and only their
     per-scan files are written; ``assemble`` preprocesses nothing and builds the dataset from those files.
     """
@@ -348,8 +417,10 @@ def preprocess_dataset(
     if output_dir.resolve().is_relative_to(input_dir.resolve()):
         raise InputError(f"output dir {output_dir} is inside the input dir {input_dir}: the next run would "
                          "discover its own outputs; choose an output dir outside the input")
-    if cfg.registration.enabled and not assemble:
-        load_template(cfg)  # a missing template is one clear error now, not one per scan
+    template_sha = None
+    if cfg.registration.enabled:
+        # a missing template is one clear error now, not one per scan; an assembly only needs to know which it was
+        template_sha = template_sha256(cfg.registration) if assemble else load_template(cfg).sha256
     found = discover_scans(input_dir, metadata=metadata, adnimerge=adnimerge,
                            description_patterns=cfg.description_patterns, preferred_types=cfg.preferred_types,
                            one_scan_per_visit=cfg.one_scan_per_visit)
@@ -359,19 +430,20 @@ def preprocess_dataset(
         reasons = "; ".join(f"{p}: {r}" for p, r in found.skipped[:5])
         raise InputError(f"no usable scans found under {input_dir}" + (f" ({reasons})" if reasons else ""))
     cfg_hash = config_hash(cfg)
-    jobs = _plan_jobs(found.scans, output_dir, cfg, cfg_hash)
+    jobs = _plan_jobs(found.scans, output_dir, cfg, cfg_hash, template_sha)
 
     if shard is not None:
         return _run_shard(output_dir, [j for j in jobs if shard.owns(j.stem)], shard, workers, len(jobs), cfg_hash)
     if assemble:
-        results = _recorded_results(output_dir, jobs)
+        results = _recorded_results(output_dir, jobs, workers)
     else:
         log.info("preprocessing %d scans with %d worker(s)", len(jobs), workers)
         results = _process(jobs, workers)
     return _write_dataset(input_dir, output_dir, cfg, jobs, results, found.skipped, metadata, adnimerge)
 
 
-def _plan_jobs(scans: list[ScanRecord], output_dir: Path, cfg: PreprocessConfig, cfg_hash: str) -> list[_Job]:
+def _plan_jobs(scans: list[ScanRecord], output_dir: Path, cfg: PreprocessConfig, cfg_hash: str,
+               template_sha: str | None = None) -> list[_Job]:
     visits = Counter((s.subject_id, s.session) for s in scans)
     jobs = []
     for scan in scans:
@@ -381,7 +453,7 @@ def _plan_jobs(scans: list[ScanRecord], output_dir: Path, cfg: PreprocessConfig,
             stem += f"_{scan.image_id}"
         stem = _safe_name(stem)
         jobs.append(_Job(scan, output_dir / "images" / f"{stem}.nii.gz", output_dir / "qc" / "scans" / f"{stem}.png",
-                         cfg, cfg_hash))
+                         cfg, cfg_hash, template_sha))
     return jobs
 
 
@@ -419,8 +491,8 @@ def _run_shard(output_dir: Path, jobs: list[_Job], shard: Shard, workers: int, t
     failures = [{"path": str(j.scan.path), "error": r["error"]} for j, r in zip(jobs, results) if "error" in r]
     for f in failures:
         log.warning("failed: %s", f["error"])
-    summary.update(finished=True, resumed=sum(r["resumed"] for r in results), failures=failures,
-                   seconds=round(time.time() - started, 1))
+    summary.update(finished=True, resumed=sum(r["resumed"] for r in results), redone_changed=_say_redone(jobs, results),
+                   failures=failures, seconds=round(time.time() - started, 1))
     write_json(record, summary)
     return summary
 
@@ -430,34 +502,40 @@ def _shard_records(output_dir: Path, cfg_hash: str) -> dict[tuple[int, int], boo
     records = {}
     for path in (output_dir / "shards").glob("shard_*_of_*.json"):
         try:
-            r = json.loads(path.read_text(encoding="utf-8"))
+            r = read_json(path)
             if r.get("config_hash") == cfg_hash:
                 index, count = map(int, r["shard"].split("/"))
                 records[(index, count)] = bool(r.get("finished"))
-        except (json.JSONDecodeError, KeyError, ValueError):
-            continue
+        except (InputError, AttributeError, KeyError, ValueError):
+            continue  # a damaged record names no shard
     return records
 
 
-def _recorded_results(output_dir: Path, jobs: list[_Job]) -> list[dict[str, Any]]:
-    """Every scan's result as the shards left it; an error naming what is missing (and whose it is) otherwise."""
-    results = [_recorded_result(j, failures_too=True) for j in jobs]
-    missing = [j for j, r in zip(jobs, results) if r is None]
+def _recorded_results(output_dir: Path, jobs: list[_Job], workers: int = 1) -> list[dict[str, Any]]:
+    """Every scan's result as the shards left it, made from the scan as it is now; an error naming what is missing
+    or was made from something else (and whose it is) otherwise."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # hashlib lets go of the GIL: the sources are read side by side
+        digests = list(pool.map(_source_digest, [j.scan.path for j in jobs]))
+    recorded = [_recorded_result(j, sha, failures_too=True) for j, sha in zip(jobs, digests)]
+    results = [r for r, _ in recorded]
+    missing = [(j, changed) for j, (r, changed) in zip(jobs, recorded) if r is None]
     if not missing:
         log.info("assembling %d scans from their per-scan results (none preprocessed here)", len(jobs))
         return results
-    records = _shard_records(output_dir, missing[0].cfg_hash)
+    records = _shard_records(output_dir, missing[0][0].cfg_hash)
     where = ""
     if records:
         n = Counter(count for _, count in records).most_common(1)[0][0]
-        owners = sorted({shard_of(j.stem, n) for j in missing})
+        owners = sorted({shard_of(j.stem, n) for j, _ in missing})
         unfinished = [i for i in owners if not records.get((i, n))]
         where = (f"; they belong to shard(s) {', '.join(f'{i}/{n}' for i in owners[:20])}"
                  + (f", of which {', '.join(f'{i}/{n}' for i in unfinished[:20])} never finished" if unfinished else ""))
-    examples = ", ".join(str(j.scan.path) for j in missing[:3])
-    raise InputError(f"--assemble: {len(missing)} of {len(jobs)} scans have no result with these settings in "
-                     f"{output_dir / 'images'} (e.g. {examples}){where}: run those shards again with the same config "
-                     "(--shard I/N), or run without --assemble to preprocess the missing scans here")
+    examples = ", ".join(str(j.scan.path) + (f" ({', '.join(changed)} changed since its result was made)" if changed
+                                             else "") for j, changed in missing[:3])
+    raise InputError(f"--assemble: {len(missing)} of {len(jobs)} scans have no result made from their current source "
+                     f"with these settings and template in {output_dir / 'images'} (e.g. {examples}){where}: run those "
+                     "shards again with the same config (--shard I/N), or run without --assemble to preprocess the "
+                     "missing scans here")
 
 
 def _write_dataset(input_dir: Path, output_dir: Path, cfg: PreprocessConfig, jobs: list[_Job],
@@ -473,7 +551,11 @@ def _write_dataset(input_dir: Path, output_dir: Path, cfg: PreprocessConfig, job
         raise InputError(f"all {len(jobs)} scans failed to preprocess; first error: {failures[0][1]}")
     resumed = sum(r["resumed"] for _, r in done)
     if resumed:
-        log.info("%d scans were already preprocessed with these settings and were kept", resumed)
+        log.info("%d scans were already preprocessed from the same source with these settings and were kept", resumed)
+    redone = _say_redone(jobs, results)
+    if redone:
+        log.info("%d scans were preprocessed again: their earlier output was made from another source, config "
+                 "or template (or its sidecar was damaged)", redone)
 
     # QC first: a scan whose registration failed is kept out of the splits (by default), so no split is drawn for it
     verdicts = assess([r["stats"] for _, r in done], cfg.qc)
@@ -512,6 +594,8 @@ def _write_dataset(input_dir: Path, output_dir: Path, cfg: PreprocessConfig, job
         "num_scans": len(rows),
         "num_subjects": len({r["subject_id"] for r in rows}),
         "resumed": resumed,
+        # scans whose earlier output was there but made from another source, config or template: redone
+        "redone_changed": redone,
         "splits": {k: sum(r["split"] == k for r in rows) for k in ("train", "val", "test", "excluded")},
         "qc": {status: sum(v[0] == status for v in verdicts) for status in ("pass", "warn", "fail")},
         "qc_failed": qc_failed,

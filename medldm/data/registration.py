@@ -13,6 +13,7 @@ mask, Dice of the two brain masks), so that QC can compare it across scans and c
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import itertools
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,8 @@ class Template:
     skull_stripped: bool = False
     # the template smoothed and resampled for each registration level, made once per process
     levels: dict[tuple[float, float], Any] = field(default_factory=dict, repr=False)
+    # SHA-256 of the files it was made from (template_sha256): what a registered volume records it was made against
+    sha256: str = ""
 
     def __post_init__(self) -> None:
         # what every registration reads, computed once: the brain region, its centre, covariance and volume (ml),
@@ -61,6 +64,29 @@ def _nilearn_data_dir() -> Path:
                          "pip install nilearn (the [mni] extra of medldm: pip install -e '.[mni]'), or set registration.template to a template NIfTI "
                          "(and registration.template_mask to its brain mask)")
     return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+
+
+def template_files(cfg: RegistrationConfig) -> list[Path]:
+    """The files the template is made from: its image, then its mask (mni152: the GM and WM maps it is drawn from)."""
+    if cfg.template == "mni152":
+        root = _nilearn_data_dir()
+        return [root / _MNI_FILES[k] for k in ("t1", "gm", "wm")]
+    return [Path(cfg.template)] + ([Path(cfg.template_mask)] if cfg.template_mask else [])
+
+
+def template_sha256(cfg: RegistrationConfig) -> str:
+    """SHA-256 of the template's files (a DICOM folder's files in name order), wherever they lie: a file replaced
+    at the same path (another nilearn release, a template re-exported) gives another hash."""
+    h = hashlib.sha256()
+    for path in template_files(cfg):
+        if not path.exists():
+            raise InputError(f"{path}: registration template file not found (registration.template / template_mask)")
+        for f in sorted(path.iterdir()) if path.is_dir() else [path]:
+            if f.is_file():
+                with f.open("rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+    return h.hexdigest()
 
 
 def _template_files(cfg: RegistrationConfig) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray | None]:
@@ -84,11 +110,15 @@ _CACHE: dict[str, Template] = {}
 
 def load_template(cfg: PreprocessConfig) -> Template:
     """The configured template (and mask) resampled onto the output grid: cfg.spacing, cfg.shape, RAS,
-    centred on the template's brain (or head) centre. Loaded once per process."""
-    key = repr((cfg.registration, cfg.spacing, cfg.shape))
+    centred on the template's brain (or head) centre. Loaded once per process and template content."""
+    # keyed on the content too: a template replaced at the same path is not served from the cache (a notebook or
+    # a test that preprocesses again in the same process would register to the old one and record the new one)
+    digest = template_sha256(cfg.registration)
+    key = repr((cfg.registration, cfg.spacing, cfg.shape, digest))
     if key not in _CACHE:
         (image, affine), mask = _template_files(cfg.registration)
         _CACHE[key] = _on_output_grid(image, affine, mask, cfg)
+        _CACHE[key].sha256 = digest
     return _CACHE[key]
 
 
