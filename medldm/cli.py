@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from medldm.errors import InputError
+from medldm.errors import InputError, UserError
 
 
 def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
@@ -210,11 +212,13 @@ def run(args: argparse.Namespace) -> int:
                                   assemble=args.assemble)
         if shard is not None:
             print(f"shard {shard}: {info['num_scans']} of {info['of_scans']} scans -> {args.output_dir / 'images'} "
-                  f"({info['resumed']} kept from an earlier run, {len(info['failures'])} failed); when every shard "
+                  f"({info['resumed']} kept from an earlier run, {info['redone_changed']} redone because their source, "
+                  f"config or template changed, {len(info['failures'])} failed); when every shard "
                   "has finished, run the same command with --assemble instead of --shard")
             return 1 if info["failures"] else 0
         print(f"{info['num_scans']} scans of {info['num_subjects']} subjects -> {args.output_dir} "
-              f"(splits {info['splits']}; {info['resumed']} kept from an earlier run; "
+              f"(splits {info['splits']}; {info['resumed']} kept from an earlier run, {info['redone_changed']} redone "
+              "because their source, config or template changed; "
               f"QC {info['qc']['pass']} pass, {info['qc']['warn']} warn, {info['qc']['fail']} fail "
               f"({info['splits']['excluded']} excluded): {args.output_dir / 'qc' / 'index.html'})")
         if info["failures"]:
@@ -298,14 +302,69 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# what to change when a command runs out of memory, by subcommand (the rest: the general advice)
+MEMORY_OPTIONS = {
+    "sample": "--batch-size 1, --decode-device cpu (decoding needs the most memory), or a smaller model",
+    "train": "a smaller train.batch_size or train.patch_size (--set), train.amp=true, or more processes (torchrun)",
+    "encode": "--batch-size 1",
+    "evaluate": "fewer --samples at a time, or run it on a machine with more memory",
+}
+# OSError numbers that are the machine's state, not a bug: the message says what to do
+OS_FIXES = {
+    errno.ENOSPC: "the disk is full: free space or choose another folder (what was written is complete; rerun)",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another folder (rerun afterwards)",
+    errno.EROFS: "the file system is read-only: choose another folder",
+    errno.EACCES: "permission denied: choose another folder or change its permissions",
+    errno.EPERM: "operation not permitted: choose another folder or change its permissions",
+    errno.EISDIR: "is a folder: give a file path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.ENOENT: "not found",
+    errno.EEXIST: "already exists",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or use fewer --workers",
+}
+
+
+def user_message(e: BaseException, command: str) -> str | None:
+    """The one line a user gets for an error they can fix, or None for a bug in medldm (which keeps its traceback)."""
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        first = str(e).splitlines()[0] if str(e) else "CUDA out of memory"
+        return f"out of GPU memory ({first}); use {MEMORY_OPTIONS.get(command, MEMORY_OPTIONS['evaluate'])}"
+    if isinstance(e, MemoryError):
+        return f"out of memory (RAM); use {MEMORY_OPTIONS.get(command, MEMORY_OPTIONS['evaluate'])}"
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in OS_FIXES:
+        where = f"{e.filename}: " if e.filename is not None else ""
+        return f"{where}{OS_FIXES[e.errno]}" + (f" ({e.strerror})" if e.strerror else "")
+    if isinstance(e, (FileNotFoundError, FileExistsError)):  # raised by medldm with a message that names the file
+        return str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 a batch finished with failures (listed), 2 an error the user can fix (one line on
+    stderr naming the file or key; -v adds the stack), 3 a bug in medldm (the traceback, to report)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    command = args.command
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # ConfigError is a ValueError
-        print(f"medldm {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"medldm {command}: interrupted (every file written is complete; rerun to resume)", file=sys.stderr)
+        return 130
+    except Exception as e:  # sorted into the user's errors and medldm's bugs; neither is swallowed
+        message = user_message(e, command)
+        if message is None:
+            traceback.print_exc()
+            print(f"medldm {command}: internal error ({type(e).__name__}): a bug in medldm, not in your input; "
+                  "please report it with the traceback above", file=sys.stderr)
+            return 3
+        if args.verbose:
+            traceback.print_exc()
+        print(f"medldm {command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import imageio.v3 as iio
 import numpy as np
 
+from medldm.data.io import atomic_write
 from medldm.errors import InputError
 
 
@@ -40,5 +42,11 @@ def save_png(path: str | Path, image: np.ndarray, min_size: int = 256) -> None:
     k = min(8, max(1, int(np.ceil(min_size / min(image.shape[:2])))))
     if k > 1:
         image = np.kron(image, np.ones((k, k), dtype=np.uint8))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    iio.imwrite(str(path), image)
+    with atomic_write(path) as tmp:
+        iio.imwrite(str(tmp), image, extension=".png")
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Save a matplotlib figure atomically, in the format its suffix names (.png by default)."""
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")

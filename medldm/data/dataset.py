@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose, EnsureTyped, LoadImaged
+from torch.utils.data import Dataset
 
-from medldm.data.io import read_json
+from medldm.data.io import load_volume, read_json
 from medldm.errors import InputError
 
 # split is train, val, test, or excluded (a scan that failed QC: listed, never trained or evaluated on)
@@ -62,12 +63,50 @@ def split_rows(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
     return [r for r in rows if r["split"] == split]
 
 
-def volume_dataset(data_dir: str | Path, rows: list[dict[str, Any]], cache_rate: float = 1.0) -> CacheDataset:
-    """Dataset of ``{"image": (1, X, Y, Z) float32}`` for the given manifest rows; ``cache_rate`` of them in memory."""
+def volume_dataset(data_dir: str | Path, rows: list[dict[str, Any]], cache_rate: float = 1.0) -> Dataset:
+    """Dataset of ``{"image": (1, X, Y, Z) float32}`` for the given manifest rows; ``cache_rate`` of them in memory.
+
+    A listed image that is missing is refused before anything is read (all of them named), and one that cannot be
+    read is an :class:`InputError` that names it, where MONAI's loader would raise "applying transform …"."""
     data_dir = Path(data_dir)
     items = [{"image": str(data_dir / r["image"]), "index": i} for i, r in enumerate(rows)]
+    missing = [it["image"] for it in items if not Path(it["image"]).is_file()]
+    if missing:
+        raise InputError(f"{data_dir / 'manifest.csv'} lists {len(missing)} image(s) that are not there: "
+                         f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}; rerun `medldm preprocess` "
+                         "into this dataset dir (it redoes what is missing)")
     transform = Compose([
         LoadImaged(keys="image", ensure_channel_first=True, image_only=True),
         EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
     ])
-    return CacheDataset(items, transform=transform, cache_rate=cache_rate, progress=False)
+    try:
+        cached = CacheDataset(items, transform=transform, cache_rate=cache_rate, progress=False)
+    except Exception as e:  # MONAI wraps the reader's error in RuntimeError("applying transform"); find the file
+        for it in items:
+            _readable(it["image"], e)
+        raise
+    return _FileNamedErrors(cached, items)
+
+
+def _readable(path: str, error: BaseException) -> None:
+    try:
+        load_volume(path)
+    except InputError as bad:
+        raise InputError(f"{bad}; rerun `medldm preprocess` into this dataset dir to write it again") from error
+
+
+class _FileNamedErrors(Dataset):
+    """A dataset whose loading errors name the volume (it is read lazily when not cached)."""
+
+    def __init__(self, dataset: CacheDataset, items: list[dict[str, Any]]) -> None:
+        self.dataset, self.items = dataset, items
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except Exception as e:  # the same search as at construction, for a volume read only now
+            _readable(self.items[index]["image"], e)
+            raise

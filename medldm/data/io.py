@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import locale
 import os
@@ -230,10 +231,29 @@ def atomic_write(final: str | Path) -> Iterator[Path]:
     reader never sees half a file. Every file medldm writes goes through here."""
     tmp = atomic_path(Path(final))
     try:
-        yield tmp
-        os.replace(tmp, final)
+        try:
+            yield tmp
+        except OSError as e:  # e.g. the disk filled while writing: the error names the file asked for
+            if e.filename is not None and Path(e.filename) == tmp:
+                raise type(e)(e.errno, e.strerror, str(final)) from None
+            raise
+        try:
+            os.replace(tmp, final)
+        except OSError as e:  # name the file the user asked for, not the temporary one
+            raise type(e)(e.errno, e.strerror, str(final)) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse, before any work, an output file that is a folder or whose folder cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    try:
+        atomic_path(path).unlink()
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(path.parent)) from None
 
 
 def write_text(path: str | Path, text: str) -> None:

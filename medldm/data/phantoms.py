@@ -20,7 +20,7 @@ import numpy as np
 from nibabel.orientations import axcodes2ornt
 from scipy.spatial.transform import Rotation
 
-from medldm.data.io import keep_locale
+from medldm.data.io import atomic_write, keep_locale
 from medldm.errors import InputError
 
 ADNI_GROUPS = ("CN", "SMC", "EMCI", "LMCI", "MCI", "AD")
@@ -247,8 +247,8 @@ def _save(path: Path, volume: np.ndarray, affine: np.ndarray) -> None:
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm", "sec")
     image.header["descrip"] = b"medldm synthetic phantom"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, path)
+    with atomic_write(path) as tmp:
+        nib.save(image, tmp)
 
 
 def _ida_date(day: dt.date) -> str:
@@ -387,13 +387,13 @@ def _write_adni(out_dir: Path, num: int, rng: np.random.Generator, adnimerge: bo
             _save_dicom(aligned[choice])
             rows[aligned[choice].row][-1] = "DCM"
     csv_path = out_dir / "ADNI_phantoms_collection.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(csv_path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(_COLLECTION_HEADER)
         writer.writerows(row + [downloaded] for row in rows)
     if adnimerge:
         merge_rows.sort(key=lambda row: (int(row[0]), row[3]))
-        with open(out_dir / "ADNIMERGE.csv", "w", newline="", encoding="utf-8") as f:
+        with atomic_write(out_dir / "ADNIMERGE.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(ADNIMERGE_HEADER)
             writer.writerows(merge_rows)
@@ -414,7 +414,7 @@ def _write_flat(out_dir: Path, num: int, rng: np.random.Generator) -> Path:
         rows.append([subject_id, file, "" if subject_rng.random() < 0.1 else f"{age:.1f}",
                      "" if subject_rng.random() < 0.05 else sex, diagnosis])
     csv_path = out_dir / "participants.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(csv_path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(("subject_id", "file", "age", "sex", "diagnosis"))
         writer.writerows(rows)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import html
 from pathlib import Path
 from typing import Any
@@ -10,9 +9,9 @@ from typing import Any
 import imageio.v3 as iio
 import numpy as np
 
-from medldm.viz import grid, save_png
-
 from medldm.config import QCConfig
+from medldm.data.io import write_csv, write_text
+from medldm.viz import grid, save_png
 
 # statistics screened for outliers (robust z over the cohort): (key, side that is bad, minimum relative spread).
 # A registration much worse than the cohort's fails; any other statistic far out is a warning to look at.
@@ -81,10 +80,7 @@ def write_qc(output_dir: Path, rows: list[dict[str, Any]], stats: list[dict[str,
             "registration_scales": "x".join(map(str, s.get("registration_scales") or [])),
             "flags": "; ".join(reasons),
         })
-    with (qc / "summary.csv").open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
+    write_csv(qc / "summary.csv", list(summary[0]), summary)
     pngs = [qc / "scans" / Path(r["image"]).name.replace(".nii.gz", ".png") for r in rows]
     _contact_sheets(qc, pngs)
     _html(qc, summary, pngs)
@@ -132,7 +128,7 @@ def _html(qc: Path, summary: list[dict[str, Any]], pngs: list[Path]) -> None:
         if status != "pass":
             listed.append(f'<li><a href="#{anchor}">{html.escape(s["image"])}</a> ({status}, {s["split"]}): '
                           f"{html.escape(s['flags'])}</li>")
-    (qc / "index.html").write_text(
+    write_text(qc / "index.html", 
         "<!doctype html><meta charset=utf-8><title>medldm QC</title><style>body{font:13px sans-serif;background:#111;"
         "color:#ddd}a{color:#8cf}figure{display:inline-block;margin:4px;width:300px;vertical-align:top}"
         "img{width:300px}</style>"
@@ -140,4 +136,4 @@ def _html(qc: Path, summary: list[dict[str, Any]], pngs: list[Path]) -> None:
         f"{counts['fail']} fail (failed registrations are framed red and, by default, excluded from the splits; "
         "warnings orange). r: correlation of the registered scan with the template inside its brain mask; Dice: "
         "the scan's registered brain mask against the template's. Axial, coronal and sagittal mid-slices.</p>"
-        + (f"<ul>{''.join(listed)}</ul>" if listed else "") + "".join(cards) + "\n", encoding="utf-8")
+        + (f"<ul>{''.join(listed)}</ul>" if listed else "") + "".join(cards) + "\n")

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from medldm.viz import save_figure
+
 SYNTHETIC, REAL = "#d62728", "#1f77b4"
 
 
@@ -36,8 +38,7 @@ def score_plots(path: str | Path, generation: dict[str, Any]) -> None:
     ax3.legend(fontsize=8)
     if not np.isfinite(ages).any():
         ax3.text(0.5, 0.5, "no plausible sample with a requested age", ha="center", va="center", transform=ax3.transAxes)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def _hist(ax: Any, sets: dict[str, list[float]], title: str) -> None:
@@ -77,8 +78,7 @@ def verdict_sheet(path: str | Path, tiles: list[np.ndarray], names: list[str], v
             spine.set(color=colour, linewidth=3)
         why = "" if v["plausible"] else "\n" + v["reasons"][0].split(":")[0][:60]
         ax.set_title(f"{name} (SSIM {v['nearest_train_ssim']:.2f}){why}", fontsize=7, color=colour)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def morphometry_plot(path: str | Path, morph: dict[str, Any]) -> None:
@@ -108,5 +108,4 @@ def morphometry_plot(path: str | Path, morph: dict[str, Any]) -> None:
         ks, yard = d["synthetic_vs_test"]["ks"], d["train_vs_test"]["ks"]
         ax.set_title(f"{morph['measures'][m]}\nKS {ks if ks is None else f'{ks:.2f}'} "
                      f"(train vs test {yard if yard is None else f'{yard:.2f}'})", fontsize=8)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)

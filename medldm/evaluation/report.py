@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from medldm.config import EvaluateConfig, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest, split_rows
-from medldm.data.io import load_volume, write_json
+from medldm.data.io import load_volume, write_json, write_text
 from medldm.errors import InputError
 from medldm.evaluation.metrics import VolumeMetrics, pairwise_similarity
 from medldm.evaluation.morphometry import MEASURES, Morphometry
@@ -73,7 +73,7 @@ def evaluate(data_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig, aut
         report["generation"] = _generation(dirs, data_dir, rows, reference, real, metrics, cfg, out_dir, dev, morph,
                                            skull_stripped, recon_m, decoded)
     write_json(out_dir / "report.json", report)
-    (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    write_text(out_dir / "report.md", render_markdown(report))
     return report
 
 

@@ -66,7 +66,7 @@ BRAIN_LDM_AFFINE = [[-1.0, 0.0, 0.0, 101.48149872], [0.0, 1.0, 0.0, -146.4771575
                     [0.0, 0.0, 0.0, 1.0]]
 
 
-class BundleError(ValueError):
+class BundleError(InputError):
     """A bundle folder that cannot be imported; the message names the file and the fix."""
 
 

@@ -4,13 +4,16 @@ each checked against the PyTorch module on a fresh input."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from medldm.data.io import write_json
-from medldm.errors import InputError
+from medldm.errors import InputError, StoppedError
 from medldm.inference.encode import load_autoencoder_file
 from medldm.inference.sample import find_autoencoder, load_diffusion
 from medldm.training.checkpoint import best_checkpoint, load_checkpoint
@@ -132,19 +135,29 @@ def export_model(run_dir: str | Path, fmt: str = "torchscript", out_dir: str | P
 
     manifest: dict[str, Any] = {"format": fmt, "tolerance": TOLERANCE, "versions": versions(), **usage,
                                 "networks": {}}
-    paths = []
-    for name, module, example, check, names, checkpoint in jobs:
-        path = out / f"{name}{suffix}"
-        diff = _export(module.eval(), example, check, names, path, fmt)
-        if not diff <= TOLERANCE:
-            raise RuntimeError(f"the exported {name} differs from PyTorch by {diff:.3g} (> {TOLERANCE:g}); "
-                               f"{path} is not usable")
-        # ONNX keeps weights over 2 GB (the brain-LDM UNet) in a data file beside the graph
-        files = [path] + [f for f in (path.with_name(path.name + ".data"),) if f.is_file()]
-        manifest["networks"][name] = {"files": [f.name for f in files],
-                                      "inputs": {n: list(t.shape) for n, t in zip(names, check)},
-                                      "checkpoint": checkpoint, "max_relative_difference": diff}
-        log.info("%s -> %s (max difference from PyTorch %.2g)", name, path, diff)
-        paths.extend(files)
+    # every graph is written and checked in a hidden folder and moved in only when all pass: a crash or a failed
+    # check leaves no half-written or wrong graph, and export.json always describes the graphs beside it (a folder,
+    # not temporary names, because ONNX records the name of its data file inside the graph)
+    stage = Path(tempfile.mkdtemp(prefix=".export.", suffix=".tmp", dir=out))
+    try:
+        for name, module, example, check, names, checkpoint in jobs:
+            staged = stage / f"{name}{suffix}"
+            diff = _export(module.eval(), example, check, names, staged, fmt)
+            if not diff <= TOLERANCE:
+                raise StoppedError(f"the exported {name} differs from PyTorch by {diff:.3g} (> {TOLERANCE:g}), so "
+                                   f"nothing was written to {out}; try the other --format, or report it with the "
+                                   "versions of torch and onnx")
+            # ONNX keeps weights over 2 GB (the brain-LDM UNet) in a data file beside the graph
+            files = [staged] + [f for f in (staged.with_name(staged.name + ".data"),) if f.is_file()]
+            manifest["networks"][name] = {"files": [f.name for f in files],
+                                          "inputs": {n: list(t.shape) for n, t in zip(names, check)},
+                                          "checkpoint": checkpoint, "max_relative_difference": diff}
+            log.info("%s checked (max difference from PyTorch %.2g)", name, diff)
+        paths = []
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out / f.name)
+            paths.append(out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     write_json(out / "export.json", manifest)
     return paths

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from medldm.errors import ResourceError
+
 
 @dataclass
 class _Graph:
@@ -65,6 +67,6 @@ class GraphedUNet:
                 out = self._forward(static_x, static_t, static_c)
         except RuntimeError as e:
             cause = e.__context__ or e  # a failed forward surfaces as capture_end's own error
-            raise RuntimeError(f"CUDA graph capture of the UNet failed for input {list(x.shape)} "
+            raise ResourceError(f"CUDA graph capture of the UNet failed for input {list(x.shape)} "
                                f"({str(cause).splitlines()[0]}): sample with --eager") from cause
         return _Graph(graph, static_x, static_t, static_c, out)

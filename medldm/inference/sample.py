@@ -31,9 +31,7 @@ log = logging.getLogger(__name__)
 def load_diffusion(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """The EMA UNet of a diffusion run in eval mode, and its checkpoint metadata."""
     path = best_checkpoint(run_dir, "diffusion")
-    state = load_checkpoint(path)
-    if state.get("kind") != "diffusion":
-        raise InputError(f"{path} is not a diffusion checkpoint (kind={state.get('kind')!r})")
+    state = load_checkpoint(path, kind="diffusion")
     cfg = config_from_dict("diffusion", state["config"])
     encoder = conditions_from_state(state["conditioning"])
     model = build_unet(cfg.model, state["latent_shape"][0], encoder.dim if encoder.keys else None, sdpa=cfg.speed.sdpa,
@@ -251,6 +249,11 @@ def resolve_device(name: str, flag: str) -> torch.device:
         raise InputError(f"{flag} {name!r}: use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"{flag} {name}: this machine has no CUDA GPU (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"{flag} {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"{flag} {name}: use cpu, cuda or cuda:N")
     return dev
 
 

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 
 from medldm.config import PreprocessConfig, config_from_dict, from_dict
 from medldm.data.dataset import read_dataset_info
-from medldm.data.io import load_volume, save_volume, write_json
+from medldm.data.io import check_writable, is_nifti, load_volume, save_volume, write_json
 from medldm.errors import InputError
 from medldm.evaluation.metrics import VolumeMetrics
 from medldm.inference.encode import decode_latents, load_autoencoder, load_autoencoder_file, posterior_mean
@@ -29,9 +30,15 @@ from medldm.inference.sample import (
     sample_latents,
 )
 from medldm.models.networks import build_scheduler
-from medldm.training.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from medldm.training.checkpoint import (
+    autoencoder_checkpoint,
+    best_checkpoint,
+    file_sha256,
+    load_checkpoint,
+    save_checkpoint,
+)
 from medldm.versions import versions
-from medldm.viz import grid, save_png, three_plane
+from medldm.viz import grid, save_figure, save_png, three_plane
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +58,37 @@ class Scan:
     registered: bool  # preprocessed here with registration to a template (no way back to the scan's grid)
 
 
+def _dataset_preprocessing(ae_meta: dict[str, Any]) -> tuple[Path, PreprocessConfig | None]:
+    """The dataset dir the autoencoder was trained on and its preprocessing settings (None: the dataset is gone)."""
+    data_dir = Path(ae_meta.get("data_dir", ""))
+    info = read_dataset_info(data_dir) if (data_dir / "preprocess.json").is_file() else None
+    # the dataset's settings as they were used (not re-validated: rules may have tightened since)
+    return data_dir, (from_dict(PreprocessConfig, info["config"], "preprocess") if info else None)
+
+
+def refuse_native_early(path: str | Path, ae_meta: dict[str, Any]) -> None:
+    """``--native`` refused before any work (models, N4, registration) when ``path`` is a raw scan that preprocessing
+    would register to a template; a NIfTI already on the model's grid is read as it is and may go back."""
+    path = Path(path)
+    _, cfg = _dataset_preprocessing(ae_meta)
+    if cfg is None or not cfg.registration.enabled:
+        return
+    if is_nifti(path) and path.is_file():
+        try:
+            if list(nib.load(str(path)).shape) == list(ae_meta["image_shape"]):
+                return  # on the model's grid already (its intensities are checked when it is read)
+        except Exception:  # an unreadable file: loading it names the problem
+            return
+    raise InputError(f"--native: {path.name} is not on the model's grid, so it would be registered to a template "
+                     "while preprocessing, and the transform is not kept: there is no way back to its grid; leave "
+                     "out --native")
+
+
 def load_scan(path: str | Path, ae_meta: dict[str, Any]) -> Scan:
     """``path`` on the autoencoder's grid: as it is when it already has the training volumes' shape and [0, 1]
     intensities, else preprocessed with the settings of the dataset the autoencoder was trained on."""
     path = Path(path)
-    data_dir = Path(ae_meta.get("data_dir", ""))
-    info = read_dataset_info(data_dir) if (data_dir / "preprocess.json").is_file() else None
-    # the dataset's settings as they were used (not re-validated: rules may have tightened since)
-    cfg = from_dict(PreprocessConfig, info["config"], "preprocess") if info else None
+    data_dir, cfg = _dataset_preprocessing(ae_meta)
     data, affine = load_volume(path, first_volume_of_4d=bool(cfg and cfg.use_first_volume_of_4d))
     shape = list(ae_meta["image_shape"])
     if list(data.shape) == shape and data.min() >= 0.0 and data.max() <= 1.0 + 1e-3:
@@ -71,7 +101,12 @@ def load_scan(path: str | Path, ae_meta: dict[str, Any]) -> Scan:
     from medldm.data.registration import load_template
 
     template = load_template(cfg) if cfg.registration.enabled else None
-    volume, out_affine, _ = preprocess_volume(data, affine, cfg, template)
+    try:
+        volume, out_affine, _ = preprocess_volume(data, affine, cfg, template)
+    except RuntimeError as e:  # SimpleITK's N4 or registration gave up on this scan
+        raise InputError(f"{path}: preprocessing it as {data_dir} was preprocessed failed "
+                         f"({str(e).strip().splitlines()[-1][:200]}); is it a T1 head scan? `medldm preprocess` on a "
+                         "folder holding it writes its QC picture and reason") from None
     log.info("%s preprocessed as %s was (%s -> %s)", path.name, data_dir, list(data.shape), list(volume.shape))
     return Scan(volume, out_affine, path, list(data.shape), affine, True, template is not None)
 
@@ -139,11 +174,15 @@ def reconstruct_scan(in_path: str | Path, out_path: str | Path, autoencoder_run:
     """Encode to the posterior mean and decode (the path compress + decompress takes); writes the volume, a sidecar
     and ``OUT.png`` (input, reconstruction, difference). Returns SSIM and PSNR against the input."""
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
-    model, meta = load_autoencoder(autoencoder_run, dev)
+    check_writable(out_path)
+    ae_path = autoencoder_checkpoint(autoencoder_run)
+    if native:  # before the work: the metadata alone (mapped, no weights read) says whether there is a way back
+        refuse_native_early(in_path, load_checkpoint(ae_path, mmap=True, kind="autoencoder"))
+    model, meta = load_autoencoder_file(ae_path, dev)
     cfg = config_from_dict("autoencoder", meta["config"])
     scan = load_scan(in_path, meta)
     if native:
-        check_native(scan)  # before the work
+        check_native(scan)
     recon = _decode(model, _encode(model, cfg, scan.volume, dev))
     quality = _quality(scan.volume, recon)
     out = Path(out_path)
@@ -163,6 +202,7 @@ def compress_scan(in_path: str | Path, out_path: str | Path, autoencoder_run: st
     """Write the posterior mean of a scan (float32, or float16) with the autoencoder's hash and the scan's geometry;
     returns sizes, the compression ratio and the round trip's SSIM and PSNR."""
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    check_writable(out_path)
     model, meta = load_autoencoder(autoencoder_run, dev)
     cfg = config_from_dict("autoencoder", meta["config"])
     scan = load_scan(in_path, meta)
@@ -189,6 +229,7 @@ def decompress_latent(latent_path: str | Path, out_path: str | Path, autoencoder
     """Decode a latent written by :func:`compress_scan` onto the scan's grid (or its own grid with ``native``) with the
     autoencoder it was encoded with; any other autoencoder is refused."""
     latent_path = Path(latent_path)
+    check_writable(out_path)
     state = load_checkpoint(latent_path)
     if state.get("kind") != "latent":
         raise InputError(f"{latent_path} is not a medldm latent (kind={state.get('kind')!r}); write one with "
@@ -216,9 +257,15 @@ def decompress_latent(latent_path: str | Path, out_path: str | Path, autoencoder
     return out
 
 
-def _denoiser(run_dir: str | Path, autoencoder_run: str | Path | None, dev: torch.device):
+def _denoiser(run_dir: str | Path, autoencoder_run: str | Path | None, dev: torch.device,
+              in_path: str | Path | None = None):
+    """The diffusion run's UNet and its autoencoder; with ``in_path`` (``--native``), refused first when that scan
+    has no way back to its grid."""
+    trained_with = load_checkpoint(best_checkpoint(run_dir, "diffusion"), mmap=True, kind="diffusion")["autoencoder"]
+    ae_path = find_autoencoder(trained_with, autoencoder_run)
+    if in_path is not None:
+        refuse_native_early(in_path, load_checkpoint(ae_path, mmap=True, kind="autoencoder"))
     unet, meta = load_diffusion(run_dir, dev)
-    ae_path = find_autoencoder(meta["autoencoder"], autoencoder_run)
     ae, ae_meta = load_autoencoder_file(ae_path, dev, sha256=meta["autoencoder"]["sha256"])
     return unet, meta, ae, ae_meta
 
@@ -236,10 +283,11 @@ def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path,
     if steps < 1:
         raise InputError("--steps must be >= 1")
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
-    unet, meta, ae, ae_meta = _denoiser(run_dir, autoencoder_run, dev)
+    check_writable(out_path)
+    unet, meta, ae, ae_meta = _denoiser(run_dir, autoencoder_run, dev, in_path if native else None)
     scan = load_scan(in_path, ae_meta)
     if native:
-        check_native(scan)  # before the work
+        check_native(scan)
     context, labels = condition_context(meta["encoder"], conditions, dev)
     scale = meta["scale_factor"]
     cfg = config_from_dict("autoencoder", ae_meta["config"])
@@ -288,6 +336,7 @@ def show_noising(in_path: str | Path, out_png: str | Path, run_dir: str | Path, 
     from matplotlib.figure import Figure
 
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    check_writable(out_png)
     _, meta, ae, ae_meta = _denoiser(run_dir, autoencoder_run, dev)
     scan = load_scan(in_path, ae_meta)
     scale = meta["scale_factor"]
@@ -316,6 +365,5 @@ def show_noising(in_path: str | Path, out_png: str | Path, run_dir: str | Path, 
         ax.set_yticks([])
     fig.suptitle(f"{scan.path.name}: forward process of {Path(run_dir).name} "
                  f"({meta['cfg'].scheduler.schedule}, {scheduler.num_train_timesteps} steps)", fontsize=10)
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
+    save_figure(fig, out_png)
     return rows * len(timesteps)

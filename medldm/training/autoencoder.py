@@ -116,7 +116,7 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
             raise InputError(f"{data_dir}/manifest.csv has no {split}-split volumes: preprocess again with "
                              "split.val_fraction > 0 (the autoencoder keeps its best checkpoint by validation SSIM)")
     latest = run_dir / "checkpoints" / "latest.pt"
-    state = load_checkpoint(latest) if resume and latest.is_file() else None
+    state = load_checkpoint(latest, kind="autoencoder", resume=True) if resume and latest.is_file() else None
     if state is not None:
         check_resumable(state, cfg, latest)
 

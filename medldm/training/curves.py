@@ -4,13 +4,12 @@ run's picture covers the whole run."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medldm.data.io import atomic_path
+from medldm.data.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +84,8 @@ def loss_plot(run_dir: str | Path, events: Any = None) -> list[str]:
         ax.axis("off")
     fig.suptitle(f"{run_dir.name}: up to step {max(scalars[t][0][-1] for t in panels)}")
     # rewritten at every checkpoint: atomically, so a crash never leaves half a picture
-    tmp = atomic_path(run_dir / "loss.png")
-    try:
+    with atomic_write(run_dir / "loss.png") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, run_dir / "loss.png")
-    finally:
-        tmp.unlink(missing_ok=True)
     return panels
 
 

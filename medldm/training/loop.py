@@ -18,13 +18,14 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from medldm.config import save_config
+from medldm.errors import StoppedError
 from medldm.training.checkpoint import rng_state, set_rng_state
 from medldm.training.dist import DistContext, barrier, cleanup
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(StoppedError):
     """Training produced non-finite losses several steps in a row."""
 
 
