@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import errno
+import glob
 import json
 import locale
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -216,9 +218,10 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 def atomic_path(final: Path) -> Path:
     """A temporary sibling of ``final`` to write first and ``os.replace`` afterwards (it keeps ``final``'s suffixes, so
-    writers that choose the format by name still do)."""
+    writers that choose the format by name still do). Hidden, and named after this host and process, so that a rerun
+    can remove what a killed writer left (:func:`atomic_write`) and no listing of outputs sees it (:func:`visible`)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp{''.join(final.suffixes)}"
+    tmp = final.parent / f".{final.name}.{_WRITER}-{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{''.join(final.suffixes)}"
     # created like any new file (mode 0666 less the umask; mkstemp would make it private), and never over another
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     return tmp
@@ -241,8 +244,36 @@ def atomic_write(final: str | Path) -> Iterator[Path]:
             os.replace(tmp, final)
         except OSError as e:  # name the file the user asked for, not the temporary one
             raise type(e)(e.errno, e.strerror, str(final)) from None
+        _remove_left_behind(Path(final))
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_WRITER = "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
+
+
+def _remove_left_behind(final: Path) -> None:
+    """Remove the temporaries of ``final`` that a killed writer on this host left (its process is gone)."""
+    for tmp in final.parent.glob(f".{glob.escape(final.name)}.{_WRITER}-*.tmp*"):
+        pid = tmp.name[len(final.name) + len(_WRITER) + 3:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def visible(folder: str | Path, pattern: str) -> list[Path]:
+    """``folder.glob(pattern)`` without hidden files (pathlib's ``*`` matches them): a temporary that a killed
+    writer left is never read as an output."""
+    return sorted(p for p in Path(folder).glob(pattern) if not p.name.startswith("."))
 
 
 def check_writable(path: str | Path) -> None:

@@ -10,7 +10,7 @@ import imageio.v3 as iio
 import numpy as np
 
 from medldm.config import QCConfig
-from medldm.data.io import write_csv, write_text
+from medldm.data.io import visible, write_csv, write_text
 from medldm.viz import grid, save_png
 
 # statistics screened for outliers (robust z over the cohort): (key, side that is bad, minimum relative spread).
@@ -92,7 +92,7 @@ def _blank(value: Any) -> Any:
 
 
 def _contact_sheets(qc: Path, pngs: list[Path]) -> None:
-    for old in qc.glob("overview*.png"):
+    for old in visible(qc, "overview*.png"):
         old.unlink()
     tiles = []
     for p in pngs:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from medldm.config import EvaluateConfig, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest, split_rows
-from medldm.data.io import load_volume, write_json, write_text
+from medldm.data.io import load_volume, visible, write_json, write_text
 from medldm.errors import InputError
 from medldm.evaluation.metrics import VolumeMetrics, pairwise_similarity
 from medldm.evaluation.morphometry import MEASURES, Morphometry
@@ -83,7 +83,7 @@ def sidecar_autoencoder(dirs: Sequence[Path]) -> Path | None:
 
     named = set()
     for d in dirs:
-        for side in sorted(Path(d).glob("*.json")):
+        for side in visible(d, "*.json"):
             try:
                 data = json.loads(side.read_text(encoding="utf-8"))
             except (OSError, ValueError):
@@ -140,7 +140,7 @@ def load_samples(dirs: Sequence[Path], reference: dict[str, Any]) -> tuple[list[
     missing = [str(d) for d in dirs if not d.is_dir()]
     if missing:
         raise FileNotFoundError(f"--samples {', '.join(missing)}: no such folder")
-    files = [f for d in dirs for f in sorted(d.glob("*.nii.gz"))]
+    files = [f for d in dirs for f in visible(d, "*.nii.gz")]
     spacing = np.linalg.norm(np.asarray(reference["affine"])[:3, :3], axis=0)
     axes = nib.aff2axcodes(np.asarray(reference["affine"]))
     volumes, bad = [], []

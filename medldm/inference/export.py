@@ -20,6 +20,7 @@ from medldm.data.io import (
     save_dicom_series,
     save_volume,
     to_integer,
+    visible,
     write_csv,
     write_json,
 )
@@ -55,7 +56,7 @@ def prepare_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
 
 
 def previous_outputs(out_dir: Path) -> list[Path]:
-    return sorted(p for pattern in OUTPUT_PATTERNS for p in out_dir.glob(pattern))
+    return sorted(p for pattern in OUTPUT_PATTERNS for p in visible(out_dir, pattern))
 
 
 def remove_previous_outputs(out_dir: Path) -> None:

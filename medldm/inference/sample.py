@@ -15,6 +15,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
 from medldm.config import config_from_dict
+from medldm.data.io import visible
 from medldm.errors import InputError
 from medldm.inference.bundle import imported_diffusion_run, is_bundle
 from medldm.inference.encode import decode_latents, load_autoencoder_file
@@ -234,7 +235,7 @@ def find_autoencoder(trained_with: dict[str, str], where: str | Path | None = No
                              "latents; restore that file, pass --autoencoder with a copy of it, or retrain")
         return path
     where = Path(where)
-    candidates = [where] if where.is_file() else sorted((where / "checkpoints").glob("*.pt"))
+    candidates = [where] if where.is_file() else visible(where / "checkpoints", "*.pt")
     for path in candidates:
         if file_sha256(path) == want:
             return path

@@ -18,6 +18,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from medldm.config import save_config
+from medldm.data.io import visible
 from medldm.errors import StoppedError
 from medldm.training.checkpoint import rng_state, set_rng_state
 from medldm.training.dist import DistContext, barrier, cleanup
@@ -149,7 +150,7 @@ def prepare_run_dir(run_dir: Path, cfg: Any, resume: bool) -> Path:
     if resume and not latest.is_file():
         raise FileNotFoundError(f"--resume: {latest} does not exist (an imported run has none: it cannot be "
                                 "trained further); start the run without --resume")
-    existing = sorted((run_dir / "checkpoints").glob("*.pt"))
+    existing = visible(run_dir / "checkpoints", "*.pt")
     if not resume and existing:
         raise FileExistsError(f"{run_dir} already holds a run ({existing[0]}); pass --resume to continue it "
                               "or choose another --run-dir")
