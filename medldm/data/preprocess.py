@@ -33,7 +33,7 @@ from medldm.data.qc import assess, write_qc
 from medldm.data.registration import (Registration, Template, load_template, register_to_template,
                                       template_sha256, tilt_degrees, to_scan_grid)
 from medldm.data.splits import assign_splits
-from medldm.errors import InputError
+from medldm.errors import InputError, UserError
 from medldm.versions import versions
 from medldm.viz import save_png, three_plane
 
@@ -351,6 +351,10 @@ def _run_job(job: _Job) -> dict[str, Any]:
         return {**result, "resumed": False, "changed": changed}
     except Exception as e:  # one bad scan must not stop a batch of thousands
         error = f"{job.scan.path}: {e}"
+        if not isinstance(e, (UserError, OSError, RuntimeError, MemoryError)):  # ITK's failures are RuntimeErrors
+            # not a property of the scan: the stack goes to the log so that a bug does not pass for bad input
+            log.error("%s: unexpected %s (a bug in medldm? please report it)", job.scan.path, type(e).__name__,
+                      exc_info=True)
         # what an earlier run made of this scan with other settings is stale now
         for stale in (job.sidecar, job.out_path, job.qc_png, job.mask_path):
             stale.unlink(missing_ok=True)

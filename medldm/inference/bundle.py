@@ -262,7 +262,7 @@ def bundle_conditions(bundle: Bundle, age_range: tuple[float, float]) -> UnitRan
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # torch.load raises many types for a truncated or foreign file
         raise BundleError(f"{path} cannot be read as weights ({type(e).__name__}: {e}); is the download "
                           f"complete? {WHERE_TO_GET}") from None
     for key in ("state_dict", "model"):
