@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -266,6 +267,10 @@ class TrainConfig:
                 raise ConfigError(f"{prefix}.{name} must be >= 1")
         if self.lr <= 0:
             raise ConfigError(f"{prefix}.lr must be > 0")
+        # clip_grad_norm_ with max_norm 0 zeroes every gradient and a negative one reverses them
+        if self.grad_clip <= 0:
+            raise ConfigError(f"{prefix}.grad_clip must be > 0 (a large value such as 1e9 leaves the gradients "
+                              "unclipped)")
         if self.num_workers < 0:
             raise ConfigError(f"{prefix}.num_workers must be >= 0")
         if self.time_limit_minutes < 0:
@@ -602,6 +607,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        # nan passes every range check (nan <= 0 is false) and poisons the run later; inf means "none" for no knob
+        # (0 does, e.g. train.time_limit_minutes). Both are refused here, for every float field at once
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: {float(value)} is not a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -736,4 +745,8 @@ def config_from_dict(stage: str, data: dict[str, Any]) -> Any:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write ``cfg`` as YAML, atomically (a killed run never leaves half a config.yaml to resume from)."""
+    # imported here: config sits below every other medldm module (DESIGN.md), and data.io pulls in nibabel
+    from medldm.data.io import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -79,6 +79,17 @@ def ldm_run(dataset, ae_run, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def short_schedule_run(dataset, ae_run, tmp_path_factory) -> Path:
+    """A diffusion model trained with 20 timesteps, so a full DDPM chain takes a second on the CPU."""
+    from medldm.training.diffusion import train_diffusion
+
+    run = tmp_path_factory.mktemp("runs") / "ldm20"
+    cfg = load_config("diffusion", None, [*LDM_FAST, "scheduler.num_train_timesteps=20"])
+    train_diffusion(dataset, ae_run, run, cfg)
+    return run
+
+
 def pytest_collection_modifyitems(config, items):
     # tests marked gpu need CUDA: they run on GPU machines and are reported as skipped elsewhere
     if torch.cuda.is_available():
@@ -87,3 +98,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def encoded_copy(dataset: Path, ae_run: Path, out: Path, edit=None) -> tuple[Path, Path]:
+    """``out/data``, a copy of ``dataset`` with ``edit(row)`` applied to each manifest row, and ``out/ae``, a copy of
+    ``ae_run`` whose latents are encoded from it (the session's shared dataset and runs stay as they are)."""
+    import shutil
+
+    from medldm.inference.encode import encode_dataset
+
+    data, ae = out / "data", out / "ae"
+    shutil.copytree(dataset, data)
+    shutil.copytree(ae_run, ae)
+    if edit is not None:
+        edit_manifest(data, edit)
+    encode_dataset(data, ae)
+    return data, ae
+
+
+def edit_manifest(data_dir: Path, edit) -> None:
+    """Apply ``edit(row)`` to every row of ``data_dir/manifest.csv`` (a row is a dict of strings)."""
+    import csv
+
+    path = data_dir / "manifest.csv"
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        edit(row)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,3 +1,9 @@
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -47,8 +53,119 @@ def test_stale_latents_are_refused(dataset, ae_run, tmp_path):
     state = load_checkpoint(best)
     state["step"] += 1  # a retrained autoencoder: different bytes
     torch.save(state, best)
-    with pytest.raises(ValueError, match="run `medldm encode` again"):
+    fix = f"run `medldm encode --data {dataset} --autoencoder {ae_copy}` again"
+    with pytest.raises(ValueError, match=re.escape(fix)):
         train_diffusion(dataset, ae_copy, tmp_path / "ldm", load_config("diffusion"))
+
+
+REPO = Path(__file__).resolve().parents[1]
+# a run that is refused before any step; should the check ever let it through, it fails in seconds, not minutes
+ONE_STEP = ["train.steps=1", "preview.every=0"]
+
+
+def test_latents_of_another_dataset_are_refused_by_the_cli(dataset, ae_run, tmp_path):
+    import shutil
+
+    from .conftest import edit_manifest
+
+    # another preprocessing of the same scans: same image names, other labels
+    other = tmp_path / "other"
+    shutil.copytree(dataset, other)
+    edit_manifest(other, lambda r: r.update(age=f"{float(r['age']) + 1:.2f}" if r["age"] else ""))
+    run = tmp_path / "ldm"
+    # the medldm of this checkout first, whichever one is pip-installed
+    done = subprocess.run([str(Path(sys.executable).with_name("medldm")), "train", "diffusion", "--data", str(other),
+                           "--autoencoder", str(ae_run), "--run-dir", str(run), "--set", "train.steps=1",
+                           "--set", "preview.every=0"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("medldm ")]
+    assert len(errors) == 1 and errors[0].startswith("medldm train: error: ") and "Traceback" not in done.stderr
+    for named in (latents_path(ae_run), f"encoded from {dataset.resolve()}", other / "manifest.csv",
+                  f"run `medldm encode --data {other} --autoencoder {ae_run}` again"):
+        assert str(named) in errors[0]
+    assert "preprocess.json" not in errors[0]  # only the file that differs is named
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("change", ["grid of a copy", "manifest edited after encoding"])
+def test_latents_are_checked_against_the_datasets_content(dataset, ae_run, tmp_path, change):
+    import json
+    import shutil
+
+    from medldm.config import load_config
+    from medldm.errors import InputError
+    from medldm.training.diffusion import train_diffusion
+
+    from .conftest import edit_manifest, encoded_copy
+
+    if change == "grid of a copy":  # same images and manifest, another reference affine (e.g. another crop)
+        data, ae = tmp_path / "data", ae_run
+        shutil.copytree(dataset, data)
+        info = json.loads((data / "preprocess.json").read_text(encoding="utf-8"))
+        info["reference"]["affine"][0][3] += 6.0
+        (data / "preprocess.json").write_text(json.dumps(info), encoding="utf-8")
+        expected = [f"encoded from {dataset.resolve()}, not from {data}", f"{data / 'preprocess.json'} differs"]
+    else:
+        data, ae = encoded_copy(dataset, ae_run, tmp_path)
+        edit_manifest(data, lambda r: r.update(split="test" if r["split"] == "val" else r["split"]))
+        expected = [f"encoded from {data.resolve()}, and {data / 'manifest.csv'} changed since"]
+    with pytest.raises(InputError) as e:
+        train_diffusion(data, ae, tmp_path / "ldm", load_config("diffusion", None, ONE_STEP))
+    for text in expected + [f"run `medldm encode --data {data} --autoencoder {ae}` again"]:
+        assert text in str(e.value)
+    assert not (tmp_path / "ldm").exists()
+
+
+def test_latents_that_do_not_record_their_dataset_are_refused(dataset, ae_run, tmp_path):
+    import shutil
+
+    from medldm.config import load_config
+    from medldm.errors import InputError
+    from medldm.training.checkpoint import save_checkpoint
+    from medldm.training.diffusion import train_diffusion
+
+    ae = tmp_path / "ae"
+    shutil.copytree(ae_run, ae)
+    old = load_checkpoint(latents_path(ae))
+    old.pop("dataset_sha256", None)  # as encoded before the dataset was recorded
+    save_checkpoint(latents_path(ae), old)
+    with pytest.raises(InputError, match=re.escape(f"does not record which dataset it was encoded from (an older "
+                                                   f"medldm wrote it): run `medldm encode --data {dataset} "
+                                                   f"--autoencoder {ae}` again")):
+        train_diffusion(dataset, ae, tmp_path / "ldm", load_config("diffusion", None, ONE_STEP))
+    assert not (tmp_path / "ldm").exists()
+
+
+def test_no_val_split_is_refused_like_the_autoencoder_does(dataset, ae_run, tmp_path):
+    from medldm.config import load_config
+    from medldm.errors import InputError
+    from medldm.training.diffusion import train_diffusion
+
+    from .conftest import encoded_copy
+
+    data, ae = encoded_copy(dataset, ae_run, tmp_path, lambda r: r.update(split="train" if r["split"] == "val"
+                                                                          else r["split"]))
+    # the autoencoder's wording: the same fix for the same missing split
+    with pytest.raises(InputError, match=re.escape(f"{data}/manifest.csv has no val-split volumes: preprocess again "
+                                                   "with split.val_fraction > 0")):
+        train_diffusion(data, ae, tmp_path / "ldm", load_config("diffusion", None, ONE_STEP))
+    assert not (tmp_path / "ldm").exists()
+
+
+def test_a_bad_label_in_a_val_row_names_the_manifest_image_and_value(dataset, ae_run, tmp_path):
+    from medldm.config import load_config
+    from medldm.errors import InputError
+    from medldm.training.diffusion import train_diffusion
+
+    from .conftest import encoded_copy
+
+    val = next(r["image"] for r in read_manifest(dataset) if r["split"] == "val")
+    data, ae = encoded_copy(dataset, ae_run, tmp_path, lambda r: r.update(sex="X" if r["image"] == val else r["sex"]))
+    with pytest.raises(InputError, match=re.escape(f"{data / 'manifest.csv'}, {val}: sex='X' is not one of "
+                                                   "['M', 'F']; correct it or leave it empty (unknown)")):
+        train_diffusion(data, ae, tmp_path / "ldm", load_config("diffusion", None, ONE_STEP))
+    assert not (tmp_path / "ldm").exists()
 
 
 ROWS = [{"image": "a", "age": 60.0, "sex": "F", "diagnosis": "CN", "icv": "1500"},
@@ -86,7 +203,7 @@ def test_extra_numeric_column_is_standardised_with_training_statistics():
         ConditionEncoder.fit(["ventricles"], ROWS)
     with pytest.raises(ValueError, match="'big' is not a number"):
         ConditionEncoder.fit(["icv"], ROWS + [{"image": "d", "icv": "big"}])
-    with pytest.raises(ValueError, match=r"sex values \['X'\]"):
+    with pytest.raises(ValueError, match=r"manifest.csv, d: sex='X' is not one of \['M', 'F'\]"):
         ConditionEncoder.fit(["sex"], ROWS + [{"image": "d", "sex": "X"}])
 
 
@@ -172,6 +289,13 @@ def test_resuming_on_other_latents_or_another_architecture_is_refused(dataset, a
     with pytest.raises(ConfigError, match="conditioning.keys"):
         train_diffusion(dataset, ae_run, run, load_config("diffusion", None, LDM_FAST + ["conditioning.keys=[age]"]),
                         resume=True)
+    from medldm.training.checkpoint import save_checkpoint
+
+    state = load_checkpoint(run / "checkpoints" / "latest.pt")
+    state["dataset_sha256"] = {"manifest.csv": "0" * 64, "preprocess.json": "0" * 64}  # trained on other latents
+    save_checkpoint(run / "checkpoints" / "latest.pt", state)
+    with pytest.raises(ValueError, match=r"--resume: .* another dataset .* start a new diffusion run"):
+        train_diffusion(dataset, ae_run, run, load_config("diffusion", None, LDM_FAST), resume=True)
 
 
 def test_training_logs_losses_by_timestep_and_decoded_samples(dataset, ae_run, tmp_path, caplog):
@@ -215,31 +339,33 @@ def test_min_snr_weights_cap_the_easy_low_noise_timesteps():
 
 
 @pytest.mark.parametrize("edit, match", [
-    ("split", "no train-split scans"),
+    ("split", "no train-split volumes"),
     ("keys", "no training scan .* has a value for it"),
 ])
 def test_bad_training_input_is_refused_before_the_run_starts(dataset, ae_run, tmp_path, edit, match):
-    import csv
     import shutil
 
     from medldm.config import load_config
+    from medldm.inference.encode import encode_dataset
     from medldm.training.diffusion import train_diffusion
 
+    from .conftest import edit_manifest
+
     data = tmp_path / "data"
-    shutil.copytree(dataset, data)
-    overrides = []
+    shutil.copytree(dataset, data)  # an identical copy: the latents of ``dataset`` are its latents too
     if edit == "split":
-        rows = list(csv.DictReader((data / "manifest.csv").open()))
-        for r in rows:
-            r["split"] = "test" if r["split"] == "train" else r["split"]
-        with (data / "manifest.csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        # latents come from their own manifest (training checks its content), so a manifest without training scans
+        # stops at encode, before any volume is encoded
+        edit_manifest(data, lambda r: r.update(split="test" if r["split"] == "train" else r["split"]))
+        ae = tmp_path / "ae"
+        shutil.copytree(ae_run, ae, ignore=shutil.ignore_patterns("latents"))
+        with pytest.raises(ValueError, match=match):
+            encode_dataset(data, ae)
+        assert not latents_path(ae).exists()
     else:
-        overrides = ["conditioning.keys=[age,ventricles]"]
-    with pytest.raises(ValueError, match=match):
-        train_diffusion(data, ae_run, tmp_path / "ldm", load_config("diffusion", None, overrides))
+        with pytest.raises(ValueError, match=match):
+            train_diffusion(data, ae_run, tmp_path / "ldm",
+                            load_config("diffusion", None, ["conditioning.keys=[age,ventricles]"]))
     assert not (tmp_path / "ldm").exists()
 
 

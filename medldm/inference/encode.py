@@ -30,9 +30,7 @@ def load_autoencoder_file(path: str | Path, device: torch.device | str = "cpu",
                           sha256: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """An autoencoder checkpoint file in eval mode, and its metadata (with the file's SHA-256)."""
     path = Path(path)
-    state = load_checkpoint(path)
-    if state.get("kind") != "autoencoder":
-        raise InputError(f"{path} is not an autoencoder checkpoint (kind={state.get('kind')!r})")
+    state = load_checkpoint(path, kind="autoencoder")
     cfg = config_from_dict("autoencoder", state["config"])
     model = build_autoencoder(cfg.model, sdpa=cfg.speed.sdpa)
     # the EMA weights are the autoencoder's output when the run kept an EMA
@@ -88,17 +86,39 @@ def latents_path(ae_run: str | Path) -> Path:
     return Path(ae_run) / "latents" / "latents.pt"
 
 
+# the files of a dataset dir that latents belong to besides the images: the labels and splits, and the reference
+# grid (affine) that samples are written in. Two preprocessings of the same scans share image names, so only the
+# content of these files tells their latents apart
+DATASET_FILES = ("manifest.csv", "preprocess.json")
+
+
+def dataset_sha256(data_dir: str | Path) -> dict[str, str]:
+    """SHA-256 of each of a dataset dir's ``DATASET_FILES``, as a latent cache records them."""
+    hashes = {}
+    for name in DATASET_FILES:
+        path = Path(data_dir) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {data_dir} the output of `medldm preprocess`?")
+        hashes[name] = file_sha256(path)
+    return hashes
+
+
 @torch.no_grad()
 def encode_dataset(data_dir: str | Path, ae_run: str | Path, device: str | None = None, batch_size: int = 4,
                    num_workers: int = 0) -> Path:
-    """Write ``AE_RUN/latents/latents.pt`` (μ of every volume + scale factor + manifest rows) and ``latents.json``."""
+    """Write ``AE_RUN/latents/latents.pt`` (μ of every volume + scale factor + manifest rows + SHA-256 of the
+    dataset's manifest.csv and preprocess.json) and ``latents.json``."""
     data_dir, ae_run = Path(data_dir), Path(ae_run)
     if batch_size < 1 or num_workers < 0:
         raise InputError(f"encode: batch size must be >= 1 and workers >= 0 (got {batch_size}, {num_workers})")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_autoencoder(ae_run, dev)
     cfg = config_from_dict("autoencoder", meta["config"])
+    dataset = dataset_sha256(data_dir)  # before reading: a manifest rewritten meanwhile then fails the check
     rows = read_manifest(data_dir)
+    train = torch.tensor([r["split"] == "train" for r in rows])
+    if not train.any():  # before encoding a whole cohort for nothing
+        raise InputError(f"{data_dir}/manifest.csv has no train-split volumes to compute the scale factor from")
     loader = DataLoader(volume_dataset(data_dir, rows, cache_rate=0.0), batch_size=batch_size, num_workers=num_workers)
     mus = []
     with tqdm(total=len(rows), desc="encode", unit="volume") as progress:
@@ -107,9 +127,6 @@ def encode_dataset(data_dir: str | Path, ae_run: str | Path, device: str | None 
                 mus.append(posterior_mean(model, batch["image"].to(dev), cfg).float().cpu())
             progress.update(len(mus[-1]))
     mu = torch.cat(mus)
-    train = torch.tensor([r["split"] == "train" for r in rows])
-    if not train.any():
-        raise InputError(f"{data_dir}/manifest.csv has no train-split volumes to compute the scale factor from")
     # unit-variance latents for the diffusion model (Rombach et al.); computed once, on the train split only
     std = mu[train].std().item()
     scale_factor = 1.0 / max(std, 1e-8)
@@ -124,6 +141,8 @@ def encode_dataset(data_dir: str | Path, ae_run: str | Path, device: str | None 
         "autoencoder_sha256": meta["sha256"],
         "autoencoder_checkpoint": meta["checkpoint"],
         "data_dir": str(data_dir.resolve()),
+        # diffusion training checks these against its --data (content, not path: data dirs move and get rebuilt)
+        "dataset_sha256": dataset,
     }
     save_checkpoint(out, payload)
     write_json(out.with_suffix(".json"), {k: v for k, v in payload.items() if k not in ("mu", "images", "rows")}

@@ -37,6 +37,19 @@ def _number(value: Any, key: str, where: str) -> float | None:
     return number
 
 
+def _category(value: Any, key: str, where: str) -> int:
+    """The slot of a category label (sex, diagnosis) in its condition; any other value is an error."""
+    allowed = CATEGORIES[key]
+    if value not in allowed:
+        raise InputError(f"{where}: {key}={value!r} is not one of {list(allowed)}; correct it or leave it empty "
+                         "(unknown)")
+    return allowed.index(value)
+
+
+def _where(source: str, row: Mapping[str, Any]) -> str:
+    return f"{source}, {row['image']}" if row.get("image") else source
+
+
 class ConditionEncoder:
     """Turns manifest labels into context vectors of shape (B, 1, dim).
 
@@ -58,13 +71,12 @@ class ConditionEncoder:
         numeric = {}
         for key in keys:
             if key in CATEGORIES:
-                allowed = CATEGORIES[key]
-                bad = sorted({str(r.get(key)) for r in rows if r.get(key) is not None and r.get(key) not in allowed})
-                if bad:
-                    raise InputError(f"{source}: {key} values {bad} are not one of {list(allowed)} (or empty = unknown)")
-                known = sum(r.get(key) is not None for r in rows)
+                given = [r for r in rows if r.get(key) is not None]
+                for r in given:
+                    _category(r[key], key, _where(source, r))
+                known = len(given)
             else:
-                values = [v for r in rows if (v := _number(r.get(key), key, f"{source}, {r.get('image')}")) is not None]
+                values = [v for r in rows if (v := _number(r.get(key), key, _where(source, r))) is not None]
                 known = len(values)
                 if values:
                     mean = sum(values) / len(values)
@@ -90,24 +102,25 @@ class ConditionEncoder:
     def dim(self) -> int:
         return sum(condition_width(k) for k in self.keys)
 
-    def encode_one(self, labels: Mapping[str, Any]) -> torch.Tensor:
-        """Vector (dim,) for one subject; missing labels are the null condition (zeros), never a value."""
+    def encode_one(self, labels: Mapping[str, Any], where: str = "labels") -> torch.Tensor:
+        """Vector (dim,) for one subject; missing labels are the null condition (zeros), never a value. A label
+        that is neither is an error naming ``where`` it came from."""
         parts = []
         for key in self.keys:
             v = torch.zeros(condition_width(key))
             value = labels.get(key)
             if value is not None and value != "":
                 if key in CATEGORIES:
-                    v[CATEGORIES[key].index(value)] = 1.0
+                    v[_category(value, key, where)] = 1.0
                 else:
                     stats = self.numeric[key]
-                    v[0], v[1] = (_number(value, key, "labels") - stats["mean"]) / stats["std"], 1.0
+                    v[0], v[1] = (_number(value, key, where) - stats["mean"]) / stats["std"], 1.0
             parts.append(v)
         return torch.cat(parts)
 
-    def encode(self, rows: Sequence[Mapping[str, Any]]) -> torch.Tensor:
-        """Context (B, 1, dim) for a batch of label dicts."""
-        return torch.stack([self.encode_one(r) for r in rows])[:, None, :]
+    def encode(self, rows: Sequence[Mapping[str, Any]], source: str = "labels") -> torch.Tensor:
+        """Context (B, 1, dim) for a batch of label dicts (manifest rows: errors name ``source`` and the image)."""
+        return torch.stack([self.encode_one(r, _where(source, r)) for r in rows])[:, None, :]
 
     def drop(self, context: torch.Tensor, prob: float, prob_all: float, generator: torch.Generator) -> torch.Tensor:
         """Null each condition of each sample with ``prob``, and all of them with ``prob_all`` (for guidance)."""

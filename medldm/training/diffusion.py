@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from medldm.config import ConfigError, DiffusionConfig, config_from_dict, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest
 from medldm.errors import InputError
-from medldm.inference.encode import decode_latents, latents_path, load_autoencoder_file
+from medldm.inference.encode import dataset_sha256, decode_latents, latents_path, load_autoencoder_file
 from medldm.inference.sample import sample_latents
 from medldm.models.conditioning import ConditionEncoder, with_condition_channels
 from medldm.models.networks import build_scheduler, build_unet
@@ -52,16 +52,31 @@ log = logging.getLogger(__name__)
 TIMESTEP_BUCKETS = 10
 
 
-def load_latents(ae_run: Path) -> dict[str, Any]:
-    """The latent cache of an autoencoder run, checked against the run's current checkpoint."""
+def load_latents(ae_run: Path, data_dir: Path) -> dict[str, Any]:
+    """The latent cache of an autoencoder run, checked against the run's current checkpoint and against the dataset
+    ``data_dir`` (by the content of its manifest.csv and preprocess.json: two preprocessings of the same scans share
+    image names, and the reference grid that samples are written in comes from ``data_dir``)."""
     path = latents_path(ae_run)
+    again = f"run `medldm encode --data {data_dir} --autoencoder {ae_run}` again"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `medldm encode --data DATA --autoencoder {ae_run}` first")
+        raise FileNotFoundError(f"{path} not found: run `medldm encode --data {data_dir} --autoencoder {ae_run}` first")
     cache = load_checkpoint(path)
     current = file_sha256(autoencoder_checkpoint(ae_run))
     if cache["autoencoder_sha256"] != current:
         raise InputError(f"{path} was encoded with another autoencoder checkpoint than {autoencoder_checkpoint(ae_run)}"
-                         f": run `medldm encode` again")
+                         f": {again}")
+    recorded = cache.get("dataset_sha256")
+    if recorded is None:
+        raise InputError(f"{path} does not record which dataset it was encoded from (an older medldm wrote it): "
+                         f"{again}")
+    changed = [name for name, sha in dataset_sha256(data_dir).items() if recorded.get(name) != sha]
+    if changed:
+        files = " and ".join(str(data_dir / name) for name in changed)
+        source = cache.get("data_dir", "another dataset")
+        if Path(source) == data_dir.resolve():
+            raise InputError(f"{path} was encoded from {source}, and {files} changed since: {again}")
+        raise InputError(f"{path} was encoded from {source}, not from {data_dir} ({files} "
+                         f"{'differs' if len(changed) == 1 else 'differ'} from what it was encoded with): {again}")
     return cache
 
 
@@ -112,6 +127,10 @@ def check_resumable(state: dict[str, Any], cfg: DiffusionConfig, cache: dict[str
     if state["autoencoder"]["sha256"] != cache["autoencoder_sha256"]:
         raise InputError(f"--resume: {path} was trained on the latents of another autoencoder checkpoint than the "
                          "current one; start a new diffusion run")
+    # runs from before the dataset was recorded resume as they did
+    if state.get("dataset_sha256", cache["dataset_sha256"]) != cache["dataset_sha256"]:
+        raise InputError(f"--resume: {path} was trained on the latents of another dataset ({state['data_dir']}) than "
+                         "the current cache's; resume with that dataset's latents or start a new diffusion run")
 
 
 def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Path, cfg: DiffusionConfig,
@@ -119,23 +138,23 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
     """Train (or resume) a latent diffusion run; returns the path of its latest checkpoint."""
     data_dir, ae_run, run_dir = Path(data_dir), Path(ae_run), Path(run_dir)
     info = read_dataset_info(data_dir)
-    cache = load_latents(ae_run)
+    cache = load_latents(ae_run, data_dir)
     latent_shape = list(cache["mu"].shape[1:])
     f = cfg.model.downsample_factor
     if any(s % f for s in latent_shape[1:]):
         raise ConfigError(f"diffusion.model.channels has {len(cfg.model.channels)} levels (downsampling {f}x) but the "
                           f"latents are {latent_shape}: use fewer UNet levels or a larger image shape")
     manifest = data_dir / "manifest.csv"
-    rows = {r["image"]: r for r in read_manifest(data_dir)}
-    missing = [im for im in cache["images"] if im not in rows]
-    if missing:
-        raise InputError(f"{len(missing)} latents have no row in {manifest} (e.g. {missing[0]}): "
-                         "encode this dataset with `medldm encode` again")
-    labelled = [rows[im] for im in cache["images"]]
+    # load_latents found this manifest's content unchanged since encoding: its rows are the latents', in order
+    labelled = read_manifest(data_dir)
     train_idx = [i for i, r in enumerate(labelled) if r["split"] == "train"]
     if not train_idx:
         raise InputError(f"{manifest} has no train-split scans: preprocess again with val_fraction + test_fraction < 1")
-    val_idx = [i for i, r in enumerate(labelled) if r["split"] == "val"] or train_idx[:4]
+    # validating on training latents would pick best.pt by how well the model fits what it was trained on
+    val_idx = [i for i, r in enumerate(labelled) if r["split"] == "val"]
+    if not val_idx:
+        raise InputError(f"{manifest} has no val-split volumes: preprocess again with split.val_fraction > 0 "
+                         "(the diffusion model keeps its best checkpoint by validation loss)")
     latest = run_dir / "checkpoints" / "latest.pt"
     state = load_checkpoint(latest) if resume and latest.is_file() else None
     if state is not None:
@@ -144,7 +163,7 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
     # encoding every row now checks all labels before any work starts
     encoder = (ConditionEncoder.from_state_dict(state["conditioning"]) if state is not None
                else ConditionEncoder.fit(cfg.conditioning.keys, [labelled[i] for i in train_idx], str(manifest)))
-    c_all = encoder.encode(labelled) if encoder.keys else None
+    c_all = encoder.encode(labelled, str(manifest)) if encoder.keys else None
 
     ctx = init_distributed()
     tc = cfg.train
@@ -192,7 +211,8 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
         "latent_shape": latent_shape, "conditioning": encoder.state_dict(), "world_size": ctx.world_size,
         "autoencoder": {"run": str(ae_run.resolve()), "checkpoint": str(ae_ckpt.resolve()),
                         "sha256": cache["autoencoder_sha256"]},
-        "reference": info["reference"], "data_dir": str(data_dir.resolve()),
+        # the grid samples are written in: that of the dataset the latents were encoded from (load_latents checked)
+        "reference": info["reference"], "data_dir": str(data_dir.resolve()), "dataset_sha256": cache["dataset_sha256"],
     }
 
     def saved_weights() -> dict[str, Any]:
