@@ -196,13 +196,28 @@ def test_sliding_window_reconstruction_covers_the_whole_volume():
     from medldm.inference.encode import posterior_mean, reconstruct
     from medldm.models.networks import build_autoencoder
 
+    class BlockAverage(torch.nn.Module):
+        """An autoencoder whose output at a voxel depends only on its 4^3 block: 16^3 windows at 0.25 overlap start
+        on that block grid (0, 12, then the last one flush with the edge), so each window computes exactly what the
+        whole volume does there, and any blend of them must give the whole-volume result."""
+
+        def encode(self, x):
+            mu = torch.nn.functional.avg_pool3d(x, 4) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1, 1)
+            return mu, torch.ones_like(mu)
+
+        def decode(self, z):
+            return torch.nn.functional.interpolate(z.mean(1, keepdim=True) / 2, scale_factor=4, mode="nearest")
+
     cfg = load_config("autoencoder", None, ["patch_size=[16,16,16]", "adversarial_weight=0"])
-    model = build_autoencoder(cfg.model).eval()
     x = torch.rand(2, 1, 32, 40, 32)
-    windowed, whole = reconstruct(model, x, cfg), reconstruct(model, x)
+    local = BlockAverage()
+    windowed, whole = reconstruct(local, x, cfg), reconstruct(local, x)
     assert windowed.shape == whole.shape == x.shape
-    assert torch.isfinite(windowed).all()
-    assert posterior_mean(model, x, cfg).shape == (2, 3, 8, 10, 8)
+    # a window left out, an overlap zeroed or counted twice, or a window put in the wrong place all show here
+    torch.testing.assert_close(windowed, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(posterior_mean(local, x, cfg), posterior_mean(local, x), rtol=0, atol=1e-5)
+    # the real autoencoder's windows give the whole volume's latent grid
+    assert posterior_mean(build_autoencoder(cfg.model).eval(), x[:1], cfg).shape == (1, 3, 8, 10, 8)
 
 
 def test_time_limit_stops_with_a_resumable_checkpoint(dataset, tmp_path):

@@ -1,13 +1,15 @@
 """Drive the `medldm` command through every stage at tiny size, as a user would."""
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import nibabel as nib
 
-from medldm.cli import main
+from medldm.cli import build_parser, main
 
 from .conftest import train_age_range
 
@@ -48,9 +50,33 @@ def test_bad_input_gives_a_short_error_and_exit_code_2(tmp_path, capsys):
     assert "unknown key(s) ['train']" in capsys.readouterr().err
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _listed(help_text: str) -> list[str]:
+    """The subcommands a --help lists with their help line (argparse indents each by 4; a subcommand added without
+    help appears only inside the {a,b,...} choices)."""
+    return re.findall(r"^    (\S+)", help_text.split("positional arguments:")[1], re.MULTILINE)
+
+
 def test_console_script_lists_every_subcommand():
     # the package is pip-installed (make test does it), so the script sits beside this interpreter
-    exe = Path(sys.executable).with_name("medldm")
-    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
-    for cmd in ("phantoms", "preprocess", "train", "encode", "sample", "evaluate", "demo"):
-        assert cmd in out.stdout
+    exe = str(Path(sys.executable).with_name("medldm"))
+
+    def help_of(*words: str) -> str:
+        done = subprocess.run([exe, *words, "--help"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"medldm {' '.join(words)} --help exited {done.returncode}: {done.stderr[-2000:]}"
+        assert done.stdout.startswith(f"usage: {' '.join(['medldm', *words])}")
+        return done.stdout
+
+    commands = _subcommands(build_parser())
+    assert {"phantoms", "preprocess", "train", "encode", "sample", "evaluate", "demo"} <= set(commands)
+    assert _listed(help_of()) == list(commands)  # every one, with its help line, in the parser's order
+    for name, parser in commands.items():
+        shown = help_of(name)
+        if name == "train":
+            stages = _subcommands(parser)
+            assert _listed(shown) == list(stages) == ["autoencoder", "diffusion"]
+            for stage in stages:
+                help_of(name, stage)

@@ -91,21 +91,70 @@ def two_process_ae(dataset, tmp_path_factory) -> Path:
     return run
 
 
+# Put on PYTHONPATH, this makes every process of a launch keep the module DDP wraps and save its weights when the
+# process ends, one file per rank: what each rank really held, not what the run says it compared.
+REPLICA_PROBE = """import atexit, os
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+wrapped = []
+wrap = DistributedDataParallel.__init__
+
+
+def recording_wrap(self, module, *args, **kwargs):
+    wrap(self, module, *args, **kwargs)
+    wrapped.append(module)
+
+
+DistributedDataParallel.__init__ = recording_wrap
+
+
+@atexit.register
+def save():
+    if wrapped and "RANK" in os.environ:
+        out = os.path.join(os.environ["REPLICA_PROBE_OUT"], "rank" + os.environ["RANK"] + ".pt")
+        torch.save(wrapped[-1].state_dict(), out)
+"""
+
+
+def _probed_env(tmp_path: Path, name: str) -> tuple[dict[str, str], Path]:
+    probe, out = tmp_path / "replica_probe", tmp_path / name
+    probe.mkdir(exist_ok=True)
+    out.mkdir()
+    (probe / "sitecustomize.py").write_text(REPLICA_PROBE)
+    return _env(PYTHONPATH=os.pathsep.join(filter(None, [str(probe), os.environ.get("PYTHONPATH")])),
+                REPLICA_PROBE_OUT=str(out)), out
+
+
+def _check_ranks_held(saved: dict, out: Path) -> None:
+    """Both ranks ended with the weights the checkpoint holds, bit for bit."""
+    for rank in (0, 1):
+        assert (out / f"rank{rank}.pt").is_file(), f"rank {rank} wrapped no module in DistributedDataParallel"
+        held = torch.load(out / f"rank{rank}.pt", map_location="cpu")
+        assert held.keys() == saved["model"].keys()
+        differ = [k for k, v in held.items() if not torch.equal(v, saved["model"][k])]
+        assert not differ, f"rank {rank}: {len(differ)} of {len(held)} tensors differ from the checkpoint's: {differ[:3]}"
+
+
 def test_torchrun_script_and_plain_torchrun_train_both_stages_on_two_processes(dataset, two_process_ae, tmp_path):
     ae = _check_replicas(two_process_ae, 6)
     assert ae["discriminator"] is not None and ae["ema"] is not None  # all three networks were compared
     encode_dataset(dataset, two_process_ae)  # one process: not a launcher
     ldm = tmp_path / "ldm"
+    env, held = _probed_env(tmp_path, "held_at_2")
     _run(["scripts/torchrun_train.sh", "2", "diffusion", "--data", str(dataset), "--autoencoder", str(two_process_ae),
-          "--run-dir", str(ldm), *LDM_ARGS, "--set", "train.steps=2"])
+          "--run-dir", str(ldm), *LDM_ARGS, "--set", "train.steps=2"], env)
     first = _check_replicas(ldm, 2)
     assert not torch.equal(first["rng"][0]["noise"], first["rng"][1]["noise"])  # each rank draws its own noise
+    _check_ranks_held(first, held)
     # the README's plain form, resuming the same run
+    env, held = _probed_env(tmp_path, "held_at_4")
     _run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "medldm", "train", "diffusion", "--data",
           str(dataset), "--autoencoder", str(two_process_ae), "--run-dir", str(ldm), "--resume", *LDM_ARGS,
-          "--set", "train.steps=4"])
+          "--set", "train.steps=4"], env)
     resumed = _check_replicas(ldm, 4, launches=2)
     assert weights_fingerprint({"model": resumed["model"]}) != weights_fingerprint({"model": first["model"]})
+    _check_ranks_held(resumed, held)
 
 
 def test_two_node_slurm_job_resumed_by_the_next_job_equals_an_uninterrupted_run(dataset, two_process_ae, tmp_path):

@@ -64,24 +64,103 @@ def test_denoise_ends_are_reconstruction_and_a_fresh_sample(scan, ae_run, ldm_ru
     assert not np.allclose(halfway, nib.load(tmp_path / "d0.nii.gz").get_fdata(), atol=1e-3)
     sidecar = json.loads((tmp_path / "d.json").read_text(encoding="utf-8"))
     assert sidecar["strength"] == 0.5 and sidecar["synthetic"] is False and (tmp_path / "d.png").is_file()
-    # noised to the first DDIM timestep at or below 0.5 x 999, and denoised from there only
-    assert 0 < sidecar["t_start"] <= 500 and 0 < sidecar["denoising_steps"] < 4
+    # 4 DDIM steps are 999, 666, 333, 0: noised to 333 (the first at or below 0.5 x 999), denoised from there
+    assert (sidecar["t_start"], sidecar["denoising_steps"]) == (333, 2)
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="--strength"):
             denoise_scan(scan, tmp_path / "x.nii.gz", ldm_run, strength=bad)
 
 
-def test_a_raw_scan_is_preprocessed_like_the_training_data_and_can_go_back_to_its_grid(raw_adni, ae_run, tmp_path):
-    raw = sorted(raw_adni.rglob("*.nii"))[0]
+@pytest.mark.parametrize("run, strength, steps, t_start, denoising_steps", [
+    ("ldm_run", 0.3, 50, 285, 15),  # the README's example
+    ("ldm_run", 0.7, 4, 666, 3),
+    ("ldm_run", 0.05, 3, 0, 1),
+    ("ldm_run", 0.9, 5, 749, 4),  # DDIM steps 999, 749, 500, 250, 0
+    ("short_schedule_run", 0.8, 5, 14, 4),
+    ("short_schedule_run", 0.25, 7, 3, 2),
+    # where a timestep lies between strength x (T - 1) and its rounding (denoise once rounded and started there)
+    ("ldm_run", 0.5, 3, 0, 1),  # DDIM steps 999, 500, 0; 0.5 x 999 = 499.5
+    ("short_schedule_run", 0.3, 10, 4, 3),  # ..., 6, 4, 2, 0; 0.3 x 19 = 5.7
+])
+def test_denoise_starts_at_the_first_ddim_timestep_at_or_below_strength_times_t_minus_1(
+        request, scan, tmp_path, monkeypatch, run, strength, steps, t_start, denoising_steps):
+    import medldm.inference.scan as scan_module
+
+    run_dir = request.getfixturevalue(run)
+    train_steps = load_checkpoint(run_dir / "checkpoints" / "latest.pt")["config"]["scheduler"]["num_train_timesteps"]
+    # the rule as the README gives it, from MONAI's DDIM grid (T - 1 down to 0 in `steps` even steps, rounded)
+    grid = np.round(np.linspace(train_steps - 1, 0, steps)).astype(int)
+    below = grid[grid <= strength * (train_steps - 1)]
+    assert (int(below[0]), len(below)) == (t_start, denoising_steps)  # the table above is the rule
+    ran = []  # the timesteps the UNet was run at
+
+    def recording(unet, scheduler, *args, **kwargs):
+        ran.append([int(t) for t in scheduler.timesteps])
+        return real(unet, scheduler, *args, **kwargs)
+
+    real = scan_module.sample_latents
+    monkeypatch.setattr(scan_module, "sample_latents", recording)
+    denoise_scan(scan, tmp_path / "d.nii.gz", run_dir, strength=strength, steps=steps, seed=1)
+    sidecar = json.loads((tmp_path / "d.json").read_text(encoding="utf-8"))
+    assert (sidecar["t_start"], sidecar["denoising_steps"]) == (t_start, denoising_steps)
+    assert ran == [below.tolist()]
+
+
+def _one_side_darker(raw, out):
+    """The raw scan with its right half (world x above the head's midline) at 30 %: a mirrored result shows."""
+    img = nib.load(raw)
+    data = img.get_fdata()
+    ijk = np.indices(data.shape).reshape(3, -1)
+    x_mm = (img.affine[0, :3] @ ijk + img.affine[0, 3]).reshape(data.shape)
+    midline = np.median(x_mm[data > 0.1 * data.max()])
+    nib.save(nib.Nifti1Image(np.where(x_mm > midline, 0.3 * data, data).astype(np.float32), img.affine), out)
+    return out
+
+
+def _correlation_in(mask, a, b):
+    return float(np.corrcoef(a[mask], b[mask])[0, 1])
+
+
+def test_a_raw_scan_is_preprocessed_like_the_training_data_and_can_go_back_to_its_grid(raw_adni, ae_run, tmp_path,
+                                                                                        monkeypatch):
+    from nibabel.processing import resample_from_to
+
+    import medldm.inference.scan as scan_module
+
+    raw = _one_side_darker(sorted(raw_adni.rglob("*.nii"))[0], tmp_path / "one_side_darker.nii")
     raw_img = nib.load(raw)
+    assert nib.aff2axcodes(raw_img.affine) != ("R", "A", "S")  # voxel axes not the model grid's: mix-ups show
     reconstruct_scan(raw, tmp_path / "model_grid.nii.gz", ae_run)
-    assert nib.load(tmp_path / "model_grid.nii.gz").shape == tuple(load_checkpoint(
-        ae_run / "checkpoints" / "latest.pt")["image_shape"])
+    model_grid = nib.load(tmp_path / "model_grid.nii.gz")
+    assert model_grid.shape == tuple(load_checkpoint(ae_run / "checkpoints" / "latest.pt")["image_shape"])
     reconstruct_scan(raw, tmp_path / "native.nii.gz", ae_run, native=True)
     native = nib.load(tmp_path / "native.nii.gz")
     assert native.shape == raw_img.shape[:3]
     np.testing.assert_allclose(native.affine, raw_img.affine, atol=1e-4)
-    assert native.get_fdata().max() > 0.1  # the head is where the scan has it
+    # the voxels: the model-grid result resampled by nibabel (scipy) through the two affines, wherever the scan's
+    # voxels fall inside the model grid; a mirrored, shifted or axis-swapped resample misses by far more
+    expected = resample_from_to(model_grid, (raw_img.shape[:3], raw_img.affine), order=1).get_fdata()
+    ijk = np.indices(raw_img.shape[:3]).reshape(3, -1)
+    at = (np.linalg.inv(model_grid.affine) @ raw_img.affine)[:3] @ np.vstack([ijk, np.ones(ijk.shape[1])])
+    inside = np.all((at >= 1) & (at <= np.array(model_grid.shape)[:, None] - 2), axis=0).reshape(raw_img.shape[:3])
+    assert inside.mean() > 0.2
+    np.testing.assert_allclose(native.get_fdata()[inside], expected[inside], atol=1e-4)
+    # compress, then decompress onto the scan's grid: the same volume
+    compress_scan(raw, tmp_path / "s.latent", ae_run)
+    decompress_latent(tmp_path / "s.latent", tmp_path / "back.nii.gz", native=True)
+    back = nib.load(tmp_path / "back.nii.gz")
+    np.testing.assert_allclose(back.affine, raw_img.affine, atol=1e-4)
+    np.testing.assert_allclose(back.get_fdata(), native.get_fdata(), atol=1e-5)
+    # and back to the scan itself: with an autoencoder that returns its input, preprocessing then --native gives
+    # the scan (less its resolution) where its head is, and not its mirror image
+    monkeypatch.setattr(scan_module, "_encode", lambda model, cfg, volume, device: torch.from_numpy(volume)[None, None])
+    monkeypatch.setattr(scan_module, "_decode", lambda model, z: z[0, 0].numpy())
+    reconstruct_scan(raw, tmp_path / "identity.nii.gz", ae_run, native=True)
+    same, original = nib.load(tmp_path / "identity.nii.gz").get_fdata(), raw_img.get_fdata()
+    head = original > 0.1 * original.max()
+    left_right = int(np.argmax(np.abs(raw_img.affine[0, :3])))  # the voxel axis that runs along world x
+    r, mirrored = (_correlation_in(head, v, original) for v in (same, np.flip(same, left_right)))
+    assert r > 0.8 and mirrored < 0.5, f"correlation with the scan {r:.2f}, of the mirror image {mirrored:.2f}"
 
 
 def test_show_noising_has_one_column_per_timestep(scan, ldm_run, tmp_path):

@@ -306,7 +306,8 @@ def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path,
         ran = {"t_start": int(scheduler.timesteps[0]), "denoising_steps": len(scheduler.timesteps)}
     else:
         # noised to the first DDIM timestep at or below strength x (T - 1), denoised from there
-        kept = scheduler.timesteps[scheduler.timesteps <= int(round(strength * (scheduler.num_train_timesteps - 1)))]
+        # no rounding: 0.5 x 999 = 499.5 starts at 0 of the steps 999, 500, 0 (rounding started one step too high)
+        kept = scheduler.timesteps[scheduler.timesteps <= strength * (scheduler.num_train_timesteps - 1)]
         if len(kept) == 0:
             z = z0  # below the last DDIM step: nothing to denoise
         else:
