@@ -117,6 +117,26 @@ def test_latents_are_checked_against_the_datasets_content(dataset, ae_run, tmp_p
     assert not (tmp_path / "ldm").exists()
 
 
+def test_a_preprocessing_rerun_that_changed_nothing_keeps_the_latents(dataset, tmp_path):
+    import json
+    import shutil
+
+    from medldm.inference.encode import dataset_sha256
+
+    def rerun(data):  # what a rerun rewrites: counts, paths, timings; the settings and grid stay
+        info = json.loads((data / "preprocess.json").read_text(encoding="utf-8"))
+        info.update(resumed=info["num_scans"], input_dir="/elsewhere", versions={"medldm": "another"})
+        (data / "preprocess.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+
+    copy = Path(shutil.copytree(dataset, tmp_path / "data"))
+    rerun(copy)
+    assert dataset_sha256(copy) == dataset_sha256(dataset)
+    info = json.loads((copy / "preprocess.json").read_text(encoding="utf-8"))
+    info["config"]["spacing"] = [5.0, 6.0, 6.0]
+    (copy / "preprocess.json").write_text(json.dumps(info), encoding="utf-8")
+    assert dataset_sha256(copy)["preprocess.json"] != dataset_sha256(dataset)["preprocess.json"]
+
+
 def test_latents_that_do_not_record_their_dataset_are_refused(dataset, ae_run, tmp_path):
     import shutil
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from tqdm.auto import tqdm
 
 from medldm.config import AutoencoderConfig, config_from_dict
 from medldm.data.dataset import read_manifest, volume_dataset
-from medldm.data.io import write_json
+from medldm.data.io import read_json, write_json
 from medldm.errors import InputError
 from medldm.models.networks import build_autoencoder
 from medldm.training.checkpoint import autoencoder_checkpoint, file_sha256, load_checkpoint, save_checkpoint
@@ -90,16 +92,25 @@ def latents_path(ae_run: str | Path) -> Path:
 # grid (affine) that samples are written in. Two preprocessings of the same scans share image names, so only the
 # content of these files tells their latents apart
 DATASET_FILES = ("manifest.csv", "preprocess.json")
+# what of preprocess.json the latents depend on: its settings and grid, not the run's counts, paths or timings (a
+# rerun of `medldm preprocess` that changed nothing rewrites those, and must not ask for a new encode)
+PREPROCESS_KEYS = ("config", "reference")
 
 
 def dataset_sha256(data_dir: str | Path) -> dict[str, str]:
-    """SHA-256 of each of a dataset dir's ``DATASET_FILES``, as a latent cache records them."""
+    """SHA-256 of each of a dataset dir's ``DATASET_FILES`` (of preprocess.json: of its ``PREPROCESS_KEYS``), as a
+    latent cache records them."""
     hashes = {}
     for name in DATASET_FILES:
         path = Path(data_dir) / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {data_dir} the output of `medldm preprocess`?")
-        hashes[name] = file_sha256(path)
+        if name == "preprocess.json":
+            info = read_json(path)
+            made_of = json.dumps({k: info.get(k) for k in PREPROCESS_KEYS}, sort_keys=True).encode()
+            hashes[name] = hashlib.sha256(made_of).hexdigest()
+        else:
+            hashes[name] = file_sha256(path)
     return hashes
 
 
