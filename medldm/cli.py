@@ -328,19 +328,29 @@ def user_message(e: BaseException, command: str) -> str | None:
     """The one line a user gets for an error they can fix, or None for a bug in medldm (which keeps its traceback)."""
     import torch
 
-    if isinstance(e, torch.OutOfMemoryError):
+    # torch.OutOfMemoryError from torch 2.5; torch.cuda's name for it exists in every supported version
+    if isinstance(e, torch.cuda.OutOfMemoryError):
         first = str(e).splitlines()[0] if str(e) else "CUDA out of memory"
         return f"out of GPU memory ({first}); use {MEMORY_OPTIONS.get(command, MEMORY_OPTIONS['evaluate'])}"
     if isinstance(e, MemoryError):
         return f"out of memory (RAM); use {MEMORY_OPTIONS.get(command, MEMORY_OPTIONS['evaluate'])}"
     if isinstance(e, UserError):
-        return str(e)
+        return _worker_message(str(e))
     if isinstance(e, OSError) and e.errno in OS_FIXES:
         where = f"{e.filename}: " if e.filename is not None else ""
         return f"{where}{OS_FIXES[e.errno]}" + (f" ({e.strerror})" if e.strerror else "")
     if isinstance(e, (FileNotFoundError, FileExistsError)):  # raised by medldm with a message that names the file
         return str(e)
     return None
+
+
+def _worker_message(message: str) -> str:
+    """A data-loading worker's error, which torch re-raises with the worker's whole traceback as its message, as
+    the worker's own one-line message."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def main(argv: list[str] | None = None) -> int:

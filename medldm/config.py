@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from medldm.errors import InputError
+from medldm.errors import InputError, not_utf8
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -725,6 +725,8 @@ def load_config(stage: str, path: str | Path | None = None, overrides: list[str]
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise not_utf8(path, e) from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping of keys")
     data = _merge(data, parse_overrides(overrides))

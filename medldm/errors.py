@@ -22,3 +22,9 @@ class ResourceError(UserError, RuntimeError):
 
 class StoppedError(UserError, RuntimeError):
     """A run stopped by one of its checks (e.g. a non-finite loss); the message says what to change."""
+
+
+def not_utf8(path: object, error: UnicodeDecodeError) -> InputError:
+    """The error for a text file (CSV, YAML, JSON) that is not UTF-8, naming it and the fix."""
+    return InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8 (from a "
+                      "spreadsheet: \"CSV UTF-8\")")

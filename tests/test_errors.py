@@ -99,6 +99,17 @@ def copies(dataset, ae_run, ldm_run, tmp_path_factory):
     del state["optimizer"]
     torch.save(state, out["old_ae"] / "checkpoints" / "latest.pt")
     out["scan"] = dataset / next(r for r in _rows(dataset) if r["split"] == "test")["image"]
+    out["latin1"] = data("latin1")
+    manifest = out["latin1"] / "manifest.csv"
+    manifest.write_bytes(manifest.read_bytes().replace(b"\n", "\né".encode("latin-1"), 1))  # a Latin-1 export
+    # a latent of a scan that was registered when it was compressed
+    from medldm.inference.scan import compress_scan
+
+    out["registered_latent"] = root / "registered.latent"
+    compress_scan(out["scan"], out["registered_latent"], ae_run)
+    state = torch.load(out["registered_latent"], weights_only=True)
+    state["source"]["registered"] = True
+    torch.save(state, out["registered_latent"])
     # a raw "scan" preprocessing cannot take (3 voxels a side)
     out["tiny"] = root / "tiny.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((3, 3, 3), dtype=np.float32) * 100, np.eye(4)),
@@ -127,6 +138,11 @@ def results(copies, dataset, ae_run, ldm_run):
         "truncated_cached": ("", ["train", "autoencoder", "--data", c["truncated"], "--run-dir", root / "r_trunc"]),
         # encode reads lazily (nothing cached): the error comes from the data loader
         "truncated_lazy": ("", ["encode", "--data", c["truncated"], "--autoencoder", c["ae_copy"]]),
+        # read in a worker process: torch re-raises its error with the worker's traceback as the message
+        "truncated_worker": ("", ["encode", "--data", c["truncated"], "--autoencoder", c["ae_copy"], "--workers", "1"]),
+        "not_utf8": ("", ["train", "autoencoder", "--data", c["latin1"], "--run-dir", root / "r_latin1"]),
+        "native_decompress": (NATIVE_SETUP, ["decompress", c["registered_latent"], root / "n3.nii.gz", "--native"]),
+        "nan_eta": ("", ["sample", "--run", ldm_run, "--out", root / "s_nan", "--eta", "nan"]),
         "other_kind": ("", ["sample", "--run", ae_run, "--out", root / "s_kind", "--num", "1", "--steps", "2"]),
         "old_layout": ("", ["sample", "--run", c["old_ldm"], "--out", root / "s_old", "--num", "1", "--steps", "2"]),
         "old_resume": ("", ["train", "autoencoder", "--data", dataset, "--run-dir", c["old_ae"], "--resume"]),
@@ -172,7 +188,7 @@ DISK_FULL_SETUP = textwrap.dedent("""
     import nibabel
     def full(img, path):
         open(path, "wb").write(b"half a volume")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() raises it: no file name
     stack.enter_context(mock.patch.object(nibabel, "save", side_effect=full))
 """)
 PERMISSION_SETUP = textwrap.dedent("""
@@ -207,12 +223,16 @@ def test_bad_values_in_the_dataset_are_named_with_the_file_and_the_fix(results, 
     assert_refused(r["code"], r["stderr"], "train", "manifest.csv line", "'seventy'", "leave it empty")
     r = results["bad_json"]
     assert_refused(r["code"], r["stderr"], "train", str(copies["bad_json"] / "preprocess.json"), "damaged JSON")
+    r = results["not_utf8"]
+    assert_refused(r["code"], r["stderr"], "train", str(copies["latin1"] / "manifest.csv"), "not UTF-8", "CSV UTF-8")
+    r = results["nan_eta"]
+    assert_refused(r["code"], r["stderr"], "sample", "--eta nan")
 
 
 def test_a_missing_or_truncated_image_listed_in_the_manifest_is_named(results, copies):
     r = results["missing"]
     assert_refused(r["code"], r["stderr"], "train", copies["missing_image"], "not there", "medldm preprocess")
-    for case, command in (("truncated_cached", "train"), ("truncated_lazy", "encode")):
+    for case, command in (("truncated_cached", "train"), ("truncated_lazy", "encode"), ("truncated_worker", "encode")):
         r = results[case]
         assert_refused(r["code"], r["stderr"], command, copies["truncated_image"], "cannot be read")
 
@@ -234,10 +254,11 @@ def test_an_output_that_is_a_folder_and_a_raw_scan_preprocessing_cannot_take(res
 
 
 def test_native_after_registration_is_refused_before_any_model_is_loaded(results, copies):
-    for case, command in (("native_reconstruct", "reconstruct"), ("native_denoise", "denoise")):
+    for case, command in (("native_reconstruct", "reconstruct"), ("native_denoise", "denoise"),
+                          ("native_decompress", "decompress")):
         r = results[case]
         assert_refused(r["code"], r["stderr"], command, "--native", "registered", "leave out --native")
-    assert not list(copies["root"].glob("n[12].*"))
+    assert not list(copies["root"].glob("n[123].*"))
 
 
 def test_resource_limits_suggest_the_fix_and_leave_no_half_file(results, copies):

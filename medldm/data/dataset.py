@@ -13,7 +13,7 @@ from monai.transforms import Compose, EnsureTyped, LoadImaged
 from torch.utils.data import Dataset
 
 from medldm.data.io import load_volume, read_json
-from medldm.errors import InputError
+from medldm.errors import InputError, not_utf8
 
 # split is train, val, test, or excluded (a scan that failed QC: listed, never trained or evaluated on)
 MANIFEST_COLUMNS = ("subject_id", "session", "image", "age", "sex", "diagnosis", "split", "qc_status", "tiv_ml", "source",
@@ -27,27 +27,30 @@ def read_manifest(data_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(data_dir) / "manifest.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {data_dir} the output of `medldm preprocess`?")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise InputError(f"{path}: missing column(s) {missing}; a manifest written by `medldm preprocess` has "
-                             f"{list(MANIFEST_COLUMNS)} (rerun it with --assemble to rewrite the manifest)")
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            row = {k: (v if v != "" else None) for k, v in row.items()}
-            for column in REQUIRED_COLUMNS[:3]:
-                if row[column] is None:
-                    raise InputError(f"{path} line {line}: empty {column}")
-            if (age := row.get("age")) is not None:
-                try:
-                    row["age"] = float(age)
-                except ValueError:
-                    row["age"] = math.nan
-                if not math.isfinite(row["age"]):
-                    raise InputError(f"{path} line {line} ({row['image']}): age {age!r} is not a number of years; "
-                                     "correct it or leave it empty (unknown)")
-            rows.append(row)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(f"{path}: missing column(s) {missing}; a manifest written by `medldm preprocess` has "
+                                 f"{list(MANIFEST_COLUMNS)} (rerun it with --assemble to rewrite the manifest)")
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                row = {k: (v if v != "" else None) for k, v in row.items()}
+                for column in REQUIRED_COLUMNS[:3]:
+                    if row[column] is None:
+                        raise InputError(f"{path} line {line}: empty {column}")
+                if (age := row.get("age")) is not None:
+                    try:
+                        row["age"] = float(age)
+                    except ValueError:
+                        row["age"] = math.nan
+                    if not math.isfinite(row["age"]):
+                        raise InputError(f"{path} line {line} ({row['image']}): age {age!r} is not a number of years; "
+                                         "correct it or leave it empty (unknown)")
+                rows.append(row)
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
     return rows
 
 

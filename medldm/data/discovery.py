@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from medldm.errors import InputError
+from medldm.errors import InputError, not_utf8
 
 _T = TypeVar("_T")
 
@@ -76,10 +76,13 @@ class _Candidate:
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     # utf-8-sig: spreadsheets often save a byte-order mark that would otherwise stick to the first column name
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [name.strip() for name in reader.fieldnames or []]
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [name.strip() for name in reader.fieldnames or []]
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
     return header, rows
 
 

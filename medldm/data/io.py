@@ -10,7 +10,6 @@ import locale
 import os
 import shutil
 import socket
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from medldm.errors import InputError
+from medldm.errors import InputError, not_utf8
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -175,7 +174,7 @@ def save_dicom_series(folder: str | Path, data: np.ndarray, affine: np.ndarray, 
     d = image.GetDirection()
     orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))  # row, then column cosines
     thickness = f"{image.GetSpacing()[2]:.6f}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = staging_dir(folder)
     files = []
     try:
         writer = sitk.ImageFileWriter()
@@ -192,9 +191,14 @@ def save_dicom_series(folder: str | Path, data: np.ndarray, affine: np.ndarray, 
             writer.SetFileName(str(tmp / files[-1].name))
             with keep_locale():
                 writer.Execute(slice_)
+        # the old series goes aside (hidden) and is deleted only once the new one is in place: a crash in between
+        # leaves whole series only, never a mix of old and new slices
+        old = folder.parent / f".{folder.name}.{_WRITER}-{os.getpid()}.old.tmp"
         if folder.exists():
-            shutil.rmtree(folder)
+            os.replace(folder, old)
         os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        _remove_left_behind(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return files
@@ -237,8 +241,8 @@ def atomic_write(final: str | Path) -> Iterator[Path]:
         try:
             yield tmp
         except OSError as e:  # e.g. the disk filled while writing: the error names the file asked for
-            if e.filename is not None and Path(e.filename) == tmp:
-                raise type(e)(e.errno, e.strerror, str(final)) from None
+            if e.errno is not None and (e.filename is None or Path(e.filename) == tmp):
+                raise type(e)(e.errno, e.strerror or os.strerror(e.errno), str(final)) from None
             raise
         try:
             os.replace(tmp, final)
@@ -252,12 +256,25 @@ def atomic_write(final: str | Path) -> Iterator[Path]:
 _WRITER = "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
 
 
+def staging_dir(final: Path) -> Path:
+    """A new hidden folder beside ``final`` to write a multi-file result into and move in when it is complete
+    (named like :func:`atomic_path`'s files, so a rerun removes one that a killed writer left)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = final.parent / f".{final.name}.{_WRITER}-{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    stage.mkdir()
+    return stage
+
+
 def _remove_left_behind(final: Path) -> None:
-    """Remove the temporaries of ``final`` that a killed writer on this host left (its process is gone)."""
+    """Remove the temporaries of ``final`` (files or staging folders) that a killed writer on this host left: those
+    whose process is gone."""
     for tmp in final.parent.glob(f".{glob.escape(final.name)}.{_WRITER}-*.tmp*"):
         pid = tmp.name[len(final.name) + len(_WRITER) + 3:].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -346,7 +363,9 @@ def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
+    except json.JSONDecodeError as e:
         raise InputError(f"{path}: damaged JSON ({e}); rerun the command that wrote it, or restore the file") from None
 
 

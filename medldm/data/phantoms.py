@@ -304,9 +304,10 @@ def _save_dicom(scan: _WrittenScan) -> None:
         piece = volume[:, :, k:k + 1]  # a one-slice 3D image keeps the full 3D origin and direction
         for key, value in {**tags, "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1)}.items():
             piece.SetMetaData(key, value)
-        writer.SetFileName(str(scan.path.with_name(f"{scan.name_head}_{k + 1}_{scan.name_tail}.dcm")))
-        with keep_locale():
-            writer.Execute(piece)
+        with atomic_write(scan.path.with_name(f"{scan.name_head}_{k + 1}_{scan.name_tail}.dcm")) as tmp:
+            writer.SetFileName(str(tmp))
+            with keep_locale():
+                writer.Execute(piece)
     scan.path.unlink()
 
 

@@ -414,7 +414,9 @@ def preprocess_dataset(
     earlier subject in its split. With ``shard`` only that shard's scans are preprocessed and only their
     per-scan files are written; ``assemble`` preprocesses nothing and builds the dataset from those files.
     """
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    # absolute: sidecars and the manifest record where each scan came from, and a rerun or --assemble from
+    # another working directory must find the same paths there
+    input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir)
     cfg = resolve_method(cfg)  # brain_extraction.method=auto becomes what runs here, before the settings are hashed
     if shard is not None and assemble:
         raise InputError("--shard and --assemble exclude each other: run the shards first, then --assemble once")

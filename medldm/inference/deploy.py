@@ -6,13 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medldm.data.io import write_json
+from medldm.data.io import staging_dir, write_json
 from medldm.errors import InputError, StoppedError
 from medldm.inference.encode import load_autoencoder_file
 from medldm.inference.sample import find_autoencoder, load_diffusion
@@ -138,7 +137,7 @@ def export_model(run_dir: str | Path, fmt: str = "torchscript", out_dir: str | P
     # every graph is written and checked in a hidden folder and moved in only when all pass: a crash or a failed
     # check leaves no half-written or wrong graph, and export.json always describes the graphs beside it (a folder,
     # not temporary names, because ONNX records the name of its data file inside the graph)
-    stage = Path(tempfile.mkdtemp(prefix=".export.", suffix=".tmp", dir=out))
+    stage = staging_dir(out / "export.json")  # one that a killed export left is removed when export.json is written
     try:
         for name, module, example, check, names, checkpoint in jobs:
             staged = stage / f"{name}{suffix}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -132,8 +133,10 @@ def sample_run(
     """
     if num < 1 or batch_size < 1 or (steps is not None and steps < 1):
         raise InputError("--num, --steps and --batch-size must be >= 1")
-    if eta < 0:
-        raise InputError("--eta must be >= 0")
+    if not eta >= 0 or not math.isfinite(eta):  # "not >=": NaN passes every comparison
+        raise InputError(f"--eta {eta}: use a finite number >= 0")
+    if not math.isfinite(guidance):
+        raise InputError(f"--guidance {guidance}: use a finite number (1 = no guidance)")
     if sampler not in SAMPLERS:
         raise InputError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")

@@ -75,8 +75,11 @@ def refuse_native_early(path: str | Path, ae_meta: dict[str, Any]) -> None:
         return
     if is_nifti(path) and path.is_file():
         try:
-            if list(nib.load(str(path)).shape) == list(ae_meta["image_shape"]):
-                return  # on the model's grid already (its intensities are checked when it is read)
+            image = nib.load(str(path))
+            if list(image.shape) == list(ae_meta["image_shape"]):  # small: the model's grid
+                data = np.asanyarray(image.dataobj, dtype=np.float32)
+                if data.min() >= 0.0 and data.max() <= 1.0 + 1e-3:  # as load_scan decides: used as it is
+                    return
         except Exception:  # an unreadable file: loading it names the problem
             return
     raise InputError(f"--native: {path.name} is not on the model's grid, so it would be registered to a template "
@@ -234,10 +237,16 @@ def decompress_latent(latent_path: str | Path, out_path: str | Path, autoencoder
     if state.get("kind") != "latent":
         raise InputError(f"{latent_path} is not a medldm latent (kind={state.get('kind')!r}); write one with "
                          "`medldm compress`")
+    if native and state["source"]["registered"]:  # before the work
+        raise InputError(f"--native: {Path(state['source']['path']).name} was registered to a template when it was "
+                         "compressed and the transform is not kept, so there is no way back to its grid; leave out "
+                         "--native")
     trained = {"checkpoint": state["autoencoder_checkpoint"], "sha256": state["autoencoder_sha256"]}
     try:
         ae_path = find_autoencoder(trained, autoencoder_run)
-    except ValueError:
+    except InputError:
+        if autoencoder_run is None:  # the recorded checkpoint itself changed: its own message says so
+            raise
         raise InputError(f"{latent_path} was encoded by another autoencoder (SHA-256 {trained['sha256'][:12]}…, "
                          f"{trained['checkpoint']}) than {autoencoder_run}; decompress with that one") from None
     except FileNotFoundError:

@@ -26,8 +26,9 @@ RESUME_KEYS = {
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` so that a crash leaves either the old or the new file, never half of one."""
-    with atomic_write(path) as tmp:
-        torch.save(state, tmp)
+    # through a Python file: a full disk is then an OSError (ENOSPC); torch's own file writer says "unexpected pos"
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False,
