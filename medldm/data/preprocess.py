@@ -593,6 +593,8 @@ def _write_dataset(input_dir: Path, output_dir: Path, cfg: PreprocessConfig, job
     info = {
         "config": to_dict(cfg),
         "config_hash": jobs[0].cfg_hash,
+        # the registration template's content (None: no registration); latents made from the data depend on it
+        "template_sha256": jobs[0].template_sha256,
         "versions": versions(),
         "input_dir": str(input_dir.resolve()),
         "metadata": str(metadata) if metadata else None,

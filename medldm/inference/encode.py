@@ -94,7 +94,7 @@ def latents_path(ae_run: str | Path) -> Path:
 DATASET_FILES = ("manifest.csv", "preprocess.json")
 # what of preprocess.json the latents depend on: its settings and grid, not the run's counts, paths or timings (a
 # rerun of `medldm preprocess` that changed nothing rewrites those, and must not ask for a new encode)
-PREPROCESS_KEYS = ("config", "reference")
+PREPROCESS_KEYS = ("config", "template_sha256", "reference")
 
 
 def dataset_sha256(data_dir: str | Path) -> dict[str, str]:
