@@ -22,7 +22,9 @@ demo: install
 	rm -rf $(DEMO_OUT)
 	$(BIN)/medldm demo --out $(DEMO_OUT)
 
+# lint and import order first (a second), then the suite
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 clean:

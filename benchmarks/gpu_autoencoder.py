@@ -116,7 +116,7 @@ def main() -> None:
         chosen = split_rows(rows, split)
         scores: dict[str, list[float]] = {"ssim": [], "ms_ssim": [], "psnr": [], "mae": [], "psnr_brain": [],
                                           "mae_brain": []}
-        for row, item in zip(chosen, volume_dataset(args.data, chosen)):
+        for _row, item in zip(chosen, volume_dataset(args.data, chosen)):
             x = item["image"][None].to(device)
             with autocast(device, cfg.train.amp):
                 recon = reconstruct(model, x, cfg)

@@ -5,8 +5,9 @@
     python benchmarks/ldm_samples.py --unet-speed configs/diffusion/adni.yaml --out OUT [--latent 3 20 28 20]
 
 The first form encodes DATA with AE_RUN if its latents are missing, trains `train_diffusion` under
-``train.time_limit_minutes`` in ``--run`` (default: a temporary folder, resumed when it holds a run), then DDIM-samples ``--num`` volumes, each conditioned on the labels of one real
-val/test subject (age and sex where known, in order). It reports the mean pairwise MS-SSIM among the samples
+``train.time_limit_minutes`` in ``--run`` (default: a temporary folder, resumed when it holds a run), then
+DDIM-samples ``--num`` volumes, each conditioned on the labels of one real val/test subject (age and sex where
+known, in order). It reports the mean pairwise MS-SSIM among the samples
 and among as many real val/test volumes (lower = more diverse), and for every sample and every real val/test
 volume the SSIM to its most similar training volume (a first look at copying). Pictures: OUT/samples.png
 (samples, with their conditions in results.json) and OUT/real.png (the real subjects whose labels they got);

@@ -19,7 +19,8 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from medldm.models.old_keys import convert_old_state_dict
 
 AE = dict(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=3, num_res_blocks=2, norm_num_groups=32,
-          norm_eps=1e-6, attention_levels=[False] * 4, with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
+          norm_eps=1e-6, attention_levels=[False] * 4, with_encoder_nonlocal_attn=False,
+          with_decoder_nonlocal_attn=False)
 UNET = dict(spatial_dims=3, in_channels=7, out_channels=3, num_res_blocks=2, attention_levels=[False, True, True],
             norm_num_groups=32, norm_eps=1e-6, resblock_updown=True, num_head_channels=[0, 512, 768],
             with_conditioning=True, transformer_num_layers=1, cross_attention_dim=4, upcast_attention=True)

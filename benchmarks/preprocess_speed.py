@@ -5,7 +5,8 @@
 IXI_DIR is a flat folder with participants.csv (e.g. ../shared/data/ixi-t1-2mm). Runs (1) N scans with 1 worker,
 (2) all scans with 2 workers, (3) 1 mm ADNI-sized volumes (IXI scans resampled to 1 mm, about 240x240x180)
 with 1 and 2 workers through the ADNI config, all with the full pipeline (N4 + affine registration to
-MNI152 + brain mask; needs nilearn: `pip install -e ".[mni]"`). Prints a Markdown table for benchmarks/RESULTS.md. The outputs of run (2) keep their QC sheet.
+MNI152 + brain mask; needs nilearn: `pip install -e ".[mni]"`). Prints a Markdown table for benchmarks/RESULTS.md.
+The outputs of run (2) keep their QC sheet.
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ def main() -> None:
     with ProcessPoolExecutor(args.workers, initializer=_one_thread) as pool:
         results = list(pool.map(_job, jobs))
     reference = {r["path"]: r for r in results if r["case"] == "as acquired"}
-    table = {c: {"right, passed": 0, "flagged": 0, "wrong, passed (silent)": 0, "error": 0} for c in ["as acquired", *CASES]}
+    table = {c: {"right, passed": 0, "flagged": 0, "wrong, passed (silent)": 0, "error": 0}
+             for c in ["as acquired", *CASES]}
     rows = []
     for r in results:
         counts = table[r["case"]]

@@ -126,7 +126,8 @@ def main() -> None:
     autoencoder = build_autoencoder(ae_cfg.model, sdpa=speed.sdpa).to(device).eval()
     unet = build_unet(ldm_cfg.model, latent[0], dim, sdpa=speed.sdpa).to(device).eval()
     # the levers `medldm sample` applies (models.speed, GraphedUNet)
-    speedups = apply_speed(unet, speed, device, training=False) + apply_speed(autoencoder, speed, device, training=False)
+    speedups = (apply_speed(unet, speed, device, training=False)
+                + apply_speed(autoencoder, speed, device, training=False))
     net = GraphedUNet(unet) if speed.cuda_graphs and device.type == "cuda" else unet
     scheduler = build_scheduler(ldm_cfg.scheduler, "ddim")
     scheduler.set_timesteps(args.steps)

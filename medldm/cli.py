@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed of the phantoms' anatomy (default 0)")
 
     p = sub.add_parser("preprocess", help="discover, preprocess and split scans into a dataset dir")
-    p.add_argument("input_dir", type=Path, help="an ADNI download (the folder holding ADNI/) or a folder of NIfTI files")
+    p.add_argument("input_dir", type=Path,
+                   help="an ADNI download (the folder holding ADNI/) or a folder of NIfTI files")
     p.add_argument("output_dir", type=Path, help="the dataset dir to write (or to resume into)")
     p.add_argument("--metadata", type=Path, help="IDA collection CSV or flat-layout CSV (default: found in INPUT_DIR)")
     p.add_argument("--adnimerge", type=Path, help="ADNIMERGE.csv for age at scan, sex and diagnosis per visit")
@@ -138,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoencoder", type=Path, help="AE run dir when the runs were moved since training")
 
     p = sub.add_parser("reconstruct", help="one scan through the autoencoder (encode, decode), with a difference PNG")
-    p.add_argument("input", type=Path, help="a preprocessed volume, or a raw scan (preprocessed like the training data)")
+    p.add_argument("input", type=Path,
+                   help="a preprocessed volume, or a raw scan (preprocessed like the training data)")
     p.add_argument("output", type=Path, help="the reconstruction (.nii.gz), with OUT.png and OUT.json beside it")
     p.add_argument("--autoencoder", type=Path, required=True, help="the autoencoder run")
     p.add_argument("--native", action="store_true", help="resample the result onto the input scan's own grid")
@@ -237,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "encode":
         from medldm.inference.encode import encode_dataset
 
-        print(f"latents: {encode_dataset(args.data, args.autoencoder, batch_size=args.batch_size, num_workers=args.workers)}")
+        print(f"latents: "
+              f"{encode_dataset(args.data, args.autoencoder, batch_size=args.batch_size, num_workers=args.workers)}")
     elif args.command == "sample":
         from medldm.inference.sample import sample_run
 

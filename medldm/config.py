@@ -126,7 +126,8 @@ class BrainExtractionConfig:
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"{prefix}.threshold={self.threshold}: must be in (0, 1)")
         if self.network_size < 64 or self.network_size % 32:
-            raise ConfigError(f"{prefix}.network_size={self.network_size}: use a multiple of 32, >= 64 (256 as published)")
+            raise ConfigError(f"{prefix}.network_size={self.network_size}: use a multiple of 32, >= 64 "
+                              "(256 as published)")
 
 
 @dataclass
@@ -203,7 +204,8 @@ class PreprocessConfig:
         if self.brain_mask and not self.registration.enabled:
             raise ConfigError(f"{prefix}.brain_mask needs registration.enabled=true (the mask lives in template space)")
         if self.brain_mask and self.registration.template != "mni152" and not self.registration.template_mask:
-            raise ConfigError(f"{prefix}.brain_mask with a custom registration.template needs registration.template_mask")
+            raise ConfigError(f"{prefix}.brain_mask with a custom registration.template needs "
+                              "registration.template_mask")
         bad = sorted(set(self.diagnosis_map.values()) - {"CN", "MCI", "AD"})
         if bad:
             raise ConfigError(f"{prefix}.diagnosis_map: targets {bad} are not CN, MCI or AD")

@@ -55,7 +55,8 @@ def run_demo(out: str | Path, num: int = 24, seed: int = 0) -> dict[str, Path]:
     print(f"  dataset      {dirs['dataset']}/ (images/, manifest.csv, preprocess.json, qc/overview.png)")
     print(f"  autoencoder  {dirs['autoencoder']}/ (checkpoints/, tensorboard/, loss.png, latents/)")
     print(f"  diffusion    {dirs['diffusion']}/ (checkpoints/, tensorboard/, loss.png)")
-    print(f"  samples      {dirs['samples']}/ (sample_*.nii.gz + .json + .png, contact_sheet.png; oldest_AD/ conditioned on the oldest training age and AD)")
+    print(f"  samples      {dirs['samples']}/ (sample_*.nii.gz + .json + .png, contact_sheet.png; "
+          "oldest_AD/ conditioned on the oldest training age and AD)")
     print(f"  report       {dirs['report']}/report.md")
     print(f"  TensorBoard: tensorboard --logdir {out}")
     return dirs

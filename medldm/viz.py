@@ -13,7 +13,8 @@ from medldm.errors import InputError
 
 
 def three_plane(volume: np.ndarray, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
-    """Axial, coronal and sagittal mid-slices of a RAS volume side by side, as uint8 (subject right on the right, A/S up)."""
+    """Axial, coronal and sagittal mid-slices of a RAS volume side by side, as uint8 (subject right on the right,
+    A/S up)."""
     v = np.clip((np.asarray(volume, dtype=np.float32) - vmin) / max(vmax - vmin, 1e-8), 0, 1)
     x, y, z = (s // 2 for s in v.shape)
     # array axes are (R, A, S): rotate so anterior/superior point up on the screen

@@ -72,8 +72,8 @@ def test_a_first_write_killed_midway_leaves_no_file(tmp_path):
 
 
 def test_a_preprocessing_whose_qc_picture_fails_halfway_recovers_on_rerun(raw_adni, tmp_path, monkeypatch):
-    from medldm.data import preprocess
     from medldm import viz
+    from medldm.data import preprocess
 
     real = viz.iio.imwrite
     calls = {"n": 0}

@@ -48,7 +48,8 @@ def test_resume_without_checkpoint_is_an_error(dataset, tmp_path):
 
 
 def test_image_shape_must_divide_by_the_downsampling():
-    cfg = load_config("autoencoder", None, ["model.channels=[8,8,8,8]", "model.attention_levels=[false,false,false,false]"])
+    cfg = load_config("autoencoder", None, ["model.channels=[8,8,8,8]",
+                                            "model.attention_levels=[false,false,false,false]"])
     with pytest.raises(ConfigError, match="multiples of 8"):
         check_shapes(cfg, [32, 36, 32])
 

@@ -30,7 +30,8 @@ def test_every_stage_through_the_cli(tmp_path, capsys):
                  "--samples", str(samples)]) == 0
     printed = capsys.readouterr().out
     assert "wrote 2 synthetic volumes" in printed and "report.md" in printed
-    assert json.loads((samples / "sample_0000.json").read_text(encoding="utf-8"))["conditions"] == {"age": age, "sex": "M"}
+    assert (json.loads((samples / "sample_0000.json").read_text(encoding="utf-8"))["conditions"]
+            == {"age": age, "sex": "M"})
     again = ["sample", "--run", str(ldm), "--out", str(samples), "--num", "1", "--steps", "2"]
     assert main(again) == 2 and "pass --overwrite" in capsys.readouterr().err
     assert main([*again, "--overwrite", "--format", "both", "--dtype", "float32", "--eager"]) == 0

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_tiny_yaml_equals_builtin_defaults(stage):
     # a subcommand without --config runs the built-in defaults and says they are configs/<stage>/tiny.yaml
-    assert yaml.safe_load((ROOT / "configs" / stage / "tiny.yaml").read_text(encoding="utf-8")) == to_dict(STAGES[stage]())
+    assert (yaml.safe_load((ROOT / "configs" / stage / "tiny.yaml").read_text(encoding="utf-8"))
+            == to_dict(STAGES[stage]()))
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")

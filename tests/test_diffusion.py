@@ -259,7 +259,8 @@ def test_a_latent_shape_the_unet_cannot_halve_is_refused_before_training(dataset
     from medldm.training.diffusion import train_diffusion
 
     # tiny latents are 8^3; four UNet levels would halve them to 1 and beyond
-    cfg = load_config("diffusion", None, ["model.channels=[8,8,8,8,8]", "model.attention_levels=[false,false,false,false,false]",
+    cfg = load_config("diffusion", None, ["model.channels=[8,8,8,8,8]",
+                                          "model.attention_levels=[false,false,false,false,false]",
                                           "model.num_head_channels=[0,0,0,0,0]"])
     with pytest.raises(ConfigError, match="use fewer UNet levels"):
         train_diffusion(dataset, ae_run, tmp_path / "ldm", cfg)

@@ -52,11 +52,13 @@ def test_report_has_reconstruction_diversity_and_memorisation(dataset, ae_run, l
     assert rec["worst"][0] == min(rec["per_subject"], key=lambda s: s["ssim"])["image"]
     gen = report["generation"]
     assert gen["synthetic"]["pairs"] == 6 and len(gen["synthetic"]["ms_ssim_scores"]) == 6
-    assert gen["ms_ssim_difference"] == pytest.approx(gen["synthetic"]["ms_ssim_mean"] - gen["real_test"]["ms_ssim_mean"])
+    assert gen["ms_ssim_difference"] == pytest.approx(gen["synthetic"]["ms_ssim_mean"]
+                                                      - gen["real_test"]["ms_ssim_mean"])
     mem = gen["memorisation"]
     assert mem["flagged"] == [3] and gen["files"][3] == "sample_9999.nii.gz"
     # the copy is a brain (plausible) and a copy (memorised); the verdict table says both first
-    assert gen["plausibility"]["synthetic"][3]["plausible"] and gen["plausibility"]["real_test_n"] == len(mem["real_test"])
+    assert (gen["plausibility"]["synthetic"][3]["plausible"]
+            and gen["plausibility"]["real_test_n"] == len(mem["real_test"]))
     copy = mem["synthetic"][3]
     assert copy["nearest_train_image"] == train[1]["image"] and copy["ssim"] == pytest.approx(1.0, abs=1e-3)
     assert len(mem["real_test"]) == report["test_volumes"]
@@ -188,7 +190,8 @@ def test_samples_from_several_dirs_give_the_within_seed_age_check(dataset, ldm_r
     assert gen["num_samples"] == 6 and gen["files"][0] == f"{dirs[0].name}/sample_0000.nii.gz"
     assert gen["plausibility"]["plausible"] == 6
     # no --autoencoder: the one the samples' sidecars name (SHA-256 checked) decodes the reference volumes
-    assert "sidecars" in report["reconstruction"]["found_in"] and "through the autoencoder" in gen["plausibility"]["reference"]
+    assert ("sidecars" in report["reconstruction"]["found_in"]
+            and "through the autoencoder" in gen["plausibility"]["reference"])
     for measure in ("csf_fraction", "ventricle_ml"):
         trend = gen["conditioning"]["measures"][measure]["synthetic"]
         assert trend["n"] == 6 and trend["seeds_at_several_ages"] == 2 and trend["within_seed_r"] > 0.9

@@ -1,5 +1,6 @@
 import locale
 import os
+
 import nibabel as nib
 import numpy as np
 import pytest

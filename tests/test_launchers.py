@@ -22,10 +22,11 @@ from medldm.training.loop import weights_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's torchrun and medldm
-AE_ARGS = ["--config", "configs/autoencoder/tiny.yaml", "--set", "train.val_every=3", "--set", "train.checkpoint_every=3",
-           "--set", "adversarial_start=1", "--set", "ema_decay=0.9", "--set", "train.grad_accum=2"]
-LDM_ARGS = ["--config", "configs/diffusion/tiny.yaml", "--set", "train.val_every=2", "--set", "train.checkpoint_every=2",
-            "--set", "train.batch_size=4"]
+AE_ARGS = ["--config", "configs/autoencoder/tiny.yaml", "--set", "train.val_every=3",
+           "--set", "train.checkpoint_every=3", "--set", "adversarial_start=1", "--set", "ema_decay=0.9",
+           "--set", "train.grad_accum=2"]
+LDM_ARGS = ["--config", "configs/diffusion/tiny.yaml", "--set", "train.val_every=2",
+            "--set", "train.checkpoint_every=2", "--set", "train.batch_size=4"]
 # srun: one task per node, in parallel, each with its node's SLURM_NODEID; fails when any task fails
 FAKE_SRUN = """#!/usr/bin/env bash
 while [[ $1 == -* ]]; do shift; done
@@ -133,7 +134,8 @@ def _check_ranks_held(saved: dict, out: Path) -> None:
         held = torch.load(out / f"rank{rank}.pt", map_location="cpu")
         assert held.keys() == saved["model"].keys()
         differ = [k for k, v in held.items() if not torch.equal(v, saved["model"][k])]
-        assert not differ, f"rank {rank}: {len(differ)} of {len(held)} tensors differ from the checkpoint's: {differ[:3]}"
+        assert not differ, (f"rank {rank}: {len(differ)} of {len(held)} tensors differ from the checkpoint's: "
+                            f"{differ[:3]}")
 
 
 def test_torchrun_script_and_plain_torchrun_train_both_stages_on_two_processes(dataset, two_process_ae, tmp_path):
@@ -176,7 +178,8 @@ def test_two_node_slurm_job_resumed_by_the_next_job_equals_an_uninterrupted_run(
     # the same job submitted again finds the checkpoint and continues the run under torchrun
     env["SLURM_JOB_ID"] = str(100000 + _free_port_in(20000, 40000) - 20000)
     _run([*job, "--set", "train.steps=6"], env)
-    resumed, uninterrupted = _check_replicas(run, 6, launches=2), load_checkpoint(two_process_ae / "checkpoints" / "latest.pt")
+    resumed, uninterrupted = (_check_replicas(run, 6, launches=2),
+                              load_checkpoint(two_process_ae / "checkpoints" / "latest.pt"))
     for net in ("model", "discriminator", "ema"):
         assert all(torch.equal(v, uninterrupted[net][k]) for k, v in resumed[net].items()), net
 

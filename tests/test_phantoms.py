@@ -174,7 +174,8 @@ def test_adnimerge_csv(merged: tuple[Path, Path]) -> None:
         assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", row["EXAMDATE"])
     # a visit scanned twice: the second scan is another image, listed as processed
     twice = [r for r in ida if (r["Subject"], r["Visit"]) == (ida[-1]["Subject"], ida[-1]["Visit"])]
-    assert [r["Type"] for r in twice] == ["Original", "Processed"] and twice[0]["Image Data ID"] != twice[1]["Image Data ID"]
+    assert ([r["Type"] for r in twice] == ["Original", "Processed"]
+            and twice[0]["Image Data ID"] != twice[1]["Image Data ID"])
 
 
 def test_dicom_series_hold_the_same_head(merged: tuple[Path, Path]) -> None:

@@ -96,7 +96,8 @@ def test_rerun_resumes_keeps_splits_and_redoes_changed_or_unfinished_scans(tmp_p
     assert preprocess_dataset(raw_adni, out, cfg)["resumed"] == again["num_scans"] - 1
 
     # a per-scan setting changed: everything is redone; a split setting alone changes nothing per scan
-    assert preprocess_dataset(raw_adni, out, load_config("preprocess", None, ["percentiles=[1.0,99.0]"]))["resumed"] == 0
+    assert preprocess_dataset(raw_adni, out,
+                              load_config("preprocess", None, ["percentiles=[1.0,99.0]"]))["resumed"] == 0
     changed_split = load_config("preprocess", None, ["percentiles=[1.0,99.0]", "split.seed=7"])
     assert preprocess_dataset(raw_adni, out, changed_split)["resumed"] == again["num_scans"]
     assert {r["subject_id"]: r["split"] for r in read_manifest(out)} == splits

@@ -111,7 +111,8 @@ def test_registration_improves_on_the_starting_overlap(tmp_path, skull_stripped)
     assert correlation(registered) > (0.45 if skull_stripped else 0.8)
     assert correlation(registered) > correlation(unregistered) + 0.15
     # the correlation QC reads is the one measured here (the brain-only template: inside the scan's mask)
-    assert reg.correlation == pytest.approx(correlation(registered * reg.mask if skull_stripped else registered), abs=1e-4)
+    assert reg.correlation == pytest.approx(correlation(registered * reg.mask if skull_stripped else registered),
+                                            abs=1e-4)
 
 
 def test_output_header_carries_nothing_from_the_source_and_uint8_reads_back_in_unit_range(tmp_path, raw_adni):
@@ -146,7 +147,8 @@ def test_mni152_without_nilearn_is_a_clear_error(monkeypatch):
     from medldm.data import registration
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(registration.importlib.util, "find_spec", lambda name, *a: None if name == "nilearn" else real(name, *a))
+    monkeypatch.setattr(registration.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "nilearn" else real(name, *a))
     registration._CACHE.clear()
     cfg = load_config("preprocess", None, ["registration.enabled=true"])
     with pytest.raises(ValueError, match="pip install nilearn"):

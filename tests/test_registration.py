@@ -1,4 +1,5 @@
-"""Registration of hard cases (multi-site scans, made here from phantoms): each registers or is flagged, none silently wrong."""
+"""Registration of hard cases (multi-site scans, made here from phantoms): each registers or is flagged, none
+silently wrong."""
 
 import csv
 import json
@@ -30,7 +31,8 @@ def setup(tmp_path_factory):
     save_volume(tmp / "template_mask.nii.gz", brain, affine)
     cfg = load_config("preprocess", None, [
         "spacing=[4.0,4.0,4.0]", "shape=[48,56,48]", "registration.enabled=true",
-        f"registration.template={tmp / 'template.nii.gz'}", f"registration.template_mask={tmp / 'template_mask.nii.gz'}",
+        f"registration.template={tmp / 'template.nii.gz'}",
+        f"registration.template_mask={tmp / 'template_mask.nii.gz'}",
         "registration.shrink_factors=[2,1]", "registration.smoothing_sigmas=[4.0,0.0]",
         "registration.sampling_fraction=0.2", "brain_mask=true", "n4.enabled=true", "n4.shrink_factor=3",
         "max_input_spacing=5.5",
@@ -74,7 +76,8 @@ def test_qc_fails_what_is_bad_on_the_absolute_scale_or_far_from_the_cohort():
                 "foreground_ml": fg, "foreground_mean": 0.5}
 
     cohort = [stats(0.80 + 0.005 * (i % 5)) for i in range(12)]
-    cases = cohort + [stats(0.45), stats(0.66), stats(0.81, dice=0.7), stats(0.8, problem="implausible registration: x"),
+    cases = cohort + [stats(0.45), stats(0.66), stats(0.81, dice=0.7),
+                      stats(0.8, problem="implausible registration: x"),
                       stats(0.8, problem="affine refused (y); the similarity fit was kept"), stats(0.8, fg=300.0)]
     verdicts = assess(cases, QCConfig())
     assert [v[0] for v in verdicts[:12]] == ["pass"] * 12
@@ -128,7 +131,8 @@ def test_a_registration_that_went_wrong_is_failed_listed_framed_and_kept_out_of_
     with (out / "manifest.csv").open() as f:
         manifest = {r["subject_id"]: r for r in csv.DictReader(f)}
     assert manifest["sub2"]["qc_status"] == "fail" and manifest["sub2"]["split"] == "excluded"
-    assert all(manifest[s]["qc_status"] != "fail" and manifest[s]["split"] != "excluded" for s in ("sub0", "sub1", "sub3"))
+    assert all(manifest[s]["qc_status"] != "fail" and manifest[s]["split"] != "excluded"
+               for s in ("sub0", "sub1", "sub3"))
     assert all(float(manifest[s]["tiv_ml"]) > 500 for s in manifest)
     assert [f["image"] for f in info["qc_failed"]] == ["images/sub2_bl.nii.gz"] and info["splits"]["excluded"] == 1
     assert json.loads((out / "preprocess.json").read_text())["qc_failed"][0]["reasons"]

@@ -170,7 +170,8 @@ def test_cuda_graph_replay_matches_the_eager_unet():
             p.data.normal_(0, 0.1)
     graphed = GraphedUNet(unet)
     for batch in (1, 2, 1):  # a graph per shape, and replays with new inputs
-        x, t, c = torch.randn(batch, 3, 8, 8, 8).cuda(), torch.randint(0, 1000, (batch,)).cuda(), torch.randn(batch, 1, 7).cuda()
+        x, t, c = (torch.randn(batch, 3, 8, 8, 8).cuda(), torch.randint(0, 1000, (batch,)).cuda(),
+                   torch.randn(batch, 1, 7).cuda())
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             expected = unet(x, timesteps=t, context=c).float()
         assert torch.allclose(graphed(x, t, c).float(), expected, atol=2e-2)

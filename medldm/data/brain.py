@@ -17,8 +17,8 @@ from medldm.errors import InputError
 log = logging.getLogger(__name__)
 
 DEEPBET_MISSING = ("brain_extraction.method=deepbet needs the deepbet package (a trained brain-extraction network "
-                   "whose weights ship inside its wheel, nothing is downloaded): pip install -e '.[deepbet]' in a clone "
-                   "or pip install deepbet; or set brain_extraction.method=rough (erosion, weaker on some scans)")
+                   "whose weights ship inside its wheel, nothing is downloaded): pip install -e '.[deepbet]' in a "
+                   "clone or pip install deepbet; or set brain_extraction.method=rough (erosion, weaker on some scans)")
 
 
 def deepbet_available() -> bool:

@@ -16,8 +16,8 @@ from medldm.data.io import load_volume, read_json
 from medldm.errors import InputError, not_utf8
 
 # split is train, val, test, or excluded (a scan that failed QC: listed, never trained or evaluated on)
-MANIFEST_COLUMNS = ("subject_id", "session", "image", "age", "sex", "diagnosis", "split", "qc_status", "tiv_ml", "source",
-                    "source_sha256")
+MANIFEST_COLUMNS = ("subject_id", "session", "image", "age", "sex", "diagnosis", "split", "qc_status", "tiv_ml",
+                    "source", "source_sha256")
 # what every stage reads from each row (the rest may be empty or, in older manifests, absent)
 REQUIRED_COLUMNS = ("subject_id", "session", "image", "split")
 

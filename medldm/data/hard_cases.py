@@ -76,7 +76,9 @@ def bias_field(strength: float = 0.55) -> Case:
 
 def wrong_header(vol, affine, labels):
     """A sagittal stack whose header calls it axial: the voxels roll by one axis, the affine stays the old one."""
-    roll = (lambda a: None if a is None else np.ascontiguousarray(np.moveaxis(a, 0, 2)))
+    def roll(a):
+        return None if a is None else np.ascontiguousarray(np.moveaxis(a, 0, 2))
+
     return roll(vol), affine, roll(labels)
 
 

@@ -24,14 +24,21 @@ from tqdm.auto import tqdm
 
 from medldm import __version__
 from medldm.config import PreprocessConfig, to_dict
+from medldm.data.brain import brain_mask, resolve_method, rough_brain_mask
 from medldm.data.dataset import MANIFEST_COLUMNS
 from medldm.data.discovery import ScanRecord, discover_scans
-from medldm.data.brain import brain_mask, resolve_method, rough_brain_mask
 from medldm.data.intensity import head_mask, n4_correct, normalise
 from medldm.data.io import load_volume, read_json, save_volume, write_csv, write_json
 from medldm.data.qc import assess, write_qc
-from medldm.data.registration import (Registration, Template, load_template, register_to_template,
-                                      template_sha256, tilt_degrees, to_scan_grid)
+from medldm.data.registration import (
+    Registration,
+    Template,
+    load_template,
+    register_to_template,
+    template_sha256,
+    tilt_degrees,
+    to_scan_grid,
+)
 from medldm.data.splits import assign_splits
 from medldm.errors import InputError, UserError
 from medldm.versions import versions
@@ -54,7 +61,8 @@ def _is_head(x: torch.Tensor) -> torch.Tensor:
     return x > 0.05
 
 
-def _crop_to_shape(volume: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _crop_to_shape(volume: np.ndarray, affine: np.ndarray,
+                   shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Crop to the head, keep its top when it is taller than ``shape`` (the neck goes, never the brain), pad/crop
     to ``shape``; MONAI updates the affine at each step."""
     image = CropForeground(select_fn=_is_head, margin=2, allow_smaller=True)(
@@ -485,7 +493,8 @@ def _run_shard(output_dir: Path, jobs: list[_Job], shard: Shard, workers: int, t
     if counts:  # e.g. one task of an array resubmitted alone, which SLURM reports as an array of one
         raise InputError(f"{output_dir / 'shards'} holds records of {sorted(counts)} shards made with these settings, "
                          f"but this is --shard {shard}: use the same N (with scripts/slurm_preprocess.sbatch: "
-                         f"--export=ALL,SHARDS={min(counts)}), or delete {output_dir / 'shards'} to split the cohort anew")
+                         f"--export=ALL,SHARDS={min(counts)}), or delete {output_dir / 'shards'} to split the "
+                         "cohort anew")
     log.info("shard %s: preprocessing %d of the %d scans with %d worker(s)", shard, len(jobs), total, workers)
     record = _shard_record(output_dir, shard)
     summary: dict[str, Any] = {"shard": str(shard), "finished": False, "config_hash": cfg_hash,
@@ -535,7 +544,8 @@ def _recorded_results(output_dir: Path, jobs: list[_Job], workers: int = 1) -> l
         owners = sorted({shard_of(j.stem, n) for j, _ in missing})
         unfinished = [i for i in owners if not records.get((i, n))]
         where = (f"; they belong to shard(s) {', '.join(f'{i}/{n}' for i in owners[:20])}"
-                 + (f", of which {', '.join(f'{i}/{n}' for i in unfinished[:20])} never finished" if unfinished else ""))
+                 + (f", of which {', '.join(f'{i}/{n}' for i in unfinished[:20])} never finished"
+                    if unfinished else ""))
     examples = ", ".join(str(j.scan.path) + (f" ({', '.join(changed)} changed since its result was made)" if changed
                                              else "") for j, changed in missing[:3])
     raise InputError(f"--assemble: {len(missing)} of {len(jobs)} scans have no result made from their current source "

@@ -50,7 +50,8 @@ def assess(stats: list[dict[str, Any]], cfg: QCConfig) -> list[tuple[str, list[s
     warning = _z_flags(stats, WARNING_SCREENED, cfg.z_limit)
     out = []
     for s, fail, warn in zip(stats, failing, warning):
-        corr, dice, problem = s.get("registration_correlation"), s.get("registration_dice"), s.get("registration_problem")
+        corr, dice, problem = (s.get("registration_correlation"), s.get("registration_dice"),
+                               s.get("registration_problem"))
         if corr is not None and corr < cfg.min_correlation:
             fail.insert(0, f"registration_correlation {corr:.3f} < {cfg.min_correlation}")
         if dice is not None and dice < cfg.min_dice:
@@ -128,7 +129,7 @@ def _html(qc: Path, summary: list[dict[str, Any]], pngs: list[Path]) -> None:
         if status != "pass":
             listed.append(f'<li><a href="#{anchor}">{html.escape(s["image"])}</a> ({status}, {s["split"]}): '
                           f"{html.escape(s['flags'])}</li>")
-    write_text(qc / "index.html", 
+    write_text(qc / "index.html",
         "<!doctype html><meta charset=utf-8><title>medldm QC</title><style>body{font:13px sans-serif;background:#111;"
         "color:#ddd}a{color:#8cf}figure{display:inline-block;margin:4px;width:300px;vertical-align:top}"
         "img{width:300px}</style>"

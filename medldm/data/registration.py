@@ -61,7 +61,8 @@ def _nilearn_data_dir() -> Path:
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
         raise InputError("registration.template=mni152 uses the ICBM152 2009 template that nilearn ships: "
-                         "pip install nilearn (the [mni] extra of medldm: pip install -e '.[mni]'), or set registration.template to a template NIfTI "
+                         "pip install nilearn (the [mni] extra of medldm: pip install -e '.[mni]'), "
+                         "or set registration.template to a template NIfTI "
                          "(and registration.template_mask to its brain mask)")
     return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
 

@@ -173,7 +173,8 @@ def yardstick(train: Sequence[float], test: Sequence[float], n: int, draws: int 
     runs = [distances(rng.choice(train, n, replace=False), test) for _ in range(draws)]
     if runs[0]["ks"] is None:
         return runs[0]
-    return {"wasserstein": float(np.mean([r["wasserstein"] for r in runs])), "ks": float(np.mean([r["ks"] for r in runs])),
+    return {"wasserstein": float(np.mean([r["wasserstein"] for r in runs])),
+            "ks": float(np.mean([r["ks"] for r in runs])),
             "ks_p": float(np.median([r["ks_p"] for r in runs])), "n": [int(n), runs[0]["n"][1]], "draws": draws}
 
 

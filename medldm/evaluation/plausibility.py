@@ -5,9 +5,10 @@ Two independent signals, each judged against real volumes of the same dataset:
 1. **Off the data manifold.** Every real test volume (an unseen subject) has a nearest training volume at some
    SSIM; a real brain that is not in the training set never comes much further. A sample whose nearest-training
    SSIM is below both the ``percentile`` (1st) of the real test volumes' and their median minus ``z`` robust
-   standard deviations (1.4826 MAD; ``z`` widened for small references, see ``prediction_limit``) is further from every training brain than real unseen brains are: noise,
-   blotches, a scrambled or misplaced head. (Both floors must be crossed, so a small test split, whose 1st
-   percentile is its minimum, does not reject a sample that is only as far as the furthest real subject.)
+   standard deviations (1.4826 MAD; ``z`` widened for small references, see ``prediction_limit``) is further
+   from every training brain than real unseen brains are: noise, blotches, a scrambled or misplaced head. (Both
+   floors must be crossed, so a small test split, whose 1st percentile is its minimum, does not reject a sample
+   that is only as far as the furthest real subject.)
 2. **Statistics outside the real range.** Intensity and tissue statistics of the volume (intracranial
    volume, mean intensity inside it, tissue shares and the white/CSF contrast: ``STATISTICS``) against those
    of the real volumes (training and test): outside their range *and* more than ``z`` robust SDs from their

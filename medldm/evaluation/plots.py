@@ -37,7 +37,8 @@ def score_plots(path: str | Path, generation: dict[str, Any]) -> None:
             title="age check (plausible samples)")
     ax3.legend(fontsize=8)
     if not np.isfinite(ages).any():
-        ax3.text(0.5, 0.5, "no plausible sample with a requested age", ha="center", va="center", transform=ax3.transAxes)
+        ax3.text(0.5, 0.5, "no plausible sample with a requested age", ha="center", va="center",
+                 transform=ax3.transAxes)
     save_figure(fig, path)
 
 
@@ -88,13 +89,13 @@ def morphometry_plot(path: str | Path, morph: dict[str, Any]) -> None:
     measures = list(morph["measures"])
     fig = Figure(figsize=(3.3 * len(measures), 3.6), dpi=100, layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(measures)))
-    sets = (("train", "train", "#7f7f7f"), ("real_test", "test", REAL), ("reconstructed_test", "test via AE", "#9467bd"),
-            ("synthetic", "synthetic", SYNTHETIC))
+    sets = (("train", "train", "#7f7f7f"), ("real_test", "test", REAL),
+            ("reconstructed_test", "test via AE", "#9467bd"), ("synthetic", "synthetic", SYNTHETIC))
     rng = np.random.default_rng(0)
     for ax, m in zip(axes, measures):
         summary = morph["distances"][m]["summary"]
         shown = [(key, label, colour) for key, label, colour in sets if key in summary]
-        for pos, (key, label, colour) in enumerate(shown):
+        for pos, (key, _label, colour) in enumerate(shown):
             values = [x[m] for x in (morph.get(key) or [])]
             if key == "synthetic":  # only the plausible samples are compared
                 values = [x[m] for x, ok in zip(morph["synthetic"], morph.get("plausible") or []) if ok]

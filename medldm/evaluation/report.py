@@ -328,7 +328,8 @@ def _plausibility(syn_ssim: list[float], syn_m: list[dict[str, float]], ref_ssim
 
 
 def _morphometry(syn: list[dict[str, float]], real: list[dict[str, float]], train: list[dict[str, float]],
-                 recon: list[dict[str, float]] | None, all_syn: list[dict[str, float]], skull_stripped: bool, morph: Morphometry, seed: int) -> dict[str, Any]:
+                 recon: list[dict[str, float]] | None, all_syn: list[dict[str, float]], skull_stripped: bool,
+                 morph: Morphometry, seed: int) -> dict[str, Any]:
     """Per measure: the sets' summaries, synthetic (plausible) vs real test, and the yardsticks (train vs test at the
     synthetic set's size; the test volumes after the autoencoder, which smooths them as it smooths samples)."""
     from medldm.evaluation.morphometry import distances, summary, yardstick
@@ -337,7 +338,8 @@ def _morphometry(syn: list[dict[str, float]], real: list[dict[str, float]], trai
         "method": morph.method, "skull_stripped": skull_stripped, "measures": MEASURES,
         "region_voxels": int(morph.region.sum()), "voxel_ml": morph.voxel_ml,
         "note": None if skull_stripped else "the dataset is not skull-stripped: the 'brain' mask is the head, so the "
-                                            "tissue classes and volumes are the head's, comparable only with each other",
+                                            "tissue classes and volumes are the head's, comparable only with each "
+                                            "other",
         "synthetic": all_syn, "real_test": real, "train": train, "reconstructed_test": recon, "distances": {}}
     n = len(syn) or len(real)
     for m in MEASURES:
@@ -376,7 +378,8 @@ def verdict_table(report: dict[str, Any]) -> list[str]:
         bad = n - p["plausible"]
         lines.append(f"| Are the samples brains? | **plausible: {p['plausible']} of {n}** | real test volumes"
                      + (" through the autoencoder" if "autoencoder (decoded" in p["reference"] else "")
-                     + f": {p['real_test_plausible']} of {p['real_test_n']} plausible by the same rule (each left out) | "
+                     + f": {p['real_test_plausible']} of {p['real_test_n']} plausible by the same rule "
+                       "(each left out) | "
                      + ("every sample is a brain" if not bad else f"**{bad} of {n} are not brains** (listed below)")
                      + " |")
         k = len(mem["flagged"])
@@ -392,7 +395,8 @@ def verdict_table(report: dict[str, Any]) -> list[str]:
             extra = f" (plausible only: {plausible['ms_ssim_mean']:.3f})" if plausible else ""
             reading = ("as varied as real brains" if abs(gap) <= spread else "less varied than real brains (too alike)"
                        if gap > 0 else "more varied than real brains (failed samples or unreal variation)")
-            lines.append(f"| As varied as real brains? | pairwise MS-SSIM {gen['synthetic']['ms_ssim_mean']:.3f}{extra}; "
+            lines.append(f"| As varied as real brains? | pairwise MS-SSIM "
+                         f"{gen['synthetic']['ms_ssim_mean']:.3f}{extra}; "
                          f"diversity gap {gap:+.3f} | real test {real['ms_ssim_mean']:.3f} ± {spread:.3f} | "
                          f"{reading} |")
         morph = gen["morphometry"]
@@ -421,7 +425,8 @@ def _plausibility_md(gen: dict[str, Any]) -> list[str]:
     p = gen["plausibility"]
     f = p["ssim_floor"]
     lines = ["## Plausibility: is every sample a brain?", "",
-             f"**plausible: {p['plausible']} of {p['n']}**; the reference's test volumes by the same rule, each left out: "
+             f"**plausible: {p['plausible']} of {p['n']}**; the reference's test volumes by the same rule, "
+             "each left out: "
              f"{p['real_test_plausible']} of {p['real_test_n']}. The reference: {p['reference']}. A volume is "
              f"implausible when its nearest-training SSIM is below {f['floor']:.3f} (the lower of the reference's "
              f"percentile {p['percentile']:g}, {f['percentile']:.3f}, and its median minus "
@@ -445,8 +450,8 @@ def _morphometry_md(morph: dict[str, Any]) -> list[str]:
              "(CSF < grey < white matter), on the dataset's grid; plausible samples only. W1: Wasserstein distance "
              "in the measure's unit; KS: Kolmogorov-Smirnov statistic. The yardstick is training vs test volumes at "
              "the synthetic set's size (the mean over random subsets); *test via AE*: the test volumes through the "
-             "autoencoder, which smooths them as the decoder smooths samples: synthetic vs test via AE is the diffusion "
-             "model's own gap, test via AE vs test the decoder's.", ""]
+             "autoencoder, which smooths them as the decoder smooths samples: synthetic vs test via AE is the "
+             "diffusion model's own gap, test via AE vs test the decoder's.", ""]
     if morph.get("note"):
         lines += [f"Note: {morph['note']}.", ""]
     lines += ["| measure | synthetic median | test median | train median | test via AE median | W1 synthetic-test | "
@@ -471,7 +476,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += verdict_table(report)
     rec = report.get("reconstruction")
     if rec:
-        lines += ["## Autoencoder reconstruction (test split)", "", f"Checkpoint: `{rec['checkpoint']}`" + (f", found in {rec['found_in']}" if rec.get("found_in") else ""), "",
+        lines += ["## Autoencoder reconstruction (test split)", "",
+                  f"Checkpoint: `{rec['checkpoint']}`"
+                  + (f", found in {rec['found_in']}" if rec.get("found_in") else ""), "",
                   "| metric | mean | std |", "|---|---|---|"]
         for k in ("ssim", "ms_ssim", "psnr", "mae"):
             lines.append(f"| {k.upper().replace('_', '-')} | {rec[k]['mean']:.4f} | {rec[k]['std']:.4f} |")
@@ -509,13 +516,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"| real test (never trained on) | {len(real_s)} | {np.median(real_s):.4f} | {max(real_s):.4f} |", "",
                   f"Threshold: percentile {mem['percentile']:g} of the nearest-training SSIM of "
                   f"{mem.get('threshold_reference', 'the real test volumes')}, {mem['threshold_ssim']:.4f}"
-                  + (f" (of the raw test volumes: {mem['threshold_ssim_raw_test']:.4f}; a copy comes out of the decoder "
-                     "as smooth as any sample)" if "threshold_ssim_raw_test" in mem else "")
+                  + (f" (of the raw test volumes: {mem['threshold_ssim_raw_test']:.4f}; a copy comes out of the "
+                     "decoder as smooth as any sample)" if "threshold_ssim_raw_test" in mem else "")
                   + f". **{len(mem['flagged'])} of {len(syn_s)} synthetic volumes are "
                   "closer to a training volume than that** and may be copies"
-                  + (": " + ", ".join(f"`{mem['synthetic'][i]['file']}` ~ `{mem['synthetic'][i]['nearest_train_image']}`"
-                                     f" ({mem['synthetic'][i]['ssim']:.4f})" for i in mem["flagged"][:20]) if mem["flagged"]
-                     else "."),
+                  + (": " + ", ".join(f"`{mem['synthetic'][i]['file']}` ~ "
+                                     f"`{mem['synthetic'][i]['nearest_train_image']}`"
+                                     f" ({mem['synthetic'][i]['ssim']:.4f})" for i in mem["flagged"][:20])
+                     if mem["flagged"] else "."),
                   "", "![nearest training volumes](nearest_training.png) (top: synthetic, bottom: its nearest training "
                   "volume; the flagged ones, else the five closest)", ""]
         lines += ["![synthetic vs real](synthetic_vs_real.png) (top: synthetic, bottom: real test)", "",

@@ -158,5 +158,6 @@ def encode_dataset(data_dir: str | Path, ae_run: str | Path, device: str | None 
     save_checkpoint(out, payload)
     write_json(out.with_suffix(".json"), {k: v for k, v in payload.items() if k not in ("mu", "images", "rows")}
                | {"count": len(rows), "latent_shape": list(mu.shape[1:]), "train_std": std})
-    log.info("encoded %d volumes to %s (latent %s, scale factor %.4f)", len(rows), out, list(mu.shape[1:]), scale_factor)
+    log.info("encoded %d volumes to %s (latent %s, scale factor %.4f)", len(rows), out, list(mu.shape[1:]),
+             scale_factor)
     return out

@@ -47,7 +47,8 @@ def prepare_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise InputError(f"--out {out_dir}: cannot write there ({e.strerror or e}); choose a folder you can write to") from None
+        raise InputError(f"--out {out_dir}: cannot write there ({e.strerror or e}); "
+                         "choose a folder you can write to") from None
     earlier = previous_outputs(out_dir)
     if earlier and not overwrite:
         raise FileExistsError(f"--out {out_dir} already holds {len(earlier)} files of earlier samples "

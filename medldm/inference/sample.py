@@ -87,7 +87,8 @@ def sample_latents(
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and x.device.type == "cuda"):
             if guided:
                 xx, cc = torch.cat([x, x]), torch.cat([context, torch.zeros_like(context)])
-                both = unet(with_condition_channels(xx, cc) if concat else xx, timesteps=torch.cat([tt, tt]), context=cc)
+                both = unet(with_condition_channels(xx, cc) if concat else xx, timesteps=torch.cat([tt, tt]),
+                            context=cc)
                 cond, uncond = both.chunk(2)
                 pred = uncond + guidance * (cond - uncond)
             else:
@@ -164,7 +165,8 @@ def sample_run(
     speed = meta["cfg"].speed
     if eager:
         speed = dataclasses.replace(speed, compile="off", cuda_graphs=False)
-    speedups = apply_speed(unet, speed, dev, training=False) + apply_speed(autoencoder, speed, decode_dev, training=False)
+    speedups = (apply_speed(unet, speed, dev, training=False)
+                + apply_speed(autoencoder, speed, decode_dev, training=False))
     net = unet
     if speed.cuda_graphs and dev.type == "cuda":
         net = GraphedUNet(unet)

@@ -85,7 +85,8 @@ class ConditionEncoder:
                                     "max": max(values)}
             if not known:
                 raise InputError(f"diffusion.conditioning.keys names {key!r}, but no training scan in {source} has a "
-                                 f"value for it (the column is missing or empty): fill the {key!r} column or remove {key!r} from conditioning.keys")
+                                 f"value for it (the column is missing or empty): fill the {key!r} column or remove "
+                                 f"{key!r} from conditioning.keys")
         return cls(keys, numeric)
 
     def state_dict(self) -> dict[str, Any]:
@@ -135,7 +136,8 @@ class ConditionEncoder:
         return out
 
     def parse(self, conditions: Mapping[str, str]) -> dict[str, Any]:
-        """Validate ``--condition key=value`` pairs into labels; unknown keys, values and ages out of range are errors."""
+        """Validate ``--condition key=value`` pairs into labels; unknown keys, values and ages out of range are
+        errors."""
         labels: dict[str, Any] = {}
         for key, raw in conditions.items():
             if key not in self.keys:
@@ -198,7 +200,8 @@ class UnitRangeConditions:
         lines = []
         for key in self.keys:
             if key in self.codes:
-                lines.append(f"{key}: {' or '.join(self.codes[key])} (default {self.ranges.get(key, {}).get('default')})")
+                lines.append(f"{key}: {' or '.join(self.codes[key])} "
+                             f"(default {self.ranges.get(key, {}).get('default')})")
             else:
                 r = self.ranges[key]
                 lines.append(f"{key}: {r['min']:g}–{r['max']:g} {r.get('unit', '')} (default {r['default']:g}); "

@@ -14,7 +14,11 @@ import torch
 from monai.networks.blocks import SpatialAttentionBlock, Upsample
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.nets.autoencoderkl import AEKLDownsample
-from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock, DiffusionUnetDownsample, SpatialTransformer
+from monai.networks.nets.diffusion_model_unet import (
+    DiffusionUnetDownsample,
+    DiffusionUNetResnetBlock,
+    SpatialTransformer,
+)
 from torch.utils.checkpoint import checkpoint
 
 from medldm.config import SpeedConfig

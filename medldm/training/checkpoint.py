@@ -11,7 +11,6 @@ import torch
 from medldm.data.io import atomic_write
 from medldm.errors import InputError
 
-
 # what a checkpoint of each kind must hold to be used by the later stages, and in addition to be resumed; a file
 # without them is another kind, or was written by another medldm layout, and is refused by name instead of a KeyError
 USE_KEYS = {
