@@ -59,9 +59,11 @@ def test_a_writer_killed_mid_write_keeps_the_old_file_and_the_rerun_cleans_up(tm
     left = [p for p in tmp_path.iterdir() if p.name != path.name]
     assert len(left) == 1 and left[0].name.startswith(".")  # the killed writer's hidden half-file
     assert visible(tmp_path, "*.nii.gz") == [path]  # never listed as an output
-    new = np.full((4, 4, 4), 0.25, np.float32)
-    save_volume(path, new, np.eye(4))  # the rerun
-    np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), new)
+    # the rerun: a new process, writing the file again (another file into the same folder would do as well)
+    subprocess.run([sys.executable, "-c", "import sys, numpy as np; from medldm.data.io import save_volume; "
+                    "save_volume(sys.argv[1], np.full((4, 4, 4), 0.25, np.float32), np.eye(4))", str(path)],
+                   check=True)
+    np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), np.full((4, 4, 4), 0.25, np.float32))
     assert list(tmp_path.iterdir()) == [path]  # and what the dead writer left is gone
 
 

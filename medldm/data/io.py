@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import errno
-import glob
+import hashlib
 import json
 import locale
 import os
@@ -265,11 +265,19 @@ def staging_dir(final: Path) -> Path:
     return stage
 
 
+# folders this process has swept: once each, not at every write (a dataset's images/ holds thousands of files)
+_SWEPT: set[Path] = set()
+
+
 def _remove_left_behind(final: Path) -> None:
-    """Remove the temporaries of ``final`` (files or staging folders) that a killed writer on this host left: those
-    whose process is gone."""
-    for tmp in final.parent.glob(f".{glob.escape(final.name)}.{_WRITER}-*.tmp*"):
-        pid = tmp.name[len(final.name) + len(_WRITER) + 3:].split(".", 1)[0]
+    """Remove, once per process and folder, the temporaries (files or staging folders) that killed writers on this
+    host left beside ``final``: those whose process is gone."""
+    folder = final.parent.resolve()
+    if folder in _SWEPT:
+        return
+    _SWEPT.add(folder)
+    for tmp in folder.glob(f".*.{_WRITER}-*.tmp*"):
+        pid = tmp.name.rsplit(f".{_WRITER}-", 1)[1].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -356,6 +364,19 @@ def write_csv(path: str | Path, fieldnames: list[str], rows: list[dict[str, Any]
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (a crash never leaves half a file)."""
     write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def content_sha256(*paths: str | Path) -> str:
+    """SHA-256 of the content of ``paths`` read one after another: a file, or a folder's files in name order (a
+    DICOM series). Of one file it is the file's usual SHA-256."""
+    h = hashlib.sha256()
+    for path in map(Path, paths):
+        for f in sorted(path.iterdir()) if path.is_dir() else [path]:
+            if f.is_file():
+                with f.open("rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+    return h.hexdigest()
 
 
 def read_json(path: str | Path) -> Any:

@@ -28,7 +28,7 @@ from medldm.data.brain import brain_mask, resolve_method, rough_brain_mask
 from medldm.data.dataset import MANIFEST_COLUMNS
 from medldm.data.discovery import ScanRecord, discover_scans
 from medldm.data.intensity import head_mask, n4_correct, normalise
-from medldm.data.io import load_volume, read_json, save_volume, write_csv, write_json
+from medldm.data.io import content_sha256, load_volume, read_json, save_volume, write_csv, write_json
 from medldm.data.qc import assess, write_qc
 from medldm.data.registration import (
     Registration,
@@ -187,21 +187,11 @@ def preprocess_volume(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfi
     return out.volume, out.affine, out.stats
 
 
-def source_sha256(path: Path) -> str:
-    """SHA-256 of a scan file, or of a DICOM folder's files in name order."""
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()) if path.is_dir() else [path]:
-        if f.is_file():
-            with f.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()
-
-
 def _source_digest(path: Path) -> str | None:
-    """source_sha256, or None where the source cannot be read (loading it then says why)."""
+    """The SHA-256 of a scan (file, or a DICOM folder's files), or None where it cannot be read (loading it then
+    says why)."""
     try:
-        return source_sha256(path)
+        return content_sha256(path)
     except OSError:
         return None
 
@@ -340,7 +330,7 @@ def _run_job(job: _Job) -> dict[str, Any]:
     try:
         data, affine = load_volume(job.scan.path, first_volume_of_4d=job.cfg.use_first_volume_of_4d)
         if source_sha is None:  # readable now, but not when it was hashed: hash it again, or fail with the reason
-            source_sha = source_sha256(job.scan.path)
+            source_sha = content_sha256(job.scan.path)
         template = load_template(job.cfg) if job.cfg.registration.enabled else None
         out = preprocess_scan(data, affine, job.cfg, template)
         save_volume(job.out_path, out.volume, out.affine, descrip=f"medldm {__version__} preprocessed",

@@ -13,7 +13,6 @@ mask, Dice of the two brain masks), so that QC can compare it across scans and c
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import itertools
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from medldm.config import PreprocessConfig, RegistrationConfig
-from medldm.data.io import from_sitk, itk_threads, load_volume, to_sitk
+from medldm.data.io import content_sha256, from_sitk, itk_threads, load_volume, to_sitk
 from medldm.errors import InputError
 
 # files of the ICBM152 2009c nonlinear symmetric template inside the nilearn package
@@ -78,16 +77,11 @@ def template_files(cfg: RegistrationConfig) -> list[Path]:
 def template_sha256(cfg: RegistrationConfig) -> str:
     """SHA-256 of the template's files (a DICOM folder's files in name order), wherever they lie: a file replaced
     at the same path (another nilearn release, a template re-exported) gives another hash."""
-    h = hashlib.sha256()
-    for path in template_files(cfg):
+    files = template_files(cfg)
+    for path in files:
         if not path.exists():
             raise InputError(f"{path}: registration template file not found (registration.template / template_mask)")
-        for f in sorted(path.iterdir()) if path.is_dir() else [path]:
-            if f.is_file():
-                with f.open("rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(chunk)
-    return h.hexdigest()
+    return content_sha256(*files)
 
 
 def _template_files(cfg: RegistrationConfig) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray | None]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medldm.data.io import atomic_write
+from medldm.data.io import atomic_write, content_sha256
 from medldm.errors import InputError
 
 # what a checkpoint of each kind must hold to be used by the later stages, and in addition to be resumed; a file
@@ -59,11 +58,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The SHA-256 of a checkpoint (or any) file, as runs record the autoencoder they belong to."""
+    return content_sha256(path)
 
 
 def rng_state() -> dict[str, Any]:
