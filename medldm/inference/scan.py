@@ -270,11 +270,13 @@ def _denoiser(run_dir: str | Path, autoencoder_run: str | Path | None, dev: torc
               in_path: str | Path | None = None):
     """The diffusion run's UNet and its autoencoder; with ``in_path`` (``--native``), refused first when that scan
     has no way back to its grid."""
-    trained_with = load_checkpoint(best_checkpoint(run_dir, "diffusion"), mmap=True, kind="diffusion")["autoencoder"]
-    ae_path = find_autoencoder(trained_with, autoencoder_run)
-    if in_path is not None:
+    ae_path = None
+    if in_path is not None:  # the checkpoints' metadata only (mapped, no weights read) before any model is loaded
+        trained_with = load_checkpoint(best_checkpoint(run_dir, "diffusion"), mmap=True, kind="diffusion")
+        ae_path = find_autoencoder(trained_with["autoencoder"], autoencoder_run)
         refuse_native_early(in_path, load_checkpoint(ae_path, mmap=True, kind="autoencoder"))
     unet, meta = load_diffusion(run_dir, dev)
+    ae_path = ae_path or find_autoencoder(meta["autoencoder"], autoencoder_run)
     ae, ae_meta = load_autoencoder_file(ae_path, dev, sha256=meta["autoencoder"]["sha256"])
     return unet, meta, ae, ae_meta
 
