@@ -131,7 +131,7 @@ def _check_ranks_held(saved: dict, out: Path) -> None:
     """Both ranks ended with the weights the checkpoint holds, bit for bit."""
     for rank in (0, 1):
         assert (out / f"rank{rank}.pt").is_file(), f"rank {rank} wrapped no module in DistributedDataParallel"
-        held = torch.load(out / f"rank{rank}.pt", map_location="cpu")
+        held = torch.load(out / f"rank{rank}.pt", map_location="cpu", weights_only=True)
         assert held.keys() == saved["model"].keys()
         differ = [k for k, v in held.items() if not torch.equal(v, saved["model"][k])]
         assert not differ, (f"rank {rank}: {len(differ)} of {len(held)} tensors differ from the checkpoint's: "
