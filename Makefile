@@ -22,9 +22,10 @@ demo: install
 	rm -rf $(DEMO_OUT)
 	$(BIN)/medldm demo --out $(DEMO_OUT)
 
-# lint and import order first (a second), then the suite
+# lint and import order (a second), types (half a minute from a fresh clone), then the suite
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -16,9 +16,9 @@ import time
 import torch
 
 from medldm.config import load_config
-from medldm.inference.sample import sample_latents
 from medldm.models.conditioning import ConditionEncoder
 from medldm.models.networks import build_autoencoder, build_scheduler, build_unet
+from medldm.models.ops import sample_latents
 from medldm.training.autoencoder import kl_loss
 
 

@@ -23,14 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medldm.artifacts import AutoencoderRun, load_checkpoint, save_checkpoint
 from medldm.config import load_config, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest, split_rows, volume_dataset
+from medldm.devices import autocast
 from medldm.evaluation.metrics import VolumeMetrics
-from medldm.inference.encode import encode_dataset, load_autoencoder, reconstruct
+from medldm.inference.encode import encode_dataset
 from medldm.models.networks import build_autoencoder, build_discriminator
+from medldm.models.ops import reconstruct
 from medldm.training.autoencoder import train_autoencoder
-from medldm.training.checkpoint import load_checkpoint, save_checkpoint
-from medldm.training.loop import autocast
 from medldm.versions import versions
 from medldm.viz import grid, save_png, three_plane
 
@@ -106,9 +107,10 @@ def main() -> None:
     if device.type == "cuda":
         results["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
-    model, meta = load_autoencoder(run, device)
-    results["scored_checkpoint"] = {"file": Path(meta["checkpoint"]).name, "step": meta["step"],
-                                    "weights": meta["weights"]}
+    ae = AutoencoderRun(run).load()
+    model = ae.model(device)
+    results["scored_checkpoint"] = {"file": ae.path.name, "step": load_checkpoint(ae.path, mmap=True)["step"],
+                                    "weights": ae.weights_name}
     metrics = VolumeMetrics(shape)
     rows = read_manifest(args.data)
     tiles = []
@@ -144,7 +146,7 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
 
     # keep the scored weights (small) for later stages; drop the optimiser-laden checkpoints
-    state = load_checkpoint(meta["checkpoint"])
+    state = load_checkpoint(ae.path)
     slim = {k: v for k, v in state.items() if k not in ("optimizer", "optimizer_d", "discriminator", "rng")}
     save_checkpoint(args.out / "autoencoder_best.pt", slim)
     for tb in (run / "tensorboard").glob("events.*"):

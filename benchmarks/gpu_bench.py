@@ -45,10 +45,9 @@ from monai.inferers import DiffusionInferer
 from torch.utils.flop_counter import FlopCounterMode
 
 from medldm.config import AutoencoderModelConfig, SchedulerConfig, SpeedConfig, UNetConfig
-from medldm.inference.encode import decode_latents
-from medldm.inference.graphs import GraphedUNet
-from medldm.inference.sample import sample_latents
+from medldm.inference.cuda_graphs import GraphedUNet
 from medldm.models.networks import build_autoencoder, build_scheduler, build_unet
+from medldm.models.ops import decode_latents, sample_latents
 from medldm.models.speed import apply_speed
 from medldm.training.loop import NonFiniteGuard, adamw
 from medldm.training.losses import kl_loss

@@ -32,17 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medldm.artifacts import AutoencoderRun, load_checkpoint
 from medldm.config import load_config, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest, volume_dataset
+from medldm.devices import autocast
 from medldm.evaluation.memorisation import NearestTraining, memorisation
 from medldm.evaluation.metrics import VolumeMetrics, pairwise_similarity
-from medldm.inference.encode import encode_dataset, latents_path
+from medldm.inference.encode import encode_dataset
 from medldm.inference.sample import sample_run
 from medldm.models.conditioning import condition_width
 from medldm.models.networks import build_scheduler, build_unet
-from medldm.training.checkpoint import load_checkpoint
 from medldm.training.diffusion import train_diffusion
-from medldm.training.loop import autocast
 from medldm.versions import versions
 from medldm.viz import grid, save_png, three_plane
 
@@ -113,7 +113,7 @@ def main() -> None:
     if args.data is None or args.autoencoder is None:
         ap.error("--data and --autoencoder are needed (or --unet-speed)")
 
-    if not latents_path(args.autoencoder).is_file():
+    if not AutoencoderRun(args.autoencoder).latents.is_file():
         t0 = time.perf_counter()
         encode_dataset(args.data, args.autoencoder)
         results["encode_s"] = time.perf_counter() - t0

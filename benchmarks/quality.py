@@ -73,9 +73,10 @@ def sample_conditions(test: list[dict[str, Any]], encoder: Any, num: int) -> lis
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from medldm.artifacts import DiffusionRun
     from medldm.evaluation.report import evaluate
     from medldm.inference.encode import encode_dataset
-    from medldm.inference.sample import load_diffusion, sample_run
+    from medldm.inference.sample import sample_run
     from medldm.training.autoencoder import train_autoencoder
     from medldm.training.diffusion import train_diffusion
 
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def sample() -> None:
         shutil.rmtree(samples, ignore_errors=True)
-        encoder = load_diffusion(ldm_run)[1]["encoder"]
+        encoder = DiffusionRun(ldm_run).load(mmap=True).conditions
         for i, cond in enumerate(sample_conditions(test, encoder, args.num)):
             name = f"{i:02d}" + "".join(f"_{k}{v}" for k, v in cond.items())
             sample_run(ldm_run, samples / name, num=1, steps=args.steps, seed=args.seed + i, conditions=cond,

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 
 from medldm.config import load_config
-from medldm.inference.encode import decode_latents
-from medldm.inference.export import SampleWriter
-from medldm.inference.graphs import GraphedUNet
-from medldm.inference.sample import sample_latents, sample_run
+from medldm.inference.cuda_graphs import GraphedUNet
+from medldm.inference.sample import sample_run
+from medldm.inference.sample_writer import SampleWriter
 from medldm.models.conditioning import condition_width
 from medldm.models.networks import build_autoencoder, build_scheduler, build_unet
+from medldm.models.ops import decode_latents, sample_latents
 from medldm.models.speed import apply_speed
 from medldm.versions import versions
 

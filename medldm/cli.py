@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"imported: {runs['autoencoder']} and {runs['diffusion']} (see {args.out / 'bundle.json'}); sample "
               f"with: medldm sample --run {runs['diffusion']} --out SAMPLES --num 4 --condition age=70 sex=F")
     elif args.command == "export-model":
-        from medldm.inference.deploy import export_model
+        from medldm.inference.model_export import export_model
 
         paths = export_model(args.run, args.fmt, args.out, autoencoder_run=args.autoencoder)
         print("exported: " + ", ".join(str(p) for p in paths))

@@ -14,14 +14,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from medldm.errors import InputError, not_utf8
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class ConfigError(InputError):
@@ -457,6 +460,11 @@ class ConditioningConfig:
     # latent as constant channels, like the MONAI brain-LDM bundle)
     mode: str = "crossattn"
 
+    @property
+    def hybrid(self) -> bool:
+        """The UNet also takes the conditions as constant input channels (see ``with_condition_channels``)."""
+        return self.mode == "hybrid"
+
     def validate(self, prefix: str) -> None:
         bad = [k for k in self.keys if not k or not k.replace("_", "a").isalnum()]
         if bad:
@@ -563,7 +571,7 @@ class EvaluateConfig:
             raise ConfigError(f"{prefix}.morphometry_method={self.morphometry_method!r}: use otsu or gmm")
 
 
-STAGES: dict[str, type] = {
+STAGES: dict[str, type[Any]] = {
     "preprocess": PreprocessConfig,
     "autoencoder": AutoencoderConfig,
     "diffusion": DiffusionConfig,
@@ -581,7 +589,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return from_dict(tp, value, key)
+        return from_dict(typing.cast(type, tp), value, key)  # a dataclass type here, never an instance
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -658,7 +666,7 @@ def _apply(obj: T, data: dict[str, Any], prefix: str) -> T:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-            _apply(current, value, key)
+            _apply(typing.cast("DataclassInstance", current), value, key)
         else:
             setattr(obj, name, _coerce(value, hints[name], key))
     return obj

@@ -14,11 +14,13 @@ log = logging.getLogger(__name__)
 
 def run_demo(out: str | Path, num: int = 24, seed: int = 0) -> dict[str, Path]:
     """Phantoms -> preprocess -> autoencoder -> encode -> diffusion -> sample -> evaluate; returns the output dirs."""
+    from medldm.artifacts import DiffusionRun
     from medldm.data.phantoms import write_phantoms
     from medldm.data.preprocess import preprocess_dataset
     from medldm.evaluation.report import evaluate
     from medldm.inference.encode import encode_dataset
-    from medldm.inference.sample import load_diffusion, sample_run
+    from medldm.inference.sample import sample_run
+    from medldm.models.conditioning import ConditionEncoder
     from medldm.training.autoencoder import train_autoencoder
     from medldm.training.diffusion import train_diffusion
 
@@ -44,7 +46,11 @@ def run_demo(out: str | Path, num: int = 24, seed: int = 0) -> dict[str, Path]:
     stage("sample")
     sample_run(dirs["diffusion"], dirs["samples"], num=8, steps=50, seed=seed)
     # an old brain with Alzheimer's disease: the oldest age the model was trained on (asking beyond it is an error)
-    oldest = f"{math.floor(load_diffusion(dirs['diffusion'])[1]['encoder'].numeric['age']['max'] * 10) / 10:g}"
+    # the checkpoint's metadata only (mapped): no UNet is built to read one age
+    conditions = DiffusionRun(dirs["diffusion"]).load(mmap=True).conditions
+    assert isinstance(conditions, ConditionEncoder)  # trained here, not imported
+    ages = conditions.numeric["age"]
+    oldest = f"{math.floor(ages['max'] * 10) / 10:g}"
     sample_run(dirs["diffusion"], dirs["samples"] / "oldest_AD", num=4, steps=50, seed=seed,
                conditions={"age": oldest, "diagnosis": "AD"}, guidance=3.0)
     stage("evaluate")

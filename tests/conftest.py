@@ -11,17 +11,22 @@ from medldm.config import load_config
 
 torch.set_num_threads(2)
 
-# very short runs: the tests check plumbing and contracts, not image quality
+# very short runs: the tests check plumbing and contracts, not image quality. The diffusion runs draw no preview
+# samples (each is a 10-step DDIM chain and a decode per picture); the tests that check previews ask for them
 AE_FAST = ["train.steps=6", "train.val_every=3", "train.checkpoint_every=3"]
-LDM_FAST = ["train.steps=6", "train.val_every=3", "train.checkpoint_every=3", "train.batch_size=4"]
+LDM_FAST = ["train.steps=6", "train.val_every=3", "train.checkpoint_every=3", "train.batch_size=4",
+            "preview.every=0"]
 
 
 class Crash(Exception):
     """Stands for a process killed by the scheduler or a power cut."""
 
 
-def crash_after_checkpoint(monkeypatch, trainer_module, step: int) -> None:
-    """Make ``trainer_module`` die right after it has written ``latest.pt`` at ``step``."""
+def crash_after_checkpoint(monkeypatch, step: int) -> None:
+    """Make training die right after it has written ``latest.pt`` at ``step`` (both trainers save through the
+    training loop's ``save_checkpoint``)."""
+    from medldm.training import loop as trainer_module
+
     real_save = trainer_module.save_checkpoint
 
     def save_then_die(path, state):

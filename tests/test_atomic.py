@@ -112,7 +112,7 @@ def test_a_preprocessing_whose_qc_picture_fails_halfway_recovers_on_rerun(raw_ad
 WRITES = {"savefig", "imwrite", "imsave", "write_text", "write_bytes", "save", "to_csv", "tofile", "WriteImage"}
 ALLOWED = {
     # written into a staging folder that export_model moves in only after every check passed
-    ("inference/deploy.py", "_export"),
+    ("inference/model_export.py", "_export"),
 }
 
 
@@ -165,8 +165,8 @@ def test_the_atomic_writer_check_finds_a_plain_write():
 def test_every_writer_leaves_the_old_file_when_it_fails(tmp_path, monkeypatch, fault):
     import torch
 
+    from medldm.artifacts import save_checkpoint
     from medldm.data import io
-    from medldm.training.checkpoint import save_checkpoint
     from medldm.viz import save_figure, save_png
 
     def figure(value):
@@ -211,8 +211,8 @@ def test_a_checkpoint_on_a_full_disk_is_a_named_os_error_and_the_old_one_stays(t
 
     import torch
 
+    from medldm import artifacts as checkpoint
     from medldm.cli import user_message
-    from medldm.training import checkpoint
 
     path = tmp_path / "latest.pt"
     checkpoint.save_checkpoint(path, {"step": 1})

@@ -1,11 +1,12 @@
+from pathlib import Path
+
 import pytest
 import torch
 
-import medldm.training.autoencoder as ae_module
+from medldm.artifacts import AutoencoderRun, load_checkpoint
 from medldm.config import ConfigError, load_config
 from medldm.data.dataset import read_manifest
 from medldm.training.autoencoder import check_shapes, train_autoencoder
-from medldm.training.checkpoint import load_checkpoint
 from medldm.training.loop import (
     NonFiniteGuard,
     NonFiniteLossError,
@@ -28,10 +29,12 @@ def test_checkpoint_holds_what_is_needed_to_rebuild_and_resume(ae_run):
     assert list((ae_run / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_resume_continues_the_run_and_refuses_to_overwrite(dataset, tmp_path):
+def test_resume_continues_the_run_and_refuses_to_overwrite(dataset, ae_run, tmp_path):
+    import shutil
+
     run = tmp_path / "ae"
+    shutil.copytree(ae_run, run)  # the session's run, trained with AE_FAST
     cfg = load_config("autoencoder", None, AE_FAST)
-    train_autoencoder(dataset, run, cfg)
     with pytest.raises(FileExistsError, match="--resume"):
         train_autoencoder(dataset, run, cfg)
     longer = load_config("autoencoder", None, AE_FAST + ["train.steps=9"])
@@ -132,17 +135,24 @@ def test_ema_copies_first_then_averages_with_a_warm_up():
 
 
 # every production feature at once, so the exact-resume test covers their state: adversarial term (from step 2),
-# EMA, random patches, gradient accumulation
+# EMA, random patches, gradient accumulation; logged every step for the logging test
 AE_FULL = AE_FAST + ["train.steps=8", "train.val_every=4", "train.checkpoint_every=4", "adversarial_start=2",
-                     "ema_decay=0.9", "patch_size=[24,24,24]", "train.grad_accum=2"]
+                     "ema_decay=0.9", "patch_size=[24,24,24]", "train.grad_accum=2", "train.log_every=1"]
 
 
-def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(dataset, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def full_run(dataset, tmp_path_factory):
+    """One uninterrupted AE_FULL run, shared by the resume, logging and encoding tests of this module."""
+    run = tmp_path_factory.mktemp("full") / "ae"
+    train_autoencoder(dataset, run, load_config("autoencoder", None, AE_FULL))
+    return run
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(dataset, full_run, tmp_path, monkeypatch):
     cfg = load_config("autoencoder", None, AE_FULL)
-    train_autoencoder(dataset, tmp_path / "straight", cfg)
-    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
+    straight = load_checkpoint(full_run / "checkpoints" / "latest.pt")
 
-    crash_after_checkpoint(monkeypatch, ae_module, step=4)
+    crash_after_checkpoint(monkeypatch, step=4)
     with pytest.raises(Crash):
         train_autoencoder(dataset, tmp_path / "crashed", cfg)
     monkeypatch.undo()
@@ -160,12 +170,10 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(dataset, tm
                for a, s in zip(exp_avg, resumed["optimizer_d"]["state"].values()))
 
 
-def test_training_logs_every_term_and_validation_pictures(dataset, tmp_path):
+def test_training_logs_every_term_and_validation_pictures(full_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = tmp_path / "ae"
-    train_autoencoder(dataset, run, load_config("autoencoder", None, AE_FULL + ["train.log_every=1"]))
-    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    events = EventAccumulator(str(full_run / "tensorboard"), size_guidance={"images": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/l1", "train/kl", "train/adv_g", "train/adv_d", "train/loss", "train/lr",
             "train/seconds_per_step", "val/ssim", "val/ms_ssim", "val/psnr", "val/l1"} <= scalars
@@ -175,14 +183,16 @@ def test_training_logs_every_term_and_validation_pictures(dataset, tmp_path):
     assert min(e.step for e in events.Scalars("train/adv_g")) == 3
 
 
-def test_encoding_uses_the_ema_weights_and_records_the_manifest_rows(dataset, tmp_path):
-    from medldm.inference.encode import encode_dataset, load_autoencoder
+def test_encoding_uses_the_ema_weights_and_records_the_manifest_rows(dataset, full_run, tmp_path):
+    import shutil
 
-    run = tmp_path / "ae"
-    train_autoencoder(dataset, run, load_config("autoencoder", None, AE_FULL))
-    model, meta = load_autoencoder(run)
+    from medldm.inference.encode import encode_dataset
+
+    run = Path(shutil.copytree(full_run, tmp_path / "ae"))  # encoding writes into the run: a copy
+    ae = AutoencoderRun(run).load()
+    model = ae.model()
     state = load_checkpoint(run / "checkpoints" / "best.pt")
-    assert meta["weights"] == "ema"
+    assert ae.weights_name == "ema"
     assert all(torch.equal(v, state["ema"][k]) for k, v in model.state_dict().items())
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
     cache = load_checkpoint(encode_dataset(dataset, run, batch_size=3))
@@ -194,8 +204,8 @@ def test_encoding_uses_the_ema_weights_and_records_the_manifest_rows(dataset, tm
 
 
 def test_sliding_window_reconstruction_covers_the_whole_volume():
-    from medldm.inference.encode import posterior_mean, reconstruct
     from medldm.models.networks import build_autoencoder
+    from medldm.models.ops import posterior_mean, reconstruct
 
     class BlockAverage(torch.nn.Module):
         """An autoencoder whose output at a voxel depends only on its 4^3 block: 16^3 windows at 0.25 overlap start

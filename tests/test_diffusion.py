@@ -7,16 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from medldm.artifacts import AutoencoderRun, DatasetDir, DiffusionRun, load_checkpoint, save_checkpoint
 from medldm.data.dataset import read_manifest
-from medldm.inference.encode import latents_path, load_autoencoder
 from medldm.models.conditioning import ConditionEncoder
-from medldm.training.checkpoint import load_checkpoint
 
 from .conftest import Crash, crash_after_checkpoint
 
 
 def test_latents_are_posterior_means_with_train_scale_factor(dataset, ae_run):
-    cache = load_checkpoint(latents_path(ae_run))
+    cache = load_checkpoint(AutoencoderRun(ae_run).latents)
     rows = read_manifest(dataset)
     assert cache["images"] == [r["image"] for r in rows]
     assert tuple(cache["mu"].shape) == (len(rows), 3, 8, 8, 8)
@@ -26,7 +25,7 @@ def test_latents_are_posterior_means_with_train_scale_factor(dataset, ae_run):
     # the mean, not a sample: encoding again gives exactly the cached latent
     from medldm.data.io import load_volume
 
-    model, _ = load_autoencoder(ae_run)
+    model = AutoencoderRun(ae_run).load().model()
     x = torch.from_numpy(load_volume(dataset / rows[0]["image"])[0])[None, None]
     with torch.no_grad():
         torch.testing.assert_close(model.encode(x)[0][0], cache["mu"][0])
@@ -34,7 +33,7 @@ def test_latents_are_posterior_means_with_train_scale_factor(dataset, ae_run):
 
 def test_diffusion_checkpoint_carries_scale_factor_autoencoder_and_reference(ae_run, ldm_run):
     state = load_checkpoint(ldm_run / "checkpoints" / "latest.pt")
-    cache = load_checkpoint(latents_path(ae_run))
+    cache = load_checkpoint(AutoencoderRun(ae_run).latents)
     assert state["scale_factor"] == cache["scale_factor"]
     assert state["autoencoder"]["sha256"] == cache["autoencoder_sha256"]
     assert state["reference"]["shape"] == [32, 32, 32] and len(state["reference"]["affine"]) == 4
@@ -81,7 +80,7 @@ def test_latents_of_another_dataset_are_refused_by_the_cli(dataset, ae_run, tmp_
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("medldm ")]
     assert len(errors) == 1 and errors[0].startswith("medldm train: error: ") and "Traceback" not in done.stderr
-    for named in (latents_path(ae_run), f"encoded from {dataset.resolve()}", other / "manifest.csv",
+    for named in (AutoencoderRun(ae_run).latents, f"encoded from {dataset.resolve()}", other / "manifest.csv",
                   f"run `medldm encode --data {other} --autoencoder {ae_run}` again"):
         assert str(named) in errors[0]
     assert "preprocess.json" not in errors[0]  # only the file that differs is named
@@ -121,7 +120,6 @@ def test_a_preprocessing_rerun_that_changed_nothing_keeps_the_latents(dataset, t
     import json
     import shutil
 
-    from medldm.inference.encode import dataset_sha256
 
     def rerun(data):  # what a rerun rewrites: counts, paths, timings; the settings and grid stay
         info = json.loads((data / "preprocess.json").read_text(encoding="utf-8"))
@@ -130,11 +128,11 @@ def test_a_preprocessing_rerun_that_changed_nothing_keeps_the_latents(dataset, t
 
     copy = Path(shutil.copytree(dataset, tmp_path / "data"))
     rerun(copy)
-    assert dataset_sha256(copy) == dataset_sha256(dataset)
+    assert DatasetDir(copy).sha256() == DatasetDir(dataset).sha256()
     info = json.loads((copy / "preprocess.json").read_text(encoding="utf-8"))
     info["config"]["spacing"] = [5.0, 6.0, 6.0]
     (copy / "preprocess.json").write_text(json.dumps(info), encoding="utf-8")
-    assert dataset_sha256(copy)["preprocess.json"] != dataset_sha256(dataset)["preprocess.json"]
+    assert DatasetDir(copy).sha256()["preprocess.json"] != DatasetDir(dataset).sha256()["preprocess.json"]
 
 
 def test_latents_that_do_not_record_their_dataset_are_refused(dataset, ae_run, tmp_path):
@@ -142,14 +140,14 @@ def test_latents_that_do_not_record_their_dataset_are_refused(dataset, ae_run, t
 
     from medldm.config import load_config
     from medldm.errors import InputError
-    from medldm.training.checkpoint import save_checkpoint
     from medldm.training.diffusion import train_diffusion
 
     ae = tmp_path / "ae"
     shutil.copytree(ae_run, ae)
-    old = load_checkpoint(latents_path(ae))
-    old.pop("dataset_sha256", None)  # as encoded before the dataset was recorded
-    save_checkpoint(latents_path(ae), old)
+    old = load_checkpoint(AutoencoderRun(ae).latents)
+    old.pop("dataset_sha256", None)  # as encoded before the dataset was recorded (schema 1: no kind either)
+    old.pop("kind", None)
+    save_checkpoint(AutoencoderRun(ae).latents, old)
     with pytest.raises(InputError, match=re.escape(f"does not record which dataset it was encoded from (an older "
                                                    f"medldm wrote it): run `medldm encode --data {dataset} "
                                                    f"--autoencoder {ae}` again")):
@@ -268,24 +266,24 @@ def test_a_latent_shape_the_unet_cannot_halve_is_refused_before_training(dataset
 
 
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(dataset, ae_run, tmp_path, monkeypatch):
-    import medldm.training.diffusion as ldm_module
     from medldm.config import load_config
     from medldm.training.diffusion import train_diffusion
 
-    cfg = load_config("diffusion", None, ["train.steps=8", "train.val_every=4", "train.checkpoint_every=2",
+    # killed at step 2, after a validation and a checkpoint and inside the 3-step warm-up; resumed to step 4
+    cfg = load_config("diffusion", None, ["train.steps=4", "train.val_every=2", "train.checkpoint_every=2",
                                           "train.batch_size=4", "train.warmup_steps=3", "min_snr_gamma=5",
                                           "preview.every=0"])
     train_diffusion(dataset, ae_run, tmp_path / "straight", cfg)
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
 
-    crash_after_checkpoint(monkeypatch, ldm_module, step=4)
+    crash_after_checkpoint(monkeypatch, step=2)
     with pytest.raises(Crash):
         train_diffusion(dataset, ae_run, tmp_path / "crashed", cfg)
     monkeypatch.undo()
     train_diffusion(dataset, ae_run, tmp_path / "crashed", cfg, resume=True)
     resumed = load_checkpoint(tmp_path / "crashed" / "checkpoints" / "latest.pt")
 
-    assert resumed["step"] == straight["step"] == 8
+    assert resumed["step"] == straight["step"] == 4
     assert resumed["best_val_loss"] == pytest.approx(straight["best_val_loss"], abs=1e-6)
     for part in ("model", "ema"):
         for k, v in straight[part].items():
@@ -310,7 +308,6 @@ def test_resuming_on_other_latents_or_another_architecture_is_refused(dataset, a
     with pytest.raises(ConfigError, match="conditioning.keys"):
         train_diffusion(dataset, ae_run, run, load_config("diffusion", None, LDM_FAST + ["conditioning.keys=[age]"]),
                         resume=True)
-    from medldm.training.checkpoint import save_checkpoint
 
     state = load_checkpoint(run / "checkpoints" / "latest.pt")
     state["dataset_sha256"] = {"manifest.csv": "0" * 64, "preprocess.json": "0" * 64}  # trained on other latents
@@ -382,7 +379,7 @@ def test_bad_training_input_is_refused_before_the_run_starts(dataset, ae_run, tm
         shutil.copytree(ae_run, ae, ignore=shutil.ignore_patterns("latents"))
         with pytest.raises(ValueError, match=match):
             encode_dataset(data, ae)
-        assert not latents_path(ae).exists()
+        assert not AutoencoderRun(ae).latents.exists()
     else:
         with pytest.raises(ValueError, match=match):
             train_diffusion(data, ae_run, tmp_path / "ldm",
@@ -393,7 +390,7 @@ def test_bad_training_input_is_refused_before_the_run_starts(dataset, ae_run, tm
 def test_hybrid_conditioning_trains_and_samples(dataset, ae_run, tmp_path):
     # the brain-LDM bundle's layout: conditions also concatenated to the latent, resblock up/down, float32 attention
     from medldm.config import load_config
-    from medldm.inference.sample import load_diffusion, sample_run
+    from medldm.inference.sample import sample_run
     from medldm.training.diffusion import train_diffusion
 
     from .conftest import LDM_FAST
@@ -401,15 +398,15 @@ def test_hybrid_conditioning_trains_and_samples(dataset, ae_run, tmp_path):
     run = tmp_path / "ldm"
     train_diffusion(dataset, ae_run, run, load_config("diffusion", None, LDM_FAST + [
         "train.steps=2", "conditioning.mode=hybrid", "model.resblock_updown=true", "model.upcast_attention=true"]))
-    unet, meta = load_diffusion(run)
-    assert unet.conv_in.conv.in_channels == meta["latent_shape"][0] + meta["encoder"].dim
+    ldm = DiffusionRun(run).load()
+    unet = ldm.unet()
+    assert unet.conv_in.conv.in_channels == ldm.latent_shape[0] + ldm.conditions.dim
     paths = sample_run(run, tmp_path / "samples", num=1, steps=2, conditions={"sex": "F"}, guidance=2.0, device="cpu")
     assert paths[0].is_file()
 
 
 def test_runs_from_before_new_config_keys_resume_and_a_changed_mode_is_refused(dataset, ae_run, tmp_path):
     from medldm.config import ConfigError, load_config
-    from medldm.training.checkpoint import save_checkpoint
     from medldm.training.diffusion import train_diffusion
 
     from .conftest import LDM_FAST

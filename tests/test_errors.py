@@ -174,8 +174,9 @@ NATIVE_SETUP = textwrap.dedent("""
     from medldm.config import PreprocessConfig
     cfg = PreprocessConfig(); cfg.registration.enabled = True
     stack.enter_context(mock.patch("medldm.inference.scan._dataset_preprocessing", return_value=(Path("d"), cfg)))
-    for name in ("load_autoencoder_file", "load_diffusion"):
-        stack.enter_context(mock.patch(f"medldm.inference.scan.{name}", side_effect=AssertionError("work done")))
+    # building a network is the first work: the refusal comes before it
+    for name in ("AutoencoderCheckpoint.model", "DiffusionCheckpoint.unet"):
+        stack.enter_context(mock.patch(f"medldm.artifacts.{name}", side_effect=AssertionError("work done")))
 """)
 OOM_SETUP = textwrap.dedent("""
     import torch
@@ -200,7 +201,7 @@ PERMISSION_SETUP = textwrap.dedent("""
         return real(self, *a, **k)
     stack.enter_context(mock.patch.object(pathlib.Path, "mkdir", mkdir))
 """)
-EXPORT_SETUP = "stack.enter_context(mock.patch('medldm.inference.deploy._export', return_value=0.5))"
+EXPORT_SETUP = "stack.enter_context(mock.patch('medldm.inference.model_export._export', return_value=0.5))"
 
 
 def test_a_manifest_without_its_session_column_is_one_line_with_exit_2_and_v_adds_the_stack(copies, tmp_path):
@@ -294,7 +295,7 @@ def test_a_failed_cuda_graph_capture_says_to_sample_eager(monkeypatch):
     from contextlib import nullcontext
 
     from medldm.cli import user_message
-    from medldm.inference import graphs
+    from medldm.inference import cuda_graphs as graphs
 
     class FailingGraph:
         def __init__(self, *a, **k):

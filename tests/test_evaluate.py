@@ -45,7 +45,11 @@ def test_report_has_reconstruction_diversity_and_memorisation(dataset, ae_run, l
     data, affine = load_volume(dataset / train[1]["image"])
     save_volume(samples / "sample_9999.nii.gz", data, affine, dtype="int16")
     out = tmp_path / "report"
-    report = evaluate(dataset, out, load_config("evaluate"), autoencoder=ae_run, samples=samples)
+    # the reference statistics come from the few test volumes decoded by a 6-step autoencoder: the real copy's
+    # grey-matter share sits at their range's edge (0.2097 against 0.2098 in one run), so the statistics' cut-off is
+    # widened here; test_plausibility.py checks the cut-off itself
+    cfg = load_config("evaluate", None, ["plausibility_z=8"])
+    report = evaluate(dataset, out, cfg, autoencoder=ae_run, samples=samples)
     rec = report["reconstruction"]
     assert rec["ssim"]["n"] == report["test_volumes"] >= 2
     assert 0.0 < rec["ms_ssim"]["mean"] <= 1.0

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from medldm.artifacts import load_checkpoint
 from medldm.cli import build_parser
 from medldm.inference.encode import encode_dataset
-from medldm.training.checkpoint import load_checkpoint
 from medldm.training.loop import weights_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,10 +7,12 @@ import SimpleITK as sitk
 import torch
 
 from medldm import __version__
+from medldm.artifacts import DiffusionRun
 from medldm.data.dataset import read_dataset_info
 from medldm.data.io import load_volume
-from medldm.inference.sample import load_diffusion, sample_latents, sample_run
+from medldm.inference.sample import sample_run
 from medldm.models.networks import build_scheduler
+from medldm.models.ops import sample_latents
 
 from .conftest import train_age_range
 
@@ -218,11 +220,12 @@ def test_unknown_or_out_of_range_conditions_are_refused_before_sampling(dataset,
 
 
 def test_guidance_moves_samples_and_no_condition_is_unconditional(dataset, ldm_run, tmp_path):
-    unet, meta = load_diffusion(ldm_run)
-    scheduler = build_scheduler(meta["cfg"].scheduler, "ddim")
+    ldm = DiffusionRun(ldm_run).load()
+    unet = ldm.unet()
+    scheduler = build_scheduler(ldm.config.scheduler, "ddim")
     scheduler.set_timesteps(4)
-    noise = torch.randn([2, *meta["latent_shape"]], generator=torch.Generator().manual_seed(0))
-    enc = meta["encoder"]
+    noise = torch.randn([2, *ldm.latent_shape], generator=torch.Generator().manual_seed(0))
+    enc = ldm.conditions
     context = enc.encode([{"age": max(train_age_range(dataset)), "diagnosis": "AD"}] * 2)
     plain = sample_latents(unet, scheduler, noise, context, guidance=1.0)
     guided = sample_latents(unet, scheduler, noise, context, guidance=3.0)
@@ -237,7 +240,7 @@ def test_guidance_moves_samples_and_no_condition_is_unconditional(dataset, ldm_r
 def test_moved_runs_find_their_autoencoder_by_hash(ae_run, ldm_run, tmp_path):
     import shutil
 
-    from medldm.training.checkpoint import load_checkpoint
+    from medldm.artifacts import load_checkpoint
 
     moved = tmp_path / "moved"
     shutil.copytree(ae_run, moved / "ae")
@@ -262,7 +265,7 @@ def test_moved_runs_find_their_autoencoder_by_hash(ae_run, ldm_run, tmp_path):
 def test_writer_pages_the_contact_sheet_and_lists_only_finished_volumes(tmp_path, monkeypatch):
     import imageio.v3 as iio
 
-    from medldm.inference import export
+    from medldm.inference import sample_writer as export
 
     monkeypatch.setattr(export, "SHEET_PAGE", 2)
     reference = {"affine": np.diag([2.0, 2.0, 2.0, 1.0]).tolist(), "shape": [8, 10, 12], "image": None}

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from medldm.artifacts import load_checkpoint, save_checkpoint
 from medldm.cli import main
 from medldm.data.dataset import read_manifest
 from medldm.inference.sample import sample_run
 from medldm.inference.scan import compress_scan, decompress_latent, denoise_scan, reconstruct_scan, show_noising
-from medldm.training.checkpoint import load_checkpoint, save_checkpoint
 from medldm.training.curves import loss_plot
 
 

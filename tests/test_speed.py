@@ -161,7 +161,7 @@ def test_speed_settings_are_checked():
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_matches_the_eager_unet():
-    from medldm.inference.graphs import GraphedUNet
+    from medldm.inference.cuda_graphs import GraphedUNet
 
     torch.manual_seed(0)
     unet = build_unet(UNET, 3, 7, sdpa=True).cuda().eval()

@@ -35,6 +35,7 @@ def read_manifest(data_dir: str | Path) -> list[dict[str, Any]]:
                 raise InputError(f"{path}: missing column(s) {missing}; a manifest written by `medldm preprocess` has "
                                  f"{list(MANIFEST_COLUMNS)} (rerun it with --assemble to rewrite the manifest)")
             rows = []
+            row: dict[str, Any]  # the CSV's strings, then age as a float and empty labels as None
             for line, row in enumerate(reader, start=2):
                 row = {k: (v if v != "" else None) for k, v in row.items()}
                 for column in REQUIRED_COLUMNS[:3]:
@@ -72,7 +73,7 @@ def volume_dataset(data_dir: str | Path, rows: list[dict[str, Any]], cache_rate:
     A listed image that is missing is refused before anything is read (all of them named), and one that cannot be
     read is an :class:`InputError` that names it, where MONAI's loader would raise "applying transform …"."""
     data_dir = Path(data_dir)
-    items = [{"image": str(data_dir / r["image"]), "index": i} for i, r in enumerate(rows)]
+    items: list[dict[str, Any]] = [{"image": str(data_dir / r["image"]), "index": i} for i, r in enumerate(rows)]
     missing = [it["image"] for it in items if not Path(it["image"]).is_file()]
     if missing:
         raise InputError(f"{data_dir / 'manifest.csv'} lists {len(missing)} image(s) that are not there: "

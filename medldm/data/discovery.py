@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from medldm.errors import InputError, not_utf8
 
@@ -199,8 +199,9 @@ def _match_visit(visits: list[_Visit], session: str, acquired: dt.date | None) -
     dated = [v for v in visits if v.exam_date is not None]
     if acquired is None or not dated:
         return None
-    nearest = min(dated, key=lambda v: abs((v.exam_date - acquired).days))
-    return nearest if abs((nearest.exam_date - acquired).days) <= _ADNIMERGE_MAX_DAYS else None
+    # every visit in `dated` has an exam date
+    nearest = min(dated, key=lambda v: abs((cast(dt.date, v.exam_date) - acquired).days))
+    return nearest if abs((cast(dt.date, nearest.exam_date) - acquired).days) <= _ADNIMERGE_MAX_DAYS else None
 
 
 def _age_at_visit(visit: _Visit, visits: list[_Visit], warnings: list[tuple[str, str]]) -> float | None:
@@ -325,7 +326,9 @@ def _discover_adni(root: Path, input_dir: Path, metadata: Path | None, adnimerge
 def _discover_flat(csv_path: Path) -> Discovery:
     header, rows = _read_csv(csv_path)
     _require_columns(csv_path, header, _FLAT_REQUIRED)
-    scans, skipped, warnings = [], [], []
+    scans: list[ScanRecord] = []
+    skipped: list[tuple[str, str]] = []
+    warnings: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
     # row numbers as a spreadsheet shows them: the header is row 1
     for number, row in enumerate(rows, start=2):

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -26,6 +26,11 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 def is_nifti(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | Path) -> str:
+    """The name of a NIfTI file without .nii or .nii.gz (``sub-01.nii.gz`` -> ``sub-01``)."""
+    return Path(path).name.removesuffix(".gz").removesuffix(".nii")
 
 
 def load_volume(path: str | Path, first_volume_of_4d: bool = False, allow_empty: bool = False
@@ -42,7 +47,8 @@ def load_volume(path: str | Path, first_volume_of_4d: bool = False, allow_empty:
         raise InputError(f"{path}: not a NIfTI file (.nii/.nii.gz) or a DICOM series folder")
     else:
         try:
-            img = nib.load(str(path))
+            # nib.load is typed as returning the base image class, which has no affine; a NIfTI is a SpatialImage
+            img = cast("nib.spatialimages.SpatialImage", nib.load(str(path)))
             data = np.asanyarray(img.dataobj, dtype=np.float32)
         except Exception as e:  # nibabel raises many types for truncated or corrupt files
             raise InputError(f"{path}: cannot be read as NIfTI ({type(e).__name__}: {e})") from None

@@ -14,6 +14,7 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -31,7 +32,7 @@ TISSUE_LABELS = {0: "background", 1: "soft tissue", 2: "skull", 3: "CSF", 4: "gr
                  6: "ventricles"}
 
 # How far along the way to dementia each group is; drives ventricle growth and cortical thinning.
-_SEVERITY = {"CN": 0.0, "SMC": 0.1, "EMCI": 0.35, "MCI": 0.5, "LMCI": 0.65, "AD": 1.0}
+_SEVERITY: dict[str | None, float] = {"CN": 0.0, "SMC": 0.1, "EMCI": 0.35, "MCI": 0.5, "LMCI": 0.65, "AD": 1.0}
 _GROUP_P = (0.3, 0.07, 0.15, 0.15, 0.13, 0.2)
 # Axis codes seen in real downloads: axial RAS/LPS/LAS and sagittal acquisitions (ADNI MPRAGE is sagittal).
 _AXCODES = (("R", "A", "S"), ("L", "P", "S"), ("L", "A", "S"), ("P", "S", "R"), ("A", "S", "L"), ("P", "I", "R"))
@@ -281,7 +282,7 @@ def _save_dicom(scan: _WrittenScan) -> None:
     """Rewrite a saved NIfTI as a DICOM series, one int16 file per slice along its third axis, and delete it."""
     import SimpleITK as sitk  # heavy; only DICOM phantoms need it
 
-    nifti = nib.load(scan.path)
+    nifti = cast("nib.spatialimages.SpatialImage", nib.load(scan.path))
     # SimpleITK wants the array as (z, y, x) and geometry in LPS, where NIfTI has (i, j, k) and RAS
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ nifti.affine
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
@@ -382,7 +383,8 @@ def _write_adni(out_dir: Path, num: int, rng: np.random.Generator, adnimerge: bo
     downloaded = _ida_date(last_acquired + dt.timedelta(days=int(rng.integers(30, 400))))
     if dicom_fraction > 0:
         # a DICOM slice stack cannot hold an oblique slab without resampling, so only axis-aligned scans qualify
-        aligned = [scan for scan in written if _is_axis_aligned(nib.load(scan.path).affine)]
+        aligned = [scan for scan in written
+                   if _is_axis_aligned(cast("nib.spatialimages.SpatialImage", nib.load(scan.path)).affine)]
         count = min(len(aligned), round(dicom_fraction * len(written)))
         for choice in sorted(rng.choice(len(aligned), size=count, replace=False)):
             _save_dicom(aligned[choice])

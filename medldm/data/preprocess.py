@@ -13,7 +13,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -70,7 +70,8 @@ def _crop_to_shape(volume: np.ndarray, affine: np.ndarray,
     size = image.shape[3]
     if size > shape[2]:
         image = SpatialCrop(roi_start=(0, 0, size - shape[2]), roi_end=(*image.shape[1:3], size))(image)
-    image = ResizeWithPadOrCrop(spatial_size=shape)(image)
+    # MONAI's transforms are typed as returning a Tensor: they return the MetaTensor they were given
+    image = cast(MetaTensor, ResizeWithPadOrCrop(spatial_size=shape)(image))
     return image[0].numpy().astype(np.float32), image.affine.numpy().astype(np.float64)
 
 
@@ -120,6 +121,7 @@ def preprocess_scan(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig,
         if cfg.brain_mask:
             volume = volume * keep
         mask = keep if cfg.brain_mask else head_mask(volume)
+        assert mask is not None  # PreprocessConfig.validate: brain_mask needs a template with a brain mask
         volume, window = normalise(volume, mask, cfg.percentiles)
     else:
         volume, window = normalise(volume, head_mask(volume), cfg.percentiles)
@@ -306,6 +308,7 @@ def _recorded_result(job: _Job, source_sha: str | None, failures_too: bool) -> t
         previous = _read_record(job.sidecar)
         changed = [_DAMAGED] if previous is None or "stats" not in previous else _changes(previous, now)
         if not changed:
+            assert previous is not None  # a record that could not be read is _DAMAGED
             if not job.qc_png.is_file():  # qc/ was deleted: redraw the picture, keep the volume
                 save_png(job.qc_png, three_plane(load_volume(job.out_path)[0]))
             return {**previous, "resumed": True}, []
@@ -526,7 +529,7 @@ def _recorded_results(output_dir: Path, jobs: list[_Job], workers: int = 1) -> l
     missing = [(j, changed) for j, (r, changed) in zip(jobs, recorded) if r is None]
     if not missing:
         log.info("assembling %d scans from their per-scan results (none preprocessed here)", len(jobs))
-        return results
+        return cast("list[dict[str, Any]]", results)  # none missing: every result is a record
     records = _shard_records(output_dir, missing[0][0].cfg_hash)
     where = ""
     if records:
@@ -589,7 +592,7 @@ def _write_dataset(input_dir: Path, output_dir: Path, cfg: PreprocessConfig, job
 
     # synthetic volumes are written on the grid of the first training volume (the template grid when registered)
     reference = next((r for r in rows if r["split"] == "train"), rows[0])
-    ref_affine = nib.load(str(output_dir / reference["image"])).affine
+    ref_affine = cast("nib.spatialimages.SpatialImage", nib.load(str(output_dir / reference["image"]))).affine
     info = {
         "config": to_dict(cfg),
         "config_hash": jobs[0].cfg_hash,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -46,15 +46,16 @@ class VolumeMetrics:
     @torch.no_grad()
     def ssim_only(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """SSIM of two (1, X, Y, Z) volumes, on ``a``'s device."""
-        return float(self.ssim(a[None].float(), b[None].float().to(a.device)).mean())
+        # MONAI types a metric's result as a tensor or a list of them: these three return a tensor
+        return float(cast(torch.Tensor, self.ssim(a[None].float(), b[None].float().to(a.device))).mean())
 
     @torch.no_grad()
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
         a, b = a[None].float(), b[None].float()
         return {
-            "ssim": float(self.ssim(a, b).mean()),
-            "ms_ssim": float(self.ms_ssim(a, b).mean()),
-            "psnr": float(self.psnr(a, b).mean()),
+            "ssim": float(cast(torch.Tensor, self.ssim(a, b)).mean()),
+            "ms_ssim": float(cast(torch.Tensor, self.ms_ssim(a, b)).mean()),
+            "psnr": float(cast(torch.Tensor, self.psnr(a, b)).mean()),
             "mae": float((a - b).abs().mean()),
         }
 
@@ -82,12 +83,13 @@ def pairwise_similarity(volumes: Sequence[torch.Tensor], metrics: VolumeMetrics,
     pairs = random_pairs(len(volumes), max_pairs, seed)
     if not pairs:
         raise InputError("diversity needs at least two volumes")
-    ms, ss = [], []
+    ms: list[float] = []
+    ss: list[float] = []
     for first in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch"):
         chunk = pairs[first:first + batch_size]
         a = torch.stack([volumes[i] for i, _ in chunk]).float().to(device)
         b = torch.stack([volumes[j] for _, j in chunk]).float().to(device)
-        ms += metrics.ms_ssim(a, b).flatten().tolist()
-        ss += metrics.ssim(a, b).flatten().tolist()
+        ms += cast(torch.Tensor, metrics.ms_ssim(a, b)).flatten().tolist()
+        ss += cast(torch.Tensor, metrics.ssim(a, b)).flatten().tolist()
     return {"pairs": len(pairs), "ms_ssim_mean": float(np.mean(ms)), "ms_ssim_std": float(np.std(ms)),
             "ssim_mean": float(np.mean(ss)), "ssim_std": float(np.std(ss)), "ms_ssim_scores": ms, "ssim_scores": ss}

@@ -119,12 +119,14 @@ class Morphometry:
     def for_dataset(cls, affine: np.ndarray, training: Iterable[np.ndarray], method: str = "otsu") -> Morphometry:
         """The central region from the mean intracranial mask of real volumes on the dataset's grid (``medldm
         evaluate`` passes the test volumes, which it holds in memory)."""
-        total, n = None, 0
+        total: np.ndarray | None = None
+        n = 0
         for v in training:  # a running sum: a thousand full-size masks need not be held at once
             mask = intracranial_mask(v).astype(np.float32)
             total, n = (mask if total is None else total + mask), n + 1
         if not n:
             raise InputError("morphometry: no volumes to define the central region on")
+        assert total is not None  # n > 0: the loop summed at least one mask
         return cls(abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0, central_region(total / n), method)
 
     def __call__(self, volume: np.ndarray) -> dict[str, float]:
@@ -150,7 +152,7 @@ class Morphometry:
         return float((self.region & (classes == 1)).sum()) * self.voxel_ml
 
 
-def distances(a: Sequence[float], b: Sequence[float]) -> dict[str, float | None]:
+def distances(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> dict[str, Any]:
     """Wasserstein-1 and Kolmogorov-Smirnov distance (with its p-value) between two sets of a measure."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     a, b = a[np.isfinite(a)], b[np.isfinite(b)]
@@ -161,8 +163,8 @@ def distances(a: Sequence[float], b: Sequence[float]) -> dict[str, float | None]
             "ks_p": float(ks.pvalue), "n": [int(len(a)), int(len(b))]}
 
 
-def yardstick(train: Sequence[float], test: Sequence[float], n: int, draws: int = 50, seed: int = 0
-              ) -> dict[str, float | None]:
+def yardstick(train: Sequence[float] | np.ndarray, test: Sequence[float], n: int, draws: int = 50, seed: int = 0
+              ) -> dict[str, Any]:
     """Train-vs-test distances at the synthetic set's size: the mean over ``draws`` random subsets of ``n`` training
     values (distances between small sets are large by chance alone, so the yardstick must be as small)."""
     train = np.asarray(train, float)

@@ -25,7 +25,7 @@ planted copy of a training volume is plausible (and flagged by the memorisation 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -98,7 +98,8 @@ def verdict(nearest_ssim: float, stats: dict[str, float], floor: dict[str, float
         if not np.isfinite(value):
             continue
         zs[key] = (value - ref["median"]) / ref["scale"]
-        if abs(zs[key]) > prediction_limit(z, ref.get("n", 1000)) and not ref["min"] <= value <= ref["max"]:
+        # robust_reference stores the count of volumes under "n"
+        if abs(zs[key]) > prediction_limit(z, cast(int, ref.get("n", 1000))) and not ref["min"] <= value <= ref["max"]:
             reasons.append(f"{STATISTICS[key]} {value:.4g} is {zs[key]:+.1f} robust SD from the reference volumes' "
                            f"median {ref['median']:.4g} and outside their range {ref['min']:.4g}-{ref['max']:.4g}")
     return {"plausible": not reasons, "reasons": reasons, "nearest_train_ssim": nearest_ssim, "statistics": stats,

@@ -96,7 +96,7 @@ def morphometry_plot(path: str | Path, morph: dict[str, Any]) -> None:
         summary = morph["distances"][m]["summary"]
         shown = [(key, label, colour) for key, label, colour in sets if key in summary]
         for pos, (key, _label, colour) in enumerate(shown):
-            values = [x[m] for x in (morph.get(key) or [])]
+            values: list[float] | np.ndarray = [x[m] for x in (morph.get(key) or [])]
             if key == "synthetic":  # only the plausible samples are compared
                 values = [x[m] for x, ok in zip(morph["synthetic"], morph.get("plausible") or []) if ok]
             values = np.asarray(values, float)

@@ -13,13 +13,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from medldm.artifacts import AutoencoderRun, file_sha256
 from medldm.config import EvaluateConfig, to_dict
 from medldm.data.dataset import read_dataset_info, read_manifest, split_rows
-from medldm.data.io import load_volume, visible, write_json, write_text
+from medldm.data.io import load_volume, nifti_stem, visible, write_json, write_text
+from medldm.devices import resolve_device
 from medldm.errors import InputError
 from medldm.evaluation.metrics import VolumeMetrics, pairwise_similarity
 from medldm.evaluation.morphometry import MEASURES, Morphometry
 from medldm.evaluation.plots import morphometry_plot, score_plots, verdict_sheet
+from medldm.models.ops import reconstruct
 from medldm.versions import versions
 from medldm.viz import grid, save_png, three_plane
 
@@ -37,7 +40,7 @@ def evaluate(data_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig, aut
     if autoencoder is None and samples is None:
         raise InputError("nothing to evaluate: give --autoencoder AE_RUN and/or --samples SAMPLES_DIR")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     rows = read_manifest(data_dir)
     info = read_dataset_info(data_dir)
     reference = info["reference"]
@@ -79,8 +82,6 @@ def evaluate(data_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig, aut
 
 def sidecar_autoencoder(dirs: Sequence[Path]) -> Path | None:
     """The autoencoder checkpoint every sample's sidecar names, when it is still there with the recorded SHA-256."""
-    from medldm.training.checkpoint import file_sha256
-
     named = set()
     for d in dirs:
         for side in visible(d, "*.json"):
@@ -109,11 +110,8 @@ def _reconstruction(ae_run: Path, test: list[dict[str, Any]], real: list[torch.T
                     out_dir: Path, dev: torch.device, morph: Morphometry
                     ) -> tuple[dict[str, Any], list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
     """The test volumes through the autoencoder: scores, pictures, the decoded volumes and the decoding itself."""
-    from medldm.config import config_from_dict
-    from medldm.inference.encode import load_autoencoder, load_autoencoder_file, reconstruct
-
-    model, meta = load_autoencoder_file(ae_run, dev) if ae_run.is_file() else load_autoencoder(ae_run, dev)
-    ae_cfg = config_from_dict("autoencoder", meta["config"])
+    ae = AutoencoderRun.at(ae_run)
+    model, ae_cfg = ae.model(dev), ae.config
     per_subject, recons, measured = [], [], []
     for row, x in tqdm(list(zip(test, real)), desc="reconstruct", unit="volume"):
         recon = reconstruct(model, x[None].float().to(dev), ae_cfg).float().clamp(0, 1)[0].cpu()
@@ -129,7 +127,7 @@ def _reconstruction(ae_run: Path, test: list[dict[str, Any]], real: list[torch.T
         tiles += [three_plane(a), three_plane(b), three_plane(np.abs(a - b), vmax=0.25)]
     save_png(out_dir / "reconstructions_worst.png", grid(tiles, columns=3))
     keys = ("ssim", "ms_ssim", "psnr", "mae")
-    return ({"checkpoint": meta["checkpoint"], "per_subject": per_subject, "morphometry": measured,
+    return ({"checkpoint": ae.resolved, "per_subject": per_subject, "morphometry": measured,
              "worst": [per_subject[i]["image"] for i in worst],
              **{k: _summary([s[k] for s in per_subject]) for k in keys}}, [r.half() for r in recons],
             lambda x: reconstruct(model, x[None].float().to(dev), ae_cfg).float().clamp(0, 1)[0].cpu().half())
@@ -200,6 +198,7 @@ def _generation(dirs: list[Path], data_dir: Path, rows: list[dict[str, Any]], re
         # REFERENCE_TRAIN training volumes (each compared with the training set without itself)
         test_decoded, decode = decoded
         ref_ssim = [nearest(v)[1] for v in tqdm(test_decoded, desc="nearest training (test via AE)", unit="volume")]
+        assert recon_m is not None  # the reconstruction that decoded them measured them too
         ref_m = list(recon_m)
         picked = np.random.default_rng(cfg.seed).permutation(len(train))[:REFERENCE_TRAIN].tolist()
         if len(train) > 1:
@@ -221,6 +220,7 @@ def _generation(dirs: list[Path], data_dir: Path, rows: list[dict[str, Any]], re
     syn_ssim = [e["ssim"] for e in mem["synthetic"]]
     test_names = [r["image"] for r in test_rows]
     if ref_ssim is not None:  # a perfect model's samples are real brains as the decoder renders them
+        assert ref_m is not None  # made with ref_ssim
         # the statistics' ranges also take in the training volumes as scanned: a brain is a brain, sharp or decoded
         plaus = _plausibility(syn_ssim, syn_m, ref_ssim, ref_m, nearest.measured, test_names, names, cfg,
                               f"{len(test_names)} test and {len(ref_ssim) - len(test_names)} training volumes through "
@@ -286,9 +286,10 @@ def _age_check(files: list[Path], syn_m: list[dict[str, float]], test: list[dict
     scans against their true age. The first of ``AGE_MEASURES`` is the headline quantity."""
     from medldm.evaluation.anatomy import age_trend
 
-    ages, seeds = [], []
+    ages: list[float] = []
+    seeds: list[int] = []
     for f, ok in zip(files, plausible):
-        side_path = f.with_name(f.name.replace(".nii.gz", ".json"))
+        side_path = f.with_name(nifti_stem(f) + ".json")
         side = json.loads(side_path.read_text(encoding="utf-8")) if side_path.is_file() else {}
         conditions = side.get("conditions") or {}
         age = float(conditions["age"]) if conditions.get("age") is not None else float("nan")

@@ -13,12 +13,13 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
 import torch
 
+from medldm.artifacts import file_sha256, save_checkpoint
 from medldm.config import (
     AutoencoderConfig,
     AutoencoderModelConfig,
@@ -35,7 +36,6 @@ from medldm.errors import InputError
 from medldm.models.conditioning import UnitRangeConditions
 from medldm.models.networks import build_autoencoder, build_unet
 from medldm.models.old_keys import convert_old_state_dict
-from medldm.training.checkpoint import file_sha256, save_checkpoint
 from medldm.versions import versions
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ WHERE_TO_GET = ("download the bundle where there is internet access, e.g. `pytho
 # - gender: UK Biobank's coding (data field 31: 0 female, 1 male);
 # - age: the UK Biobank imaging visit's ages, mapped linearly onto [0, 1] (change with --age-range);
 # - the two volumes stay in the bundle's normalised units.
-KNOWN_CONDITIONS = {
+KNOWN_CONDITIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "gender": ("sex", {"codes": {"F": 0.0, "M": 1.0},
                        "doc": "UK Biobank coding 0 = female, 1 = male (not documented by the bundle)"}),
     "age": ("age", {"unit": "years", "doc": "mapped linearly onto the bundle's [0, 1] (range not documented by the "
@@ -216,8 +216,9 @@ def diffusion_config(d: dict[str, Any], scheduler: dict[str, Any], latent_channe
     heads = _arg(d, "num_head_channels", where, 8)
     heads = [heads] * len(channels) if isinstance(heads, int) else list(heads)
     res_blocks = _res_blocks(d, where)
-    schedule = scheduler.get("schedule", {"scaled_linear": "scaled_linear_beta", "linear": "linear_beta"}.get(
-        scheduler.get("beta_schedule"), "linear_beta"))
+    # beta_schedule is whatever the JSON holds (absent: None): anything but these two is linear
+    schedules: dict[Any, str] = {"scaled_linear": "scaled_linear_beta", "linear": "linear_beta"}
+    schedule = scheduler.get("schedule", schedules.get(scheduler.get("beta_schedule"), "linear_beta"))
     if scheduler.get("clip_sample", False):
         raise BundleError(f"{where}: scheduler clip_sample=true is not supported")
     cfg = DiffusionConfig(
@@ -299,7 +300,7 @@ def import_bundle(bundle_dir: str | Path, out_dir: str | Path, age_range: tuple[
                  "space": "1 mm MNI-registered (UniRes), the affine the bundle's authors saved samples with"}
     if reference_image is not None:
         try:
-            header = nib.load(str(reference_image))
+            header = cast("nib.spatialimages.SpatialImage", nib.load(str(reference_image)))
         except (OSError, nib.filebasedimages.ImageFileError) as e:
             raise InputError(f"--reference {reference_image}: not a readable NIfTI ({e})") from None
         if list(header.shape[:3]) != list(bundle.image_shape):
@@ -318,7 +319,7 @@ def import_bundle(bundle_dir: str | Path, out_dir: str | Path, age_range: tuple[
     autoencoder.load_state_dict(convert_old_state_dict(autoencoder, _weights(bundle.autoencoder_weights),
                                                        str(bundle.autoencoder_weights)))
     unet = build_unet(ldm_cfg.model, ae_cfg.model.latent_channels, encoder.dim,
-                      hybrid=ldm_cfg.conditioning.mode == "hybrid")
+                      hybrid=ldm_cfg.conditioning.hybrid)
     unet.load_state_dict(convert_old_state_dict(unet, _weights(bundle.unet_weights), str(bundle.unet_weights)))
 
     source = {"bundle": str(bundle.root.resolve()), "name": bundle.name, "version": bundle.version,

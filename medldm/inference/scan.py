@@ -10,33 +10,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
 import torch
 
-from medldm.config import PreprocessConfig, config_from_dict, from_dict
+from medldm.artifacts import AutoencoderCheckpoint, AutoencoderRun, DiffusionCheckpoint, DiffusionRun, LatentFile
+from medldm.config import PreprocessConfig, from_dict
 from medldm.data.dataset import read_dataset_info
-from medldm.data.io import check_writable, is_nifti, load_volume, save_volume, write_json
+from medldm.data.io import check_writable, content_sha256, is_nifti, load_volume, nifti_stem, save_volume, write_json
+from medldm.devices import autocast, resolve_device
 from medldm.errors import InputError
 from medldm.evaluation.metrics import VolumeMetrics
-from medldm.inference.encode import decode_latents, load_autoencoder, load_autoencoder_file, posterior_mean
-from medldm.inference.sample import (
-    condition_context,
-    find_autoencoder,
-    load_diffusion,
-    resolve_device,
-    sample_latents,
-)
+from medldm.models.conditioning import condition_context
 from medldm.models.networks import build_scheduler
-from medldm.training.checkpoint import (
-    autoencoder_checkpoint,
-    best_checkpoint,
-    file_sha256,
-    load_checkpoint,
-    save_checkpoint,
-)
+from medldm.models.ops import decode_latents, posterior_mean, sample_latents
 from medldm.versions import versions
 from medldm.viz import grid, save_figure, save_png, three_plane
 
@@ -58,25 +47,25 @@ class Scan:
     registered: bool  # preprocessed here with registration to a template (no way back to the scan's grid)
 
 
-def _dataset_preprocessing(ae_meta: dict[str, Any]) -> tuple[Path, PreprocessConfig | None]:
+def _dataset_preprocessing(ae: AutoencoderCheckpoint) -> tuple[Path, PreprocessConfig | None]:
     """The dataset dir the autoencoder was trained on and its preprocessing settings (None: the dataset is gone)."""
-    data_dir = Path(ae_meta.get("data_dir", ""))
+    data_dir = Path(ae.data_dir or "")
     info = read_dataset_info(data_dir) if (data_dir / "preprocess.json").is_file() else None
     # the dataset's settings as they were used (not re-validated: rules may have tightened since)
     return data_dir, (from_dict(PreprocessConfig, info["config"], "preprocess") if info else None)
 
 
-def refuse_native_early(path: str | Path, ae_meta: dict[str, Any]) -> None:
+def refuse_native_early(path: str | Path, ae: AutoencoderCheckpoint) -> None:
     """``--native`` refused before any work (models, N4, registration) when ``path`` is a raw scan that preprocessing
     would register to a template; a NIfTI already on the model's grid is read as it is and may go back."""
     path = Path(path)
-    _, cfg = _dataset_preprocessing(ae_meta)
+    _, cfg = _dataset_preprocessing(ae)
     if cfg is None or not cfg.registration.enabled:
         return
     if is_nifti(path) and path.is_file():
         try:
-            image = nib.load(str(path))
-            if list(image.shape) == list(ae_meta["image_shape"]):  # small: the model's grid
+            image = cast(nib.Nifti1Image, nib.load(str(path)))
+            if list(image.shape) == ae.image_shape:  # small: the model's grid
                 data = np.asanyarray(image.dataobj, dtype=np.float32)
                 if data.min() >= 0.0 and data.max() <= 1.0 + 1e-3:  # as load_scan decides: used as it is
                     return
@@ -87,13 +76,13 @@ def refuse_native_early(path: str | Path, ae_meta: dict[str, Any]) -> None:
                      "out --native")
 
 
-def load_scan(path: str | Path, ae_meta: dict[str, Any]) -> Scan:
+def load_scan(path: str | Path, ae: AutoencoderCheckpoint) -> Scan:
     """``path`` on the autoencoder's grid: as it is when it already has the training volumes' shape and [0, 1]
     intensities, else preprocessed with the settings of the dataset the autoencoder was trained on."""
     path = Path(path)
-    data_dir, cfg = _dataset_preprocessing(ae_meta)
+    data_dir, cfg = _dataset_preprocessing(ae)
     data, affine = load_volume(path, first_volume_of_4d=bool(cfg and cfg.use_first_volume_of_4d))
-    shape = list(ae_meta["image_shape"])
+    shape = ae.image_shape
     if list(data.shape) == shape and data.min() >= 0.0 and data.max() <= 1.0 + 1e-3:
         return Scan(data, affine, path, shape, affine, False, False)
     if cfg is None:
@@ -142,15 +131,16 @@ def _quality(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _encode(model: torch.nn.Module, cfg: Any, volume: np.ndarray, device: torch.device) -> torch.Tensor:
+def _encode(model: torch.nn.Module, ae: AutoencoderCheckpoint, volume: np.ndarray,
+            device: torch.device) -> torch.Tensor:
     x = torch.from_numpy(volume)[None, None].to(device)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return posterior_mean(model, x, cfg).float()
+    with autocast(device):
+        return posterior_mean(model, x, ae.config).float()
 
 
 @torch.no_grad()
 def _decode(model: torch.nn.Module, z: torch.Tensor) -> np.ndarray:
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=z.device.type == "cuda"):
+    with autocast(z.device):
         return decode_latents(model, z.float())[0, 0].cpu().numpy()
 
 
@@ -159,9 +149,9 @@ def _write(out: Path, volume: np.ndarray, scan: Scan, native: bool, descrip: str
     if native:
         volume, affine = to_native(volume, scan)
     save_volume(out, volume, affine, descrip=descrip[:79])
-    write_json(out.with_name(out.name.removesuffix(".gz").removesuffix(".nii") + ".json"), {
+    write_json(out.with_name(nifti_stem(out) + ".json"), {
         "synthetic": False, "input": str(scan.path.resolve()),
-        "input_sha256": file_sha256(scan.path) if scan.path.is_file() else None,
+        "input_sha256": content_sha256(scan.path) if scan.path.is_file() else None,
         "preprocessed_here": scan.preprocessed_here, "native_grid": native, **sidecar, "versions": versions()})
     return out
 
@@ -176,49 +166,47 @@ def reconstruct_scan(in_path: str | Path, out_path: str | Path, autoencoder_run:
                      device: str | None = None) -> dict[str, Any]:
     """Encode to the posterior mean and decode (the path compress + decompress takes); writes the volume, a sidecar
     and ``OUT.png`` (input, reconstruction, difference). Returns SSIM and PSNR against the input."""
-    dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    dev = resolve_device(device)
     check_writable(out_path)
-    ae_path = autoencoder_checkpoint(autoencoder_run)
+    ae_path = AutoencoderRun(autoencoder_run).checkpoint
     if native:  # before the work: the metadata alone (mapped, no weights read) says whether there is a way back
-        refuse_native_early(in_path, load_checkpoint(ae_path, mmap=True, kind="autoencoder"))
-    model, meta = load_autoencoder_file(ae_path, dev)
-    cfg = config_from_dict("autoencoder", meta["config"])
-    scan = load_scan(in_path, meta)
+        refuse_native_early(in_path, AutoencoderCheckpoint.load(ae_path, mmap=True))
+    ae = AutoencoderCheckpoint.load(ae_path)
+    model = ae.model(dev)
+    scan = load_scan(in_path, ae)
     if native:
         check_native(scan)
-    recon = _decode(model, _encode(model, cfg, scan.volume, dev))
+    recon = _decode(model, _encode(model, ae, scan.volume, dev))
     quality = _quality(scan.volume, recon)
     out = Path(out_path)
     _write(out, recon, scan, native, "PROCESSED medldm reconstruct", {
-        "processed": "autoencoder reconstruction (posterior mean)", "autoencoder_checkpoint": meta["checkpoint"],
-        "autoencoder_sha256": meta["sha256"], **quality})
+        "processed": "autoencoder reconstruction (posterior mean)", "autoencoder_checkpoint": ae.resolved,
+        "autoencoder_sha256": ae.sha256, **quality})
     _pictures(_png(out), [scan.volume, recon])
     return quality
 
 
 def _png(out: Path) -> Path:
-    return out.with_name(out.name.removesuffix(".gz").removesuffix(".nii") + ".png")
+    return out.with_name(nifti_stem(out) + ".png")
 
 
 def compress_scan(in_path: str | Path, out_path: str | Path, autoencoder_run: str | Path, float16: bool = False,
                   device: str | None = None) -> dict[str, Any]:
     """Write the posterior mean of a scan (float32, or float16) with the autoencoder's hash and the scan's geometry;
     returns sizes, the compression ratio and the round trip's SSIM and PSNR."""
-    dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    dev = resolve_device(device)
     check_writable(out_path)
-    model, meta = load_autoencoder(autoencoder_run, dev)
-    cfg = config_from_dict("autoencoder", meta["config"])
-    scan = load_scan(in_path, meta)
-    mu = _encode(model, cfg, scan.volume, dev).cpu()
+    ae = AutoencoderRun(autoencoder_run).load()
+    model = ae.model(dev)
+    scan = load_scan(in_path, ae)
+    mu = _encode(model, ae, scan.volume, dev).cpu()
     stored = mu.half() if float16 else mu
     out = Path(out_path)
-    save_checkpoint(out, {
-        "kind": "latent", "mu": stored[0], "autoencoder_checkpoint": meta["checkpoint"],
-        "autoencoder_sha256": meta["sha256"], "affine": scan.affine.tolist(), "shape": list(scan.volume.shape),
-        "source": {"path": str(scan.path.resolve()), "shape": scan.source_shape,
-                   "affine": np.asarray(scan.source_affine).tolist(), "preprocessed_here": scan.preprocessed_here,
-                   "registered": scan.registered},
-        "preprocess": meta.get("data_dir"), "versions": versions()})
+    LatentFile(mu=stored[0], autoencoder=ae.ref, affine=scan.affine.tolist(), shape=list(scan.volume.shape),
+               source={"path": str(scan.path.resolve()), "shape": scan.source_shape,
+                       "affine": np.asarray(scan.source_affine).tolist(), "preprocessed_here": scan.preprocessed_here,
+                       "registered": scan.registered},
+               preprocess=ae.data_dir, versions=versions()).write(out)
     recon = _decode(model, stored.float().to(dev))  # what decompress will give
     voxels = int(np.prod(scan.volume.shape))
     result = {"latent_bytes": out.stat().st_size, "input_bytes": scan.path.stat().st_size if scan.path.is_file()
@@ -233,30 +221,27 @@ def decompress_latent(latent_path: str | Path, out_path: str | Path, autoencoder
     autoencoder it was encoded with; any other autoencoder is refused."""
     latent_path = Path(latent_path)
     check_writable(out_path)
-    state = load_checkpoint(latent_path)
-    if state.get("kind") != "latent":
-        raise InputError(f"{latent_path} is not a medldm latent (kind={state.get('kind')!r}); write one with "
-                         "`medldm compress`")
-    if native and state["source"]["registered"]:  # before the work
-        raise InputError(f"--native: {Path(state['source']['path']).name} was registered to a template when it was "
+    latent = LatentFile.load(latent_path)
+    source = latent.source
+    if native and source["registered"]:  # before the work
+        raise InputError(f"--native: {Path(source['path']).name} was registered to a template when it was "
                          "compressed and the transform is not kept, so there is no way back to its grid; leave out "
                          "--native")
-    trained = {"checkpoint": state["autoencoder_checkpoint"], "sha256": state["autoencoder_sha256"]}
+    trained = latent.autoencoder
     try:
-        ae_path = find_autoencoder(trained, autoencoder_run)
+        ae_path = trained.find(autoencoder_run)
     except InputError:
         if autoencoder_run is None:  # the recorded checkpoint itself changed: its own message says so
             raise
-        raise InputError(f"{latent_path} was encoded by another autoencoder (SHA-256 {trained['sha256'][:12]}…, "
-                         f"{trained['checkpoint']}) than {autoencoder_run}; decompress with that one") from None
+        raise InputError(f"{latent_path} was encoded by another autoencoder (SHA-256 {trained.sha256[:12]}…, "
+                         f"{trained.checkpoint}) than {autoencoder_run}; decompress with that one") from None
     except FileNotFoundError:
-        raise FileNotFoundError(f"the autoencoder {trained['checkpoint']} that {latent_path} was encoded with is "
+        raise FileNotFoundError(f"the autoencoder {trained.checkpoint} that {latent_path} was encoded with is "
                                 "missing (moved?); pass --autoencoder AE_RUN") from None
-    dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
-    model, _ = load_autoencoder_file(ae_path, dev, sha256=state["autoencoder_sha256"])
-    volume = _decode(model, state["mu"][None].float().to(dev))
-    source = state["source"]
-    scan = Scan(volume, np.asarray(state["affine"]), Path(source["path"]), source["shape"],
+    dev = resolve_device(device)
+    model = AutoencoderCheckpoint.load(ae_path, sha256=trained.sha256).model(dev)
+    volume = _decode(model, latent.mu[None].float().to(dev))
+    scan = Scan(volume, np.asarray(latent.affine), Path(source["path"]), source["shape"],
                 np.asarray(source["affine"]), source["preprocessed_here"], source["registered"])
     affine = scan.affine
     if native:
@@ -266,19 +251,16 @@ def decompress_latent(latent_path: str | Path, out_path: str | Path, autoencoder
     return out
 
 
-def _denoiser(run_dir: str | Path, autoencoder_run: str | Path | None, dev: torch.device,
-              in_path: str | Path | None = None):
-    """The diffusion run's UNet and its autoencoder; with ``in_path`` (``--native``), refused first when that scan
-    has no way back to its grid."""
-    ae_path = None
+def _diffusion_and_autoencoder(run_dir: str | Path, autoencoder_run: str | Path | None,
+                               in_path: str | Path | None = None) -> tuple[DiffusionCheckpoint, AutoencoderCheckpoint]:
+    """The diffusion run's checkpoint and its autoencoder's; with ``in_path`` (``--native``), refused first when that
+    scan has no way back to its grid."""
+    run = DiffusionRun(run_dir)
     if in_path is not None:  # the checkpoints' metadata only (mapped, no weights read) before any model is loaded
-        trained_with = load_checkpoint(best_checkpoint(run_dir, "diffusion"), mmap=True, kind="diffusion")
-        ae_path = find_autoencoder(trained_with["autoencoder"], autoencoder_run)
-        refuse_native_early(in_path, load_checkpoint(ae_path, mmap=True, kind="autoencoder"))
-    unet, meta = load_diffusion(run_dir, dev)
-    ae_path = ae_path or find_autoencoder(meta["autoencoder"], autoencoder_run)
-    ae, ae_meta = load_autoencoder_file(ae_path, dev, sha256=meta["autoencoder"]["sha256"])
-    return unet, meta, ae, ae_meta
+        ae_path = run.load(mmap=True).autoencoder.find(autoencoder_run)
+        refuse_native_early(in_path, AutoencoderCheckpoint.load(ae_path, mmap=True))
+    ldm = run.load()
+    return ldm, ldm.load_autoencoder(autoencoder_run)
 
 
 def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path, strength: float = 0.3,
@@ -293,22 +275,22 @@ def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path,
         raise InputError(f"--strength {strength:g}: use a value from 0 (reconstruction only) to 1 (a new sample)")
     if steps < 1:
         raise InputError("--steps must be >= 1")
-    dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    dev = resolve_device(device)
     check_writable(out_path)
-    unet, meta, ae, ae_meta = _denoiser(run_dir, autoencoder_run, dev, in_path if native else None)
-    scan = load_scan(in_path, ae_meta)
+    ldm, ae = _diffusion_and_autoencoder(run_dir, autoencoder_run, in_path if native else None)
+    unet, model = ldm.unet(dev), ae.model(dev)
+    scan = load_scan(in_path, ae)
     if native:
         check_native(scan)
-    context, labels = condition_context(meta["encoder"], conditions, dev)
-    scale = meta["scale_factor"]
-    cfg = config_from_dict("autoencoder", ae_meta["config"])
-    z0 = _encode(ae, cfg, scan.volume, dev) * scale
-    scheduler = build_scheduler(meta["cfg"].scheduler, "ddim")
-    scheduler.set_timesteps(min(steps, meta["cfg"].scheduler.num_train_timesteps))
+    context, labels = condition_context(ldm.conditions, conditions, dev)
+    scale = ldm.scale_factor
+    z0 = _encode(model, ae, scan.volume, dev) * scale
+    scheduler = build_scheduler(ldm.config.scheduler, "ddim")
+    scheduler.set_timesteps(min(steps, ldm.config.scheduler.num_train_timesteps))
     # sample seed's start noise, drawn as `medldm sample --seed` draws it
     gen = torch.Generator(dev).manual_seed(seed)
-    noise = torch.randn(meta["latent_shape"], generator=gen, device=dev)[None]
-    hybrid = meta["cfg"].conditioning.mode == "hybrid"
+    noise = torch.randn(ldm.latent_shape, generator=gen, device=dev)[None]
+    hybrid = ldm.hybrid
     ran = {"t_start": None, "denoising_steps": 0}
     if strength == 0.0:
         z = z0
@@ -326,7 +308,7 @@ def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path,
             scheduler.timesteps = kept
             z = sample_latents(unet, scheduler, noisy, context, concat=hybrid)
             ran = {"t_start": int(kept[0]), "denoising_steps": len(kept)}
-    out_volume = _decode(ae, z / scale)
+    out_volume = _decode(model, z / scale)
     out = Path(out_path)
     # at strength 1 nothing of the scan is left: the volume is a synthetic brain and says so
     mark = "SYNTHETIC" if strength == 1.0 else "PROCESSED"
@@ -334,8 +316,8 @@ def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path,
         "synthetic": strength == 1.0,
         "processed": "SDEdit denoising (encode, noise to the strength's timestep, DDIM back, decode)",
         "strength": strength, "steps": steps, **ran, "seed": seed, "conditions": labels,
-        "diffusion_checkpoint": meta["checkpoint"], "diffusion_sha256": meta["sha256"],
-        "autoencoder_checkpoint": ae_meta["checkpoint"], "autoencoder_sha256": ae_meta["sha256"]})
+        "diffusion_checkpoint": ldm.resolved, "diffusion_sha256": ldm.sha256,
+        "autoencoder_checkpoint": ae.resolved, "autoencoder_sha256": ae.sha256})
     _pictures(_png(out), [scan.volume, out_volume])
     return out
 
@@ -347,13 +329,14 @@ def show_noising(in_path: str | Path, out_png: str | Path, run_dir: str | Path, 
     (image space) and each latent channel, mid axial slices, one column per timestep. Returns the panel count."""
     from matplotlib.figure import Figure
 
-    dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    dev = resolve_device(device)
     check_writable(out_png)
-    _, meta, ae, ae_meta = _denoiser(run_dir, autoencoder_run, dev)
-    scan = load_scan(in_path, ae_meta)
-    scale = meta["scale_factor"]
-    z0 = _encode(ae, config_from_dict("autoencoder", ae_meta["config"]), scan.volume, dev) * scale
-    scheduler = build_scheduler(meta["cfg"].scheduler, "ddpm")
+    ldm, ae = _diffusion_and_autoencoder(run_dir, autoencoder_run)
+    model = ae.model(dev)
+    scan = load_scan(in_path, ae)
+    scale = ldm.scale_factor
+    z0 = _encode(model, ae, scan.volume, dev) * scale
+    scheduler = build_scheduler(ldm.config.scheduler, "ddpm")
     last = scheduler.num_train_timesteps - 1
     timesteps = tuple(min(t, last) for t in timesteps)
     noise = torch.randn(z0.shape, generator=torch.Generator(dev).manual_seed(seed), device=dev)
@@ -362,7 +345,7 @@ def show_noising(in_path: str | Path, out_png: str | Path, run_dir: str | Path, 
     axes = fig.subplots(rows, len(timesteps), squeeze=False)
     for j, t in enumerate(timesteps):
         zt = scheduler.add_noise(z0, noise, torch.tensor([t], device=dev))
-        image = _decode(ae, zt / scale)
+        image = _decode(model, zt / scale)
         alpha_bar = float(scheduler.alphas_cumprod[t])
         axes[0, j].imshow(np.rot90(image[:, :, image.shape[2] // 2]), cmap="gray", vmin=0, vmax=1)
         axes[0, j].set_title(f"t = {t}\nᾱ = {alpha_bar:.3f}", fontsize=9)
@@ -376,6 +359,6 @@ def show_noising(in_path: str | Path, out_png: str | Path, run_dir: str | Path, 
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"{scan.path.name}: forward process of {Path(run_dir).name} "
-                 f"({meta['cfg'].scheduler.schedule}, {scheduler.num_train_timesteps} steps)", fontsize=10)
+                 f"({ldm.config.scheduler.schedule}, {scheduler.num_train_timesteps} steps)", fontsize=10)
     save_figure(fig, out_png)
     return rows * len(timesteps)

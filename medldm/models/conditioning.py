@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -115,7 +115,8 @@ class ConditionEncoder:
                     v[_category(value, key, where)] = 1.0
                 else:
                     stats = self.numeric[key]
-                    v[0], v[1] = (_number(value, key, where) - stats["mean"]) / stats["std"], 1.0
+                    # value is given, so _number returns a float (or raises)
+                    v[0], v[1] = (cast(float, _number(value, key, where)) - stats["mean"]) / stats["std"], 1.0
             parts.append(v)
         return torch.cat(parts)
 
@@ -143,6 +144,7 @@ class ConditionEncoder:
             if key not in self.keys:
                 raise InputError(f"--condition {key}=...: this model is conditioned on "
                                  f"{self.keys or 'nothing (it samples unconditionally)'}")
+            value: str | float
             if key == "sex":
                 value = raw.strip().upper()[:1]
                 if value not in CATEGORIES["sex"]:
@@ -214,6 +216,7 @@ class UnitRangeConditions:
         for key, raw in conditions.items():
             if key not in self.keys:
                 raise InputError(f"--condition {key}=...: this model takes {self.keys}")
+            value: str | float
             if key in self.codes:
                 value = raw.strip().upper()[:1] if key == "sex" else raw.strip()
                 if value not in self.codes[key]:
@@ -259,3 +262,12 @@ def with_condition_channels(x: torch.Tensor, context: torch.Tensor) -> torch.Ten
     """The input of a UNet that also takes its conditions by concatenation ("hybrid"): the latent plus one
     constant channel per context slot, (B, C + dim, X, Y, Z)."""
     return torch.cat([x, context[:, 0, :, None, None, None].expand(-1, -1, *x.shape[2:]).to(x.dtype)], dim=1)
+
+
+def condition_context(conditions: ConditionEncoder | UnitRangeConditions, given: Mapping[str, str] | None,
+                      device: torch.device) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """The context (1, 1, dim) for ``--condition`` pairs (None for an unconditional model), and the labels used."""
+    labels = conditions.parse(given or {})
+    if isinstance(conditions, UnitRangeConditions):  # no "unknown" conditions: the defaults stand in, and are recorded
+        labels = conditions.filled(labels)
+    return (conditions.encode([labels]).to(device) if conditions.keys else None), labels

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
@@ -59,8 +61,9 @@ def build_unet(cfg: UNetConfig, latent_channels: int, context_dim: int | None, s
 
 def build_scheduler(cfg: SchedulerConfig, kind: str = "ddpm") -> DDPMScheduler | DDIMScheduler:
     """The training (DDPM) or sampling (DDIM) scheduler with the configured noise schedule."""
-    common = dict(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule, beta_start=cfg.beta_start,
-                  beta_end=cfg.beta_end, prediction_type=cfg.prediction_type, clip_sample=False)
+    common: dict[str, Any] = dict(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
+                                  beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+                                  prediction_type=cfg.prediction_type, clip_sample=False)
     if kind == "ddpm":
         return DDPMScheduler(**common)
     if kind == "ddim":

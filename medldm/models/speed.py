@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import types
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 from monai.networks.blocks import SpatialAttentionBlock, Upsample
@@ -36,7 +37,8 @@ def regions(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The blocks that are compiled one by one: every block of the autoencoder's encoder and decoder, and the
     residual, attention and resampling blocks of the UNet."""
     if isinstance(model, AutoencoderKL):
-        return [*model.encoder.blocks, *model.decoder.blocks]
+        # MONAI types encoder and decoder as plain Modules: their blocks are a ModuleList
+        return [*cast(torch.nn.ModuleList, model.encoder.blocks), *cast(torch.nn.ModuleList, model.decoder.blocks)]
     if isinstance(model, DiffusionModelUNet):
         found: list[torch.nn.Module] = []
 
@@ -83,11 +85,11 @@ def compile_regions(model: torch.nn.Module, backend: str = "inductor") -> int:
 def autoencoder_levels(model: AutoencoderKL) -> Iterator[tuple[torch.nn.Module, int]]:
     """Every encoder and decoder block with its resolution level (0 = full resolution)."""
     level = 0
-    for block in model.encoder.blocks:
+    for block in cast(torch.nn.ModuleList, model.encoder.blocks):
         yield block, level
         if isinstance(block, AEKLDownsample):
             level += 1  # the downsampling keeps its full-resolution input: it belongs to the level above
-    for block in model.decoder.blocks:
+    for block in cast(torch.nn.ModuleList, model.decoder.blocks):
         if isinstance(block, Upsample):
             level -= 1  # the upsampling's large tensors are at the resolution it produces
         yield block, level
@@ -112,7 +114,8 @@ def _channels_last_input(module: torch.nn.Module, args: tuple) -> tuple:
 
 def channels_last(model: torch.nn.Module) -> None:
     """Convolution weights and the network's inputs in the NDHWC ("channels last 3D") layout."""
-    model.to(memory_format=torch.channels_last_3d)
+    # Module.to takes memory_format (torch parses it in _parse_to), but none of torch's overloads of it names it
+    model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     entries = [model.encoder, model.decoder] if isinstance(model, AutoencoderKL) else [model]
     for entry in entries:
         entry.register_forward_pre_hook(_channels_last_input)

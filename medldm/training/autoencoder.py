@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -13,38 +14,25 @@ from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
+from medldm.artifacts import AutoencoderRun, DatasetDir, load_checkpoint
 from medldm.config import AutoencoderConfig, ConfigError, to_dict
-from medldm.data.dataset import read_dataset_info, read_manifest, split_rows, volume_dataset
+from medldm.data.dataset import read_manifest, split_rows, volume_dataset
+from medldm.devices import autocast
 from medldm.errors import InputError
 from medldm.evaluation.metrics import VolumeMetrics
-from medldm.inference.encode import reconstruct
 from medldm.models.networks import build_autoencoder, build_discriminator
+from medldm.models.ops import reconstruct
 from medldm.models.speed import apply_speed
-from medldm.training.checkpoint import load_checkpoint, save_checkpoint
-from medldm.training.curves import LossCurves
-from medldm.training.dist import DistContext, barrier, init_distributed
+from medldm.training.dist import DistContext
 from medldm.training.loop import (
-    Deadline,
-    NonFiniteGuard,
     ResumableBatches,
-    StepLog,
+    Trainer,
     adamw,
-    autocast,
-    check_replicas,
-    finish_run,
-    gather_rng_states,
     load_optimizer,
     make_ema,
     no_sync,
-    prepare_run_dir,
     random_patches,
-    restore_rng_states,
-    seed_everything,
-    set_warmup_lr,
-    stopped_by_time_limit,
-    update_ema,
 )
 from medldm.training.losses import adversarial_loss, build_perceptual_loss, kl_loss
 from medldm.versions import versions
@@ -106,8 +94,7 @@ def check_resumable(state: dict[str, Any], cfg: AutoencoderConfig, path: Path) -
 def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: AutoencoderConfig, resume: bool = False) -> Path:
     """Train (or resume) an autoencoder run; returns the path of its latest checkpoint."""
     data_dir, run_dir = Path(data_dir), Path(run_dir)
-    info = read_dataset_info(data_dir)
-    image_shape = info["reference"]["shape"]
+    image_shape = DatasetDir(data_dir).info()["reference"]["shape"]
     check_shapes(cfg, image_shape)
     rows = read_manifest(data_dir)
     train_rows, val_rows = split_rows(rows, "train"), split_rows(rows, "val")
@@ -115,107 +102,102 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
         if not chosen:
             raise InputError(f"{data_dir}/manifest.csv has no {split}-split volumes: preprocess again with "
                              "split.val_fraction > 0 (the autoencoder keeps its best checkpoint by validation SSIM)")
-    latest = run_dir / "checkpoints" / "latest.pt"
+    latest = AutoencoderRun(run_dir).latest
     state = load_checkpoint(latest, kind="autoencoder", resume=True) if resume and latest.is_file() else None
     if state is not None:
         check_resumable(state, cfg, latest)
+    return AutoencoderTrainer(run_dir, cfg, state, data_dir, image_shape, train_rows, val_rows).run(resume)
 
-    ctx = init_distributed()
-    tc = cfg.train
-    if ctx.is_main:
-        prepare_run_dir(run_dir, cfg, resume)
-    barrier(ctx)
 
-    # identical initial weights on every rank (DDP broadcasts them anyway; the EMA copy is made before that)
-    torch.manual_seed(tc.seed)
-    model = build_autoencoder(cfg.model, sdpa=cfg.speed.sdpa).to(ctx.device)
-    disc = build_discriminator(cfg.discriminator).to(ctx.device) if cfg.adversarial_weight > 0 else None
-    ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    # after the EMA copy (which stays a plain module) and before the optimiser (channels-last swaps the parameters'
-    # storage) and DDP
-    speedups = apply_speed(model, cfg.speed, ctx.device)
-    opt_g = adamw(model.parameters(), tc.lr, tc.weight_decay)
-    opt_d = adamw(disc.parameters(), cfg.discriminator.lr) if disc is not None else None
-    perceptual = build_perceptual_loss(cfg)
-    perceptual = perceptual.to(ctx.device) if perceptual is not None else None
-    ssim_loss = SSIMLoss(spatial_dims=3, data_range=1.0) if cfg.ssim_weight > 0 else None
-    adv = adversarial_loss()
-    # per-rank random streams: the KL sampling noise (global torch RNG) and the patch positions
-    seed_everything(tc.seed + ctx.rank)
-    patch_gen = torch.Generator().manual_seed(tc.seed * 1000 + ctx.rank)
-    step, best_ssim, skipped = 0, -1.0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        load_optimizer(opt_g, state["optimizer"])
-        if disc is not None:
-            disc.load_state_dict(state["discriminator"])
-            load_optimizer(opt_d, state["optimizer_d"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
-            ema.n_averaged.fill_(state["ema_n_averaged"])
-        step, best_ssim, skipped = state["step"], state["best_val_ssim"], state.get("skipped_nonfinite", 0)
-        restore_rng_states(ctx, state["rng"], {"patch": patch_gen})
-        log.info("resumed %s at step %d", run_dir, step)
-    net = DistributedDataParallel(model) if ctx.world_size > 1 else model
-    net_d = DistributedDataParallel(disc) if disc is not None and ctx.world_size > 1 else disc
-    if ctx.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
+class AutoencoderTrainer(Trainer):
+    """L1 + KL (+ perceptual, SSIM) on volumes or random patches, with a patch discriminator from
+    ``adversarial_start``; validated by whole-volume SSIM (the EMA weights when the run keeps an EMA)."""
 
-    train_ds = volume_dataset(data_dir, train_rows, cache_rate=cfg.cache_rate)
-    val_ds = volume_dataset(data_dir, val_rows) if ctx.is_main else None
-    data = ResumableBatches(train_ds, tc.batch_size, ctx, tc.seed, tc.num_workers)
-    batches = data.batches(start=step * tc.grad_accum)
-    writer = SummaryWriter(run_dir / "tensorboard") if ctx.is_main else None
-    curves = LossCurves(run_dir) if ctx.is_main else None
-    guard = NonFiniteGuard(ctx.device, skipped=skipped)
-    deadline = Deadline(tc.time_limit_minutes)
-    metrics = VolumeMetrics(image_shape)
-    meta = {"kind": "autoencoder", "config": to_dict(cfg), "versions": versions(), "data_dir": str(data_dir.resolve()),
-            "image_shape": image_shape, "world_size": ctx.world_size}
-    if ctx.is_main:
-        log.info("autoencoder: %d train / %d val volumes %s, %s, %.1fM parameters, effective batch %d", len(train_rows),
-                 len(val_rows), image_shape, f"patches {cfg.patch_size}" if cfg.patch_size else "whole volumes",
-                 sum(p.numel() for p in model.parameters()) / 1e6, tc.batch_size * tc.grad_accum * ctx.world_size)
-        log.info("speed: %s", ", ".join(speedups) or "eager (no compile, no recompute)")
+    best_key, higher_is_better, desc = "best_val_ssim", True, "autoencoder"
 
-    def saved_weights() -> dict[str, Any]:
-        return {"model": model.state_dict(), "discriminator": disc.state_dict() if disc is not None else None,
-                "ema": ema.module.state_dict() if ema is not None else None}
+    def __init__(self, run_dir: Path, cfg: AutoencoderConfig, state: dict[str, Any] | None, data_dir: Path,
+                 image_shape: list[int], train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]]) -> None:
+        super().__init__(run_dir, cfg, state)
+        self.data_dir, self.image_shape, self.train_rows, self.val_rows = data_dir, image_shape, train_rows, val_rows
 
-    def checkpoint(name: str, rngs: list[dict[str, Any]], replicas: list[str] | None) -> None:
-        save_checkpoint(run_dir / "checkpoints" / name, {
-            **meta, **saved_weights(), "optimizer": opt_g.state_dict(),
-            "optimizer_d": opt_d.state_dict() if opt_d is not None else None,
-            "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
-            "step": step, "best_val_ssim": best_ssim, "skipped_nonfinite": guard.skipped, "rng": rngs,
-            "replicas": replicas})
+    def build(self) -> None:
+        cfg, tc, dev = self.cfg, self.tc, self.ctx.device
+        self.model = build_autoencoder(cfg.model, sdpa=cfg.speed.sdpa).to(dev)
+        self.disc = build_discriminator(cfg.discriminator).to(dev) if cfg.adversarial_weight > 0 else None
+        self.ema = make_ema(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        # after the EMA copy (which stays a plain module) and before the optimiser (channels-last swaps the
+        # parameters' storage) and DDP
+        self.speedups = apply_speed(self.model, cfg.speed, dev)
+        self.optimizer = adamw(self.model.parameters(), tc.lr, tc.weight_decay)
+        self.opt_d = adamw(self.disc.parameters(), cfg.discriminator.lr) if self.disc is not None else None
+        perceptual = build_perceptual_loss(cfg)
+        self.perceptual = perceptual.to(dev) if perceptual is not None else None
+        self.ssim_loss = SSIMLoss(spatial_dims=3, data_range=1.0) if cfg.ssim_weight > 0 else None
+        self.adv = adversarial_loss()
 
-    progress = tqdm(total=tc.steps, initial=step, desc="autoencoder", unit="step", disable=not ctx.is_main)
-    net.train()
-    step_log = StepLog(step)
-    while step < tc.steps:
-        set_warmup_lr(opt_g, tc.lr, tc.warmup_steps, step)
-        adv_on = disc is not None and step >= cfg.adversarial_start
-        opt_g.zero_grad(set_to_none=True)
-        if opt_d is not None:
-            opt_d.zero_grad(set_to_none=True)
+    def streams(self) -> dict[str, torch.Generator]:
+        # besides the global torch RNG (the KL sampling noise): the patch positions
+        return {"patch": torch.Generator().manual_seed(self.tc.seed * 1000 + self.ctx.rank)}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        load_optimizer(self.optimizer, state["optimizer"])
+        if self.disc is not None:
+            assert self.opt_d is not None  # built with the discriminator
+            self.disc.load_state_dict(state["discriminator"])
+            load_optimizer(self.opt_d, state["optimizer_d"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
+            self.ema.n_averaged.fill_(state["ema_n_averaged"])
+
+    def wrap(self) -> None:
+        ddp = self.ctx.world_size > 1
+        self.net = DistributedDataParallel(self.model) if ddp else self.model
+        self.net_d = DistributedDataParallel(self.disc) if self.disc is not None and ddp else self.disc
+
+    def start(self) -> None:
+        cfg, tc, ctx = self.cfg, self.tc, self.ctx
+        train_ds = volume_dataset(self.data_dir, self.train_rows, cache_rate=cfg.cache_rate)
+        self.val_ds = volume_dataset(self.data_dir, self.val_rows) if ctx.is_main else None
+        self.batches = ResumableBatches(train_ds, tc.batch_size, ctx, tc.seed, tc.num_workers).batches(
+            start=self.step * tc.grad_accum)
+        self.metrics = VolumeMetrics(self.image_shape)
+        self.metadata = {"kind": "autoencoder", "config": to_dict(cfg), "versions": versions(),
+                         "data_dir": str(self.data_dir.resolve()), "image_shape": self.image_shape,
+                         "world_size": ctx.world_size}
+        if ctx.is_main:
+            log.info("autoencoder: %d train / %d val volumes %s, %s, %.1fM parameters, effective batch %d",
+                     len(self.train_rows), len(self.val_rows), self.image_shape,
+                     f"patches {cfg.patch_size}" if cfg.patch_size else "whole volumes",
+                     sum(p.numel() for p in self.model.parameters()) / 1e6,
+                     tc.batch_size * tc.grad_accum * ctx.world_size)
+            log.info("speed: %s", ", ".join(self.speedups) or "eager (no compile, no recompute)")
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        cfg, tc, dev, disc, adv = self.cfg, self.tc, self.ctx.device, self.disc, self.adv
+        self.adv_on = adv_on = disc is not None and step >= cfg.adversarial_start
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.opt_d is not None:
+            self.opt_d.zero_grad(set_to_none=True)
         totals: dict[str, torch.Tensor] = {}
         for micro in range(tc.grad_accum):
             last = micro == tc.grad_accum - 1
-            x = random_patches(next(batches)["image"], cfg.patch_size, patch_gen).to(ctx.device, non_blocking=True)
-            with no_sync(net, last):
-                with autocast(ctx.device, tc.amp):
-                    recon, mu, sigma = net(x)
+            x = random_patches(next(self.batches)["image"], cfg.patch_size, self.generators["patch"])
+            x = x.to(dev, non_blocking=True)
+            with no_sync(self.net, last):
+                with autocast(dev, tc.amp):
+                    recon, mu, sigma = self.net(x)
                     recon = recon.float()
                     terms = {"l1": (recon - x).abs().mean(), "kl": kl_loss(mu.float(), sigma.float())}
                     loss = terms["l1"] + cfg.kl_weight * terms["kl"]
-                    if perceptual is not None:
-                        terms["perceptual"] = perceptual(recon, x)
+                    if self.perceptual is not None:
+                        terms["perceptual"] = self.perceptual(recon, x)
                         loss = loss + cfg.perceptual_weight * terms["perceptual"]
-                    if ssim_loss is not None:
-                        terms["ssim"] = ssim_loss(recon, x)
+                    if self.ssim_loss is not None:
+                        terms["ssim"] = self.ssim_loss(recon, x)
                         loss = loss + cfg.ssim_weight * terms["ssim"]
                     if adv_on:
+                        assert disc is not None
                         # the generator's view of the discriminator: gradients reach the reconstruction, not D
                         frozen = {k: v.detach() for k, v in disc.named_parameters()} | dict(disc.named_buffers())
                         logits = functional_call(disc, frozen, (recon,))[-1]
@@ -224,10 +206,11 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
                     terms["loss"] = loss
                 (loss / tc.grad_accum).backward()
             if adv_on:
-                with no_sync(net_d, last):
-                    with autocast(ctx.device, tc.amp):
+                assert self.net_d is not None
+                with no_sync(self.net_d, last):
+                    with autocast(dev, tc.amp):
                         # one forward for fake and real, so DDP sees each discriminator parameter used once
-                        logits = net_d(torch.cat([recon.detach(), x]))[-1].float()
+                        logits = self.net_d(torch.cat([recon.detach(), x]))[-1].float()
                         fake, real = logits[: len(x)], logits[len(x):]
                         d_loss = 0.5 * (adv(fake, target_is_real=False, for_discriminator=True)
                                         + adv(real, target_is_real=True, for_discriminator=True))
@@ -235,45 +218,41 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
                     (cfg.adversarial_weight * d_loss / tc.grad_accum).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() / tc.grad_accum
-        step += 1
-        progress.update(1)
-        guard.step([(opt_g, model.parameters())] + ([(opt_d, disc.parameters())] if adv_on else []), tc.grad_clip)
-        if ema is not None:
-            update_ema(ema, model)
+        return totals
 
-        final = step == tc.steps or deadline.reached(ctx)
-        if step % tc.log_every == 0 or final:
-            guard.check(step)  # on every rank: the one place the loop reads the skip counts
-        if writer and (step % tc.log_every == 0 or final):
-            sec_per_step = step_log.write(writer, step, opt_g, guard, ctx.device)
-            for k, v in totals.items():
-                writer.add_scalar(f"train/{k}", v.item(), step)
-            volumes_per_s = tc.batch_size * tc.grad_accum * ctx.world_size / sec_per_step
-            progress.set_postfix(loss=f"{totals['loss'].item():.4f}", l1=f"{totals['l1'].item():.4f}",
-                                 vol_s=f"{volumes_per_s:.1f}")
-        is_val = step % tc.val_every == 0 or final
-        is_ckpt = step % tc.checkpoint_every == 0 or final
-        if is_val or is_ckpt:
-            rngs = gather_rng_states(ctx, {"patch": patch_gen})  # collectives: every rank takes part
-            replicas = check_replicas(ctx, step, saved_weights())
-        if is_val and ctx.is_main:
-            val = validate(ema.module if ema is not None else model, val_ds, metrics, cfg, ctx, writer, step)
-            log.info("step %d: validation SSIM %.4f, MS-SSIM %.4f, PSNR %.2f dB, L1 %.4f%s", step, val["ssim"],
-                     val["ms_ssim"], val["psnr"], val["l1"], " (EMA weights)" if ema is not None else "")
-            if val["ssim"] > best_ssim:
-                best_ssim = val["ssim"]
-                checkpoint("best.pt", rngs, replicas)
-            net.train()
-        if is_ckpt and ctx.is_main:
-            checkpoint("latest.pt", rngs, replicas)
-            writer.flush()
-            curves.draw()  # loss.png from the scalars TensorBoard has, the whole run's after a resume
-        if is_val or is_ckpt:
-            barrier(ctx)
-        if stopped_by_time_limit(tc.time_limit_minutes, step, tc.steps, final):
-            break
-    finish_run(ctx, progress, writer, guard, step)
-    return latest
+    def optimizer_steps(self) -> list[tuple[torch.optim.Optimizer, Any]]:
+        # a generator and its discriminator are stepped (or skipped) together
+        steps: list[tuple[torch.optim.Optimizer, Any]] = [(self.optimizer, self.model.parameters())]
+        if self.adv_on:
+            assert self.opt_d is not None and self.disc is not None
+            steps.append((self.opt_d, self.disc.parameters()))
+        return steps
+
+    def log(self, step: int, losses: dict[str, torch.Tensor], seconds_per_step: float) -> None:
+        for k, v in losses.items():
+            self.board.add_scalar(f"train/{k}", v.item(), step)
+        volumes_per_s = self.tc.batch_size * self.tc.grad_accum * self.ctx.world_size / seconds_per_step
+        self.progress.set_postfix(loss=f"{losses['loss'].item():.4f}", l1=f"{losses['l1'].item():.4f}",
+                                  vol_s=f"{volumes_per_s:.1f}")
+
+    def validate(self, step: int) -> float:
+        ema = self.ema
+        assert self.val_ds is not None  # rank 0 validates
+        val = validate(ema.module if ema is not None else self.model, self.val_ds, self.metrics, self.cfg, self.ctx,
+                       self.writer, step)
+        log.info("step %d: validation SSIM %.4f, MS-SSIM %.4f, PSNR %.2f dB, L1 %.4f%s", step, val["ssim"],
+                 val["ms_ssim"], val["psnr"], val["l1"], " (EMA weights)" if ema is not None else "")
+        return val["ssim"]
+
+    def weights(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(),
+                "discriminator": self.disc.state_dict() if self.disc is not None else None,
+                "ema": self.ema.module.state_dict() if self.ema is not None else None}
+
+    def training_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(),
+                "optimizer_d": self.opt_d.state_dict() if self.opt_d is not None else None,
+                "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else 0}
 
 
 @torch.no_grad()
@@ -282,7 +261,7 @@ def validate(model: torch.nn.Module, dataset: Dataset, metrics: VolumeMetrics, c
     """SSIM, MS-SSIM, PSNR and L1 of whole-volume reconstructions (sliding window when training on patches)."""
     model.eval()
     scores: dict[str, list[float]] = {"ssim": [], "ms_ssim": [], "psnr": [], "l1": []}
-    for i, item in enumerate(dataset):
+    for i, item in enumerate(cast(Sequence[dict[str, Any]], dataset)):  # a MONAI dataset: a sequence of dicts
         x = item["image"][None].to(ctx.device)
         with autocast(ctx.device, cfg.train.amp):
             recon = reconstruct(model, x, cfg)

@@ -1,4 +1,5 @@
-"""Pieces shared by both trainers: run-dir setup, EMA, the non-finite-loss guard, logging."""
+"""The training loop both stages run (:class:`Trainer`) and its pieces: run-dir setup, EMA, the non-finite-loss
+guard, exact resume (batches, random streams), replica checks, the time limit, logging."""
 
 from __future__ import annotations
 
@@ -7,21 +8,25 @@ import logging
 import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
+from medldm.artifacts import save_checkpoint
 from medldm.config import save_config
 from medldm.data.io import visible
 from medldm.errors import StoppedError
-from medldm.training.checkpoint import rng_state, set_rng_state
-from medldm.training.dist import DistContext, barrier, cleanup
+from medldm.training.curves import LossCurves
+from medldm.training.dist import DistContext, barrier, cleanup, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +59,12 @@ class NonFiniteGuard:
         self.longest = torch.maximum(self.longest, self.in_a_row)
         self.count += bad
         for optimizer, _ in steps:
-            optimizer.found_inf = bad
+            # read by the fused kernel (GradScaler sets it the same way); not an attribute torch declares
+            optimizer.found_inf = bad  # type: ignore[attr-defined]
             try:
                 optimizer.step()
             finally:
-                del optimizer.found_inf
+                del optimizer.found_inf  # type: ignore[attr-defined]
 
     @property
     def skipped(self) -> int:
@@ -105,17 +111,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA only; the CPU runs float32."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
     """EMA of the weights (``ema.module``, ``ema.n_averaged``), updated by :func:`update_ema`."""
     ema = AveragedModel(model, use_buffers=True)
-    ema.decay = decay
+    cast(Any, ema).decay = decay  # a plain float beside the module (not a buffer: not in the state dict)
     return ema
 
 
@@ -131,7 +130,7 @@ def update_ema(ema: AveragedModel, model: torch.nn.Module) -> None:
     if n == 0:
         torch._foreach_copy_(averaged, current)
     else:
-        d = min(ema.decay, (1.0 + n) / (10.0 + n))
+        d = min(cast(float, ema.decay), (1.0 + n) / (10.0 + n))
         floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
         torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - d)
     ema.n_averaged += 1
@@ -167,7 +166,8 @@ class ResumableBatches:
 
     def __init__(self, dataset: Dataset, batch_size: int, ctx: DistContext, seed: int, num_workers: int) -> None:
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
-        self.sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
+        self.sampler: DistributedSampler[int] = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                                                                   shuffle=True, seed=seed)
         per_rank = self.sampler.num_samples
         # drop a ragged last batch, unless that would leave nothing
         self.drop_last = per_rank >= batch_size
@@ -213,7 +213,7 @@ def weights_fingerprint(states: dict[str, dict[str, torch.Tensor] | None]) -> st
         for key, tensor in sorted((states[name] or {}).items()):
             t = tensor.detach().cpu().contiguous().reshape(-1)
             h.update(f"{name}.{key}:{t.dtype}:{tuple(tensor.shape)};".encode())
-            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
+            h.update(t.view(torch.uint8).numpy().data)  # the buffer itself, no copy
     return h.hexdigest()
 
 
@@ -285,26 +285,183 @@ class StepLog:
         return seconds
 
 
-def stopped_by_time_limit(minutes: float, step: int, steps: int, final: bool) -> bool:
-    """True when the run ends here before ``steps`` because ``train.time_limit_minutes`` ran out (and says so)."""
-    if final and step < steps:
-        log.info("train.time_limit_minutes=%g reached at step %d: continue with --resume", minutes, step)
-        return True
-    return False
+def rng_state() -> dict[str, Any]:
+    """The global torch RNG states of this process (CPU, and its current CUDA device)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
-def no_sync(module: torch.nn.Module, sync: bool):
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def no_sync(module: torch.nn.Module, sync: bool) -> AbstractContextManager:
     """Skip DDP's gradient all-reduce on the micro-batches before the last one of an accumulated step."""
     if not sync and hasattr(module, "no_sync"):
-        return module.no_sync()
+        return cast(DistributedDataParallel, module).no_sync()
     return nullcontext()
 
 
-def finish_run(ctx: DistContext, progress: Any, writer: Any, guard: NonFiniteGuard, step: int) -> None:
-    """Close the progress bar and TensorBoard writer, then leave the process group together."""
-    progress.close()
-    if writer:
-        writer.add_scalar("train/skipped_nonfinite", guard.skipped, step)
-        writer.close()
-    barrier(ctx)
-    cleanup(ctx)
+class Trainer:
+    """One training run: the setup and the periodic log / validate / checkpoint / time-limit tail that both stages
+    share. A stage subclasses it with what is its own, in the order the loop calls it:
+
+    ``build()``             networks, EMA, speed-ups, optimisers, losses; after ``torch.manual_seed(train.seed)``, so
+                            every rank starts from the same weights
+    ``streams()``           the stage's random generators; after ``seed_everything(train.seed + rank)``
+    ``load(state)``         weights and optimiser states of the checkpoint being resumed
+    ``wrap()``              DDP wrappers
+    ``start()``             data, pictures, the lines that say what is trained (``writer`` exists on rank 0)
+    ``train_step(step)``    the forward and backward passes of one optimiser step -> the detached losses to log
+    ``optimizer_steps()``   the (optimiser, parameters) pairs to step after it
+    ``log(step, losses, seconds_per_step)``, ``validate(step)`` -> score (rank 0), ``after_validation(step, final)``
+    ``weights()``, ``training_state()``: what a checkpoint holds besides ``metadata`` and the loop's own state
+
+    Each stage keeps its best checkpoint by its validation score (``best_key``, higher or lower is better).
+    """
+
+    best_key: str
+    higher_is_better: bool
+    desc: str
+    # set by build(): the network whose weights the EMA follows, its EMA (or None) and the optimiser warmed up
+    model: torch.nn.Module
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    net: torch.nn.Module  # the model as trained (DDP-wrapped under torchrun)
+    metadata: dict[str, Any]
+
+    def __init__(self, run_dir: Path, cfg: Any, state: dict[str, Any] | None) -> None:
+        self.run_dir, self.cfg, self.tc, self.state = run_dir, cfg, cfg.train, state
+        self.writer: SummaryWriter | None = None
+        self.generators: dict[str, torch.Generator] = {}
+
+    @property
+    def board(self) -> SummaryWriter:
+        """The TensorBoard writer; only rank 0 logs, and only rank 0 calls what uses it."""
+        assert self.writer is not None
+        return self.writer
+
+    # --- what each stage provides ---
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def streams(self) -> dict[str, torch.Generator]:
+        return {}
+
+    def load(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def wrap(self) -> None:
+        self.net = DistributedDataParallel(self.model) if self.ctx.world_size > 1 else self.model
+
+    def start(self) -> None:
+        pass
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def optimizer_steps(self) -> list[tuple[torch.optim.Optimizer, Iterable[torch.Tensor]]]:
+        return [(self.optimizer, self.model.parameters())]
+
+    def log(self, step: int, losses: dict[str, torch.Tensor], seconds_per_step: float) -> None:
+        pass
+
+    def validate(self, step: int) -> float:
+        raise NotImplementedError
+
+    def after_validation(self, step: int, final: bool) -> None:
+        pass
+
+    def weights(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def training_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # --- the loop ---
+    def run(self, resume: bool) -> Path:
+        """Train (or resume) to ``train.steps`` or the time limit; returns the path of the latest checkpoint."""
+        tc, run_dir = self.tc, self.run_dir
+        latest = run_dir / "checkpoints" / "latest.pt"
+        self.ctx = ctx = init_distributed()
+        if ctx.is_main:
+            prepare_run_dir(run_dir, self.cfg, resume)
+        barrier(ctx)
+        torch.manual_seed(tc.seed)
+        self.build()
+        seed_everything(tc.seed + ctx.rank)
+        self.generators = self.streams()
+        step, best, skipped = 0, (-1.0 if self.higher_is_better else float("inf")), 0
+        if self.state is not None:
+            self.load(self.state)
+            step, best = self.state["step"], self.state[self.best_key]
+            skipped = self.state.get("skipped_nonfinite", 0)
+            restore_rng_states(ctx, self.state["rng"], self.generators)
+            log.info("resumed %s at step %d", run_dir, step)
+        self.step = step
+        self.wrap()
+        if ctx.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
+        self.writer = writer = SummaryWriter(run_dir / "tensorboard") if ctx.is_main else None
+        curves = LossCurves(run_dir) if ctx.is_main else None
+        self.start()
+        guard = NonFiniteGuard(ctx.device, skipped=skipped)
+        deadline = Deadline(tc.time_limit_minutes)
+
+        def checkpoint(name: str, rngs: list[dict[str, Any]], replicas: list[str] | None) -> None:
+            save_checkpoint(run_dir / "checkpoints" / name, {
+                **self.metadata, **self.weights(), **self.training_state(), "step": step, self.best_key: best,
+                "skipped_nonfinite": guard.skipped, "rng": rngs, "replicas": replicas})
+
+        self.progress = progress = tqdm(total=tc.steps, initial=step, desc=self.desc, unit="step",
+                                        disable=not ctx.is_main)
+        self.net.train()
+        step_log = StepLog(step)
+        while step < tc.steps:
+            set_warmup_lr(self.optimizer, tc.lr, tc.warmup_steps, step)
+            losses = self.train_step(step)
+            step += 1
+            self.step = step
+            progress.update(1)
+            guard.step(self.optimizer_steps(), tc.grad_clip)
+            if self.ema is not None:
+                update_ema(self.ema, self.model)
+            final = step == tc.steps or deadline.reached(ctx)
+            if step % tc.log_every == 0 or final:
+                guard.check(step)  # on every rank: the one place the loop reads the skip counts
+                if writer:
+                    self.log(step, losses, step_log.write(writer, step, self.optimizer, guard, ctx.device))
+            is_val = step % tc.val_every == 0 or final
+            is_ckpt = step % tc.checkpoint_every == 0 or final
+            if is_val or is_ckpt:
+                rngs = gather_rng_states(ctx, self.generators)  # collectives: every rank takes part
+                replicas = check_replicas(ctx, step, self.weights())
+            if is_val and ctx.is_main:
+                score = self.validate(step)
+                if (score > best) if self.higher_is_better else (score < best):
+                    best = score
+                    checkpoint("best.pt", rngs, replicas)
+            self.after_validation(step, final)
+            self.net.train()
+            if is_ckpt and writer is not None and curves is not None:  # rank 0
+                checkpoint("latest.pt", rngs, replicas)
+                writer.flush()
+                curves.draw()  # loss.png from the scalars TensorBoard has, the whole run's after a resume
+            if is_val or is_ckpt:
+                barrier(ctx)
+            if final and step < tc.steps:
+                log.info("train.time_limit_minutes=%g reached at step %d: continue with --resume",
+                         tc.time_limit_minutes, step)
+                break
+        # close the progress bar and TensorBoard writer, then leave the process group together
+        progress.close()
+        if writer:
+            writer.add_scalar("train/skipped_nonfinite", guard.skipped, step)
+            writer.close()
+        barrier(ctx)
+        cleanup(ctx)
+        return latest

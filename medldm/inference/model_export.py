@@ -7,16 +7,17 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from medldm.artifacts import AutoencoderRun, DiffusionRun, run_kind
 from medldm.data.io import staging_dir, write_json
 from medldm.errors import InputError, StoppedError
-from medldm.inference.encode import load_autoencoder_file
-from medldm.inference.sample import find_autoencoder, load_diffusion
-from medldm.training.checkpoint import best_checkpoint, load_checkpoint
 from medldm.versions import versions
+
+if TYPE_CHECKING:
+    from monai.networks.nets import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ TOLERANCE = 1e-4
 class Decoder(torch.nn.Module):
     """The autoencoder's decoder alone: latent (B, C, x, y, z) -> volume (B, 1, X, Y, Z)."""
 
-    def __init__(self, autoencoder: torch.nn.Module) -> None:
+    def __init__(self, autoencoder: AutoencoderKL) -> None:
         super().__init__()
         self.autoencoder = autoencoder
 
@@ -36,7 +37,7 @@ class Decoder(torch.nn.Module):
         return self.autoencoder.decode(z)
 
 
-class Denoiser(torch.nn.Module):
+class PositionalUNet(torch.nn.Module):
     """The UNet with positional inputs (latent, timesteps, context), as exported graphs need them."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
@@ -47,7 +48,7 @@ class Denoiser(torch.nn.Module):
         return self.unet(x, timesteps=timesteps, context=context)
 
 
-class UnconditionalDenoiser(Denoiser):
+class UnconditionalPositionalUNet(PositionalUNet):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.unet(x, timesteps=timesteps)
 
@@ -78,6 +79,7 @@ def _export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], check: t
     else:
         runtime = _onnx_runtime()
         program = torch.onnx.export(module, example, input_names=names, output_names=["output"], dynamo=True)
+        assert program is not None  # the dynamo exporter returns the program (only the old one returns None)
         program.save(str(path))
         session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, check)})[0])
@@ -96,41 +98,41 @@ def export_model(run_dir: str | Path, fmt: str = "torchscript", out_dir: str | P
     run = Path(run_dir)
     out = Path(out_dir) if out_dir else run / "export"
     out.mkdir(parents=True, exist_ok=True)
-    kind = load_checkpoint(best_checkpoint(run, "autoencoder or diffusion"), mmap=True).get("kind")  # no weights read
+    kind = run_kind(run)  # no weights read
     suffix = ".pt" if fmt == "torchscript" else ".onnx"
     gen = torch.Generator().manual_seed(0)
-    jobs = []
+    # (name, module, example inputs, check inputs, input names, checkpoint it came from)
+    jobs: list[tuple[str, torch.nn.Module, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[str], str]] = []
     # what a deployment needs beside the graphs: divide the sampled latents by scale_factor before decoding
     usage: dict[str, Any] = {}
     if kind == "diffusion":
-        unet, meta = load_diffusion(run, "cpu")
-        ae_path = find_autoencoder(meta["autoencoder"], autoencoder_run)
-        autoencoder, ae_meta = load_autoencoder_file(ae_path, "cpu", sha256=meta["autoencoder"]["sha256"])
-        latent = meta["latent_shape"]
-        hybrid = meta["cfg"].conditioning.mode == "hybrid"
-        x_channels = latent[0] + (meta["encoder"].dim if hybrid else 0)
+        ldm = DiffusionRun(run).load()
+        unet = ldm.unet("cpu")
+        ae = ldm.load_autoencoder(autoencoder_run)
+        latent = ldm.latent_shape
+        conditions = ldm.conditions
+        x_channels = latent[0] + (conditions.dim if ldm.hybrid else 0)
 
         def unet_inputs() -> tuple[torch.Tensor, ...]:
             x = torch.randn(1, x_channels, *latent[1:], generator=gen)
-            t = torch.randint(0, meta["cfg"].scheduler.num_train_timesteps, (1,), generator=gen)
-            if not meta["encoder"].keys:
+            t = torch.randint(0, ldm.config.scheduler.num_train_timesteps, (1,), generator=gen)
+            if not conditions.keys:
                 return x, t
-            return x, t, torch.rand(1, 1, meta["encoder"].dim, generator=gen)
+            return x, t, torch.rand(1, 1, conditions.dim, generator=gen)
 
-        usage = {"scale_factor": meta["scale_factor"], "latent_shape": latent, "scheduler": meta["config"]["scheduler"],
-                 "conditioning": {"mode": meta["cfg"].conditioning.mode, **meta["encoder"].state_dict()},
-                 "reference": meta["reference"]}
-        module = Denoiser(unet) if meta["encoder"].keys else UnconditionalDenoiser(unet)
-        names = ["x", "timesteps", "context"][: 3 if meta["encoder"].keys else 2]
-        jobs.append(("unet", module, unet_inputs(), unet_inputs(), names, meta["checkpoint"]))
+        usage = {"scale_factor": ldm.scale_factor, "latent_shape": latent, "scheduler": ldm.config_dict["scheduler"],
+                 "conditioning": {"mode": ldm.config.conditioning.mode, **conditions.state_dict()},
+                 "reference": ldm.reference}
+        module: torch.nn.Module = PositionalUNet(unet) if conditions.keys else UnconditionalPositionalUNet(unet)
+        names = ["x", "timesteps", "context"][: 3 if conditions.keys else 2]
+        jobs.append(("unet", module, unet_inputs(), unet_inputs(), names, ldm.resolved))
     elif kind == "autoencoder":
-        autoencoder, ae_meta = load_autoencoder_file(best_checkpoint(run, "autoencoder"), "cpu")
-        factor = 2 ** (len(ae_meta["config"]["model"]["channels"]) - 1)
-        latent = [ae_meta["config"]["model"]["latent_channels"], *(s // factor for s in ae_meta["image_shape"])]
+        ae = AutoencoderRun(run).load()
+        latent = ae.latent_shape
     else:
         raise InputError(f"{run}: not a medldm autoencoder or diffusion run (kind={kind!r})")
-    jobs.append(("decoder", Decoder(autoencoder), (torch.randn(1, *latent, generator=gen),),
-                 (torch.randn(1, *latent, generator=gen),), ["z"], ae_meta["checkpoint"]))
+    jobs.append(("decoder", Decoder(ae.model("cpu")), (torch.randn(1, *latent, generator=gen),),
+                 (torch.randn(1, *latent, generator=gen),), ["z"], ae.resolved))
 
     manifest: dict[str, Any] = {"format": fmt, "tolerance": TOLERANCE, "versions": versions(), **usage,
                                 "networks": {}}

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from medldm.inference.deploy import TOLERANCE, export_model
-from medldm.inference.encode import load_autoencoder
-from medldm.inference.sample import load_diffusion
+from medldm.artifacts import AutoencoderRun, DiffusionRun
+from medldm.inference.model_export import TOLERANCE, export_model
 
 
 def test_torchscript_export_reproduces_the_decoder_and_the_unet(ldm_run, ae_run, tmp_path):
@@ -18,18 +17,18 @@ def test_torchscript_export_reproduces_the_decoder_and_the_unet(ldm_run, ae_run,
     assert manifest["tolerance"] == TOLERANCE
     assert all(n["max_relative_difference"] <= TOLERANCE for n in manifest["networks"].values())
     # what a deployment needs besides the graphs
-    assert manifest["scale_factor"] == load_diffusion(ldm_run)[1]["scale_factor"] != 1.0
+    assert manifest["scale_factor"] == DiffusionRun(ldm_run).load(mmap=True).scale_factor != 1.0
     assert manifest["conditioning"]["mode"] == "crossattn" and manifest["conditioning"]["keys"]
     assert manifest["scheduler"]["num_train_timesteps"] == 1000
     # loaded on its own, on inputs it was not traced with
-    unet, meta = load_diffusion(ldm_run)
+    unet = DiffusionRun(ldm_run).load().unet()
     scripted = torch.jit.load(str(tmp_path / "unet.pt"))
     shapes = manifest["networks"]["unet"]["inputs"]
     x, t, c = torch.randn(shapes["x"]), torch.tensor([123]), torch.rand(shapes["context"])
     with torch.no_grad():
         np.testing.assert_allclose(scripted(x, t, c), unet(x, timesteps=t, context=c), atol=1e-5)
     decoder = torch.jit.load(str(tmp_path / "decoder.pt"))
-    autoencoder, _ = load_autoencoder(ae_run)
+    autoencoder = AutoencoderRun(ae_run).load().model()
     z = torch.randn(manifest["networks"]["decoder"]["inputs"]["z"])
     with torch.no_grad():
         np.testing.assert_allclose(decoder(z), autoencoder.decode(z), atol=1e-5)

@@ -42,6 +42,7 @@ class GraphedUNet:
         g.x.copy_(x)
         g.timesteps.copy_(timesteps)
         if context is not None:
+            assert g.context is not None  # the key holds a context: so did the capture
             g.context.copy_(context)
         g.graph.replay()
         return g.out.clone()

@@ -1,0 +1,106 @@
+"""The tensor functions both training and inference run: reconstruct, posterior mean, decode, the reverse process.
+
+Pure functions of networks and tensors (no files, no run directories), so that a trainer's validation and a command
+that writes volumes compute exactly the same thing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import AutoencoderKL
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from tqdm.auto import tqdm
+
+from medldm.config import AutoencoderConfig
+from medldm.devices import autocast
+from medldm.models.conditioning import with_condition_channels
+
+
+def window_size(cfg: AutoencoderConfig) -> list[int]:
+    """The sliding-window ROI of an autoencoder config: sliding_window.roi_size, else patch_size, else [] (whole)."""
+    return list(cfg.sliding_window.roi_size or cfg.patch_size)
+
+
+def _windowed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+              cfg: AutoencoderConfig | None) -> torch.Tensor:
+    # whole volume unless the config's window is smaller; MONAI blends windows (and rescales a smaller output)
+    roi = window_size(cfg) if cfg is not None else []
+    if cfg is None or not roi or all(r >= s for r, s in zip(roi, x.shape[2:])):
+        return fn(x)
+    sw = cfg.sliding_window
+    return cast(torch.Tensor, sliding_window_inference(x, roi, sw.batch_size, fn, overlap=sw.overlap, mode="gaussian"))
+
+
+@torch.no_grad()
+def reconstruct(model: torch.nn.Module, x: torch.Tensor, cfg: AutoencoderConfig | None = None) -> torch.Tensor:
+    """Decode the posterior mean (the deterministic reconstruction); window by window when ``cfg`` asks for it."""
+    ae = cast(AutoencoderKL, model)  # or a wrapper of one (compiled, DDP) with the same methods
+    return _windowed(lambda p: ae.decode(ae.encode(p)[0]).float(), x, cfg)
+
+
+@torch.no_grad()
+def posterior_mean(model: torch.nn.Module, x: torch.Tensor, cfg: AutoencoderConfig | None = None) -> torch.Tensor:
+    """μ of a batch; window by window (blended at latent resolution) when ``cfg`` asks for it."""
+    ae = cast(AutoencoderKL, model)
+    return _windowed(lambda p: ae.encode(p)[0].float(), x, cfg)
+
+
+@torch.no_grad()
+def decode_latents(model: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Volumes (float32, clamped to [0, 1]) from unscaled latents, one volume at a time: the peak memory is one
+    decode whatever the batch. (Tiles would need less, but GroupNorm would then normalise each tile with its own
+    statistics, which leaves a visible grid: benchmarks/RESULTS.md.)"""
+    ae = cast(AutoencoderKL, model)
+    return torch.cat([ae.decode(one).float().clamp(0, 1) for one in z.split(1)])
+
+
+@torch.no_grad()
+def sample_latents(
+    unet: Callable[..., torch.Tensor],
+    scheduler: DDPMScheduler | DDIMScheduler,
+    noise: torch.Tensor,
+    context: torch.Tensor | None,
+    guidance: float = 1.0,
+    eta: float = 0.0,
+    generators: list[torch.Generator] | None = None,
+    progress: bool = False,
+    amp: bool = True,
+    concat: bool = False,
+) -> torch.Tensor:
+    """Run the reverse process from ``noise`` with a DDIM or DDPM scheduler (``set_timesteps`` already called).
+
+    Guidance != 1 mixes the conditional and the null-context predictions (classifier-free guidance). When a step
+    draws noise (DDPM, or DDIM with eta > 0) each sample draws it from its own generator, so a sample does not
+    depend on the batch it was generated in. The UNet runs in bf16 autocast on CUDA (``amp``); the scheduler
+    arithmetic stays float32. ``concat``: the UNet also takes the context as constant input channels ("hybrid").
+    """
+    x = noise
+    guided = context is not None and guidance != 1.0
+    ddpm = isinstance(scheduler, DDPMScheduler)
+    step_args: dict[str, Any] = {} if ddpm else {"eta": eta}
+    per_sample = generators is not None and (ddpm or eta > 0)
+    name = "ddpm" if ddpm else "ddim"
+    for t in tqdm(scheduler.timesteps, desc=name, unit="step", leave=False, disable=not progress):
+        tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        with autocast(x.device, amp):
+            if guided:
+                assert context is not None
+                xx, cc = torch.cat([x, x]), torch.cat([context, torch.zeros_like(context)])
+                both = unet(with_condition_channels(xx, cc) if concat else xx, timesteps=torch.cat([tt, tt]),
+                            context=cc)
+                cond, uncond = both.chunk(2)
+                pred = uncond + guidance * (cond - uncond)
+            else:
+                pred = unet(with_condition_channels(x, context) if concat and context is not None else x,
+                            timesteps=tt, context=context)
+        pred = pred.float()
+        if per_sample:
+            assert generators is not None
+            x = torch.cat([scheduler.step(pred[i : i + 1], int(t), x[i : i + 1], generator=g, **step_args)[0]
+                           for i, g in enumerate(generators)])
+        else:
+            x = scheduler.step(pred, int(t), x, **step_args)[0]
+    return x
