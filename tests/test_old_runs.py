@@ -26,7 +26,7 @@ def old(tmp_path_factory) -> Path:
 
 
 def test_the_files_are_schema_1(old):
-    for path in (old / "autoencoder/checkpoints/best.pt", old / "diffusion/checkpoints/best.pt",
+    for path in (old / "autoencoder/checkpoints/best.pt", old / "diffusion/checkpoints/latest.pt",
                  old / "autoencoder/latents/latents.pt", old / "scan.latent"):
         state = load_checkpoint(path)
         assert "schema" not in state and state.get("versions", {}).get("medldm", "0.1.0") == "0.1.0"
