@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-import torch
 
-from medldm.config import load_config
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test runs one pytest-xdist worker per core: each worker, and every process it starts (CLI commands, the
+    # notebook's kernel), computes on one thread. OpenMP threads that outnumber the cores spin against each other
+    # (the notebook took 4.7 times as long beside another worker)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
-torch.set_num_threads(2)
+import torch  # noqa: E402 (after OMP_NUM_THREADS)
+
+from medldm.config import load_config  # noqa: E402
+
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 # very short runs: the tests check plumbing and contracts, not image quality. The diffusion runs draw no preview
 # samples (each is a 10-step DDIM chain and a decode per picture); the tests that check previews ask for them
