@@ -3,6 +3,7 @@ guard, exact resume (batches, random streams), replica checks, the time limit, l
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import random
@@ -462,6 +463,17 @@ class Trainer:
         if writer:
             writer.add_scalar("train/skipped_nonfinite", guard.skipped, step)
             writer.close()
+        self.unwrap()
         barrier(ctx)
         cleanup(ctx)
         return latest
+
+    def unwrap(self) -> None:
+        """Drop the DDP wrappers (and with them the last references to the process group outside torch), so that
+        the group is torn down inside ``cleanup``, while every rank is there. Torn down later, when the trainer is
+        freed after one rank has already exited, gloo's teardown waited for that rank for ever (1 launch in 5 on
+        two busy cores)."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, DistributedDataParallel):
+                setattr(self, name, value.module)
+        gc.collect()
