@@ -471,7 +471,7 @@ class Trainer:
     def unwrap(self) -> None:
         """Drop the DDP wrappers (and with them the last references to the process group outside torch), so that
         the group is torn down inside ``cleanup``, while every rank is there. Torn down later, when the trainer is
-        freed after one rank has already exited, gloo's teardown waited for that rank for ever (1 launch in 5 on
+        freed after one rank has already exited, gloo's teardown waited for that rank for ever (1 launch in 7 on
         two busy cores)."""
         for name, value in list(vars(self).items()):
             if isinstance(value, DistributedDataParallel):
