@@ -16,10 +16,18 @@ import time
 import torch
 
 from medldm.config import load_config
+from medldm.inference.sample import DEFAULT_STEPS
 from medldm.models.conditioning import ConditionEncoder
-from medldm.models.networks import build_autoencoder, build_scheduler, build_unet
+from medldm.models.networks import (
+    build_autoencoder,
+    build_scheduler,
+    build_unet,
+    default_sampler,
+    set_sampling_steps,
+)
 from medldm.models.ops import sample_latents
 from medldm.training.autoencoder import kl_loss
+from medldm.training.diffusion import diffusion_target, training_timesteps
 
 
 def timed(fn, repeats: int, warmup: int = 3) -> float:
@@ -59,30 +67,35 @@ def main() -> None:
     unet_opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     scheduler = build_scheduler(ldm_cfg.scheduler)
     z = torch.randn(ldm_cfg.train.batch_size, *latent)
+    gen = torch.Generator().manual_seed(0)
     context = encoder.encode([{"age": 70, "sex": "F", "diagnosis": "CN"}] * z.shape[0])
 
     def unet_step() -> None:
         noise = torch.randn_like(z)
-        t = torch.randint(0, 1000, (z.shape[0],))
-        loss = ((unet(scheduler.add_noise(z, noise, t), timesteps=t, context=context) - noise) ** 2).mean()
+        t = training_timesteps(scheduler, z, gen)
+        target = diffusion_target(scheduler, z, noise, t)
+        loss = ((unet(scheduler.add_noise(z, noise, t), timesteps=t, context=context) - target) ** 2).mean()
         unet_opt.zero_grad()
         loss.backward()
         unet_opt.step()
 
-    ddim = build_scheduler(ldm_cfg.scheduler, "ddim")
-    ddim.set_timesteps(50)
+    name = default_sampler(ldm_cfg.scheduler)
+    steps = DEFAULT_STEPS[name]
+    sampler = build_scheduler(ldm_cfg.scheduler, name)
+    set_sampling_steps(sampler, steps, latent)
     unet.eval()
     ae.eval()
 
     def sample_one() -> None:
         with torch.no_grad():
-            out = sample_latents(unet, ddim, torch.randn(1, *latent), context[:1], guidance=3.0)
+            out = sample_latents(unet, sampler, torch.randn(1, *latent), context[:1], guidance=3.0)
             ae.decode(out)
 
     rows = [
         (f"autoencoder train step, batch {x.shape[0]}, {list(shape)}", timed(ae_step, args.repeats)),
         (f"UNet train step, batch {z.shape[0]}, latent {latent}", timed(unet_step, args.repeats)),
-        ("DDIM 50 steps (guidance 3) + decode, 1 volume", timed(sample_one, max(3, args.repeats // 4), warmup=1)),
+        (f"{name} {steps} steps (guidance 3) + decode, 1 volume",
+         timed(sample_one, max(3, args.repeats // 4), warmup=1)),
     ]
     device = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"\nTiny configs, {device}, torch {torch.__version__}, {dt.date.today()}\n")

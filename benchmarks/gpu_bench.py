@@ -46,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medldm.config import AutoencoderModelConfig, SchedulerConfig, SpeedConfig, UNetConfig
 from medldm.inference.cuda_graphs import GraphedUNet
-from medldm.models.networks import build_autoencoder, build_scheduler, build_unet
+from medldm.models.networks import build_autoencoder, build_scheduler, build_unet, set_sampling_steps
 from medldm.models.ops import decode_latents, sample_latents
 from medldm.models.speed import apply_speed
 from medldm.training.loop import NonFiniteGuard, adamw
@@ -218,7 +218,7 @@ def unet_step(shapes: Shapes, device: torch.device, speed: SpeedConfig | None, b
                        sdpa=speed is not None and speed.sdpa).to(device)
     model.load_state_dict(init)
     params = list(model.parameters())
-    scheduler = build_scheduler(SchedulerConfig(), "ddpm")
+    scheduler = build_scheduler(SchedulerConfig(kind="ddpm"))
     if speed is None:
         opt, guard = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0), None
     else:
@@ -269,10 +269,14 @@ def sampler(shapes: Shapes, device: torch.device, speed: SpeedConfig | None, bac
     ae = build_autoencoder(shapes.ae, sdpa=sdpa).to(device).eval()
     unet.load_state_dict(inits["unet"])
     ae.load_state_dict(inits["ae"])
-    scheduler = build_scheduler(SchedulerConfig(), "ddim")
-    scheduler.set_timesteps(shapes.ddim_steps)
+    # the DDPM/DDIM path, the one plain MONAI's DiffusionInferer runs too
+    scheduler = build_scheduler(SchedulerConfig(kind="ddpm"), "ddim")
+    set_sampling_steps(scheduler, shapes.ddim_steps, [shapes.latent_channels])
     scale = 1.0
     if speed is None:
+        # medldm's last DDIM step returns the predicted clean latent; MONAI's lands on alpha_bar[0] of the grid's
+        # last prev timestep (0). alpha_bar[0] = 1 makes MONAI's step do the same (the grid never visits t = 0)
+        scheduler.alphas_cumprod[0] = 1.0
         inferer = DiffusionInferer(scheduler)
 
         @torch.no_grad()

@@ -1,18 +1,21 @@
 """One quality benchmark: train both stages at the small scale, sample, evaluate, write OUT/quality.json.
 
     python benchmarks/quality.py --data DATASET --out OUT [--minutes-autoencoder M] [--minutes-diffusion M]
-                                 [--num 16] [--seed 0] [--guidance 1.0] [--redo sample|evaluate]
+                                 [--num 16] [--seed 0] [--guidance 1.0] [--sampler S] [--steps N]
+                                 [--autoencoder AE_RUN] [--redo sample|evaluate]
 
 DATASET is any medldm dataset dir preprocessed with configs/preprocess/small.yaml (train, val and test splits,
 whatever its subjects). The stages run with the small configs (``--autoencoder-config``, ``--diffusion-config``,
 ``--evaluate-config`` to change them, ``--set-autoencoder``/``--set-diffusion key=value`` to override keys):
 
 1. `medldm train autoencoder` on the train/val splits, stopped by ``--minutes-autoencoder`` (default: the
-   config's ``train.time_limit_minutes``), then `medldm encode`;
+   config's ``train.time_limit_minutes``), then `medldm encode`; ``--autoencoder AE_RUN`` uses a trained run
+   instead (encoded if it has no latents yet), so several diffusion recipes are compared on one autoencoder;
 2. `medldm train diffusion`, stopped by ``--minutes-diffusion``;
-3. `medldm sample`: ``--num`` volumes, sample i with seed ``--seed + i`` and the age and sex of test subject
-   i (cycling; ages clipped to the model's training range; a subject without them gives an unconditional sample),
-   so the synthetic set has the test split's demographics;
+3. `medldm sample` with the model's sampler (``--sampler`` and ``--steps`` default to those of `medldm sample`):
+   ``--num`` volumes, sample i with seed ``--seed + i`` and the age and sex of test subject i (cycling; ages
+   clipped to the model's training range; a subject without them gives an unconditional sample), so the
+   synthetic set has the test split's demographics;
 4. `medldm evaluate` against the test split (reconstruction, plausibility, memorisation, diversity, morphometry).
 
 Every stage records itself in OUT/state.json: a rerun after a crash resumes the stage that was running and skips
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.redo:
         state["done"] = [s for s in state["done"] if STAGES.index(s) < STAGES.index(args.redo)]
     # samples made with other settings are not what this command asks for: refuse rather than report them
-    asked = {"num": args.num, "seed": args.seed, "guidance": args.guidance, "steps": args.steps}
+    asked = {"num": args.num, "seed": args.seed, "guidance": args.guidance, "steps": args.steps,
+             "sampler": args.sampler}
     if "sample" in state["done"] and state.get("sampled_with", asked) != asked:
         raise SystemExit(f"{out}: its samples were made with {state['sampled_with']}, not {asked}: add --redo sample")
     state["sampled_with"] = state.get("sampled_with", asked) if "sample" in state["done"] else asked
@@ -101,6 +105,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ldm_cfg = load_config("diffusion", args.diffusion_config, ldm_overrides)
     eval_cfg = load_config("evaluate", args.evaluate_config, [f"seed={args.seed}"])
     ae_run, ldm_run, samples, report = out / "autoencoder", out / "diffusion", out / "samples", out / "report"
+    if args.autoencoder:
+        ae_run = Path(args.autoencoder)
+        state["autoencoder_run"] = str(ae_run.resolve())
+        if "autoencoder" not in state["done"]:
+            state["done"].append("autoencoder")
+            state["minutes"]["autoencoder"] = 0.0  # trained elsewhere: its time is that run's
+        if "encode" not in state["done"] and (ae_run / "latents").is_dir():
+            state["done"].append("encode")
     test = split_rows(read_manifest(data), "test")
     if not test:
         raise SystemExit(f"{data}/manifest.csv has no test split: preprocess with split.test_fraction > 0")
@@ -135,8 +147,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         encoder = DiffusionRun(ldm_run).load(mmap=True).conditions
         for i, cond in enumerate(sample_conditions(test, encoder, args.num)):
             name = f"{i:02d}" + "".join(f"_{k}{v}" for k, v in cond.items())
-            sample_run(ldm_run, samples / name, num=1, steps=args.steps, seed=args.seed + i, conditions=cond,
-                       guidance=args.guidance if cond else 1.0)
+            sample_run(ldm_run, samples / name, num=1, sampler=args.sampler, steps=args.steps, seed=args.seed + i,
+                       conditions=cond, guidance=args.guidance if cond else 1.0)
 
     stage("sample", sample)
     stage("evaluate", lambda: evaluate(data, report, eval_cfg, autoencoder=ae_run,
@@ -169,6 +181,7 @@ def summarise(report: dict[str, Any], state: dict[str, Any], args: argparse.Name
                     "total": round(sum(state["minutes"].values()), 2)},
         "machine": machine(), "versions": versions(),
         "settings": {"num": args.num, "seed": args.seed, "guidance": args.guidance, "steps": args.steps,
+                     "sampler": args.sampler or "the model's default", "autoencoder_run": state.get("autoencoder_run"),
                      "minutes_autoencoder": args.minutes_autoencoder, "minutes_diffusion": args.minutes_diffusion},
         "report": str((Path(args.out) / "report" / "report.md").resolve()),
     }
@@ -185,7 +198,9 @@ def main() -> None:
     p.add_argument("--num", type=int, default=16, help="synthetic volumes to sample (default 16)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED + i")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of conditioned samples")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--sampler", choices=("ddim", "ddpm", "rflow"), help="default: the model's (as medldm sample)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: medldm sample's, 50 DDIM, 10 rflow)")
+    p.add_argument("--autoencoder", help="a trained autoencoder run to use instead of training one")
     p.add_argument("--redo", choices=STAGES[3:], help="rerun from this stage on the trained models")
     p.add_argument("--autoencoder-config", default=str(ROOT / "configs/autoencoder/small.yaml"))
     p.add_argument("--diffusion-config", default=str(ROOT / "configs/diffusion/small.yaml"))

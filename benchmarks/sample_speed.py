@@ -35,7 +35,7 @@ from medldm.inference.cuda_graphs import GraphedUNet
 from medldm.inference.sample import sample_run
 from medldm.inference.sample_writer import SampleWriter
 from medldm.models.conditioning import condition_width
-from medldm.models.networks import build_autoencoder, build_scheduler, build_unet
+from medldm.models.networks import build_autoencoder, build_scheduler, build_unet, default_sampler, set_sampling_steps
 from medldm.models.ops import decode_latents, sample_latents
 from medldm.models.speed import apply_speed
 from medldm.versions import versions
@@ -129,8 +129,8 @@ def main() -> None:
     speedups = (apply_speed(unet, speed, device, training=False)
                 + apply_speed(autoencoder, speed, device, training=False))
     net = GraphedUNet(unet) if speed.cuda_graphs and device.type == "cuda" else unet
-    scheduler = build_scheduler(ldm_cfg.scheduler, "ddim")
-    scheduler.set_timesteps(args.steps)
+    scheduler = build_scheduler(ldm_cfg.scheduler, default_sampler(ldm_cfg.scheduler))
+    set_sampling_steps(scheduler, args.steps, latent)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     reference = {"affine": np.diag([1.5, 1.5, 1.5, 1.0]).tolist(), "shape": image, "image": None}
     results: dict = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name(device)
@@ -147,8 +147,8 @@ def main() -> None:
         return sample_latents(net, steps_scheduler, noise, context, args.guidance, 0.0, gens)
 
     # warm-up (compilation, graph capture, cuDNN autotuning, allocator) at every batch size, with a 2-step schedule
-    warm = build_scheduler(ldm_cfg.scheduler, "ddim")
-    warm.set_timesteps(2)
+    warm = build_scheduler(ldm_cfg.scheduler, default_sampler(ldm_cfg.scheduler))
+    set_sampling_steps(warm, 2, latent)
     for batch in args.batches:
         with amp:
             decode_latents(autoencoder, sample(batch, warm)[:1])

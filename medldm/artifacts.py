@@ -47,7 +47,8 @@ USE_KEYS = {
 }
 RESUME_KEYS = {
     "autoencoder": ("optimizer", "ema", "ema_n_averaged", "step", "best_val_ssim", "rng"),
-    "diffusion": ("model", "optimizer", "ema_n_averaged", "step", "best_val_loss", "rng"),
+    # and the best score under the run's selection.by (best_val_loss or best_sample_score)
+    "diffusion": ("model", "optimizer", "ema_n_averaged", "step", "rng"),
 }
 # what a reader of metadata never needs: the weights and the training state
 _TRAINING_STATE = ("model", "ema", "discriminator", "optimizer", "optimizer_d", "rng")

@@ -97,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, help="diffusion run dir")
     p.add_argument("--out", type=Path, required=True, help="output folder (refused if it holds earlier samples)")
     p.add_argument("--num", type=int, default=4, help="number of volumes (default 4)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
-                   help="ddim (default, --steps) or ddpm (every training timestep, e.g. 1000)")
-    p.add_argument("--steps", type=int, help="DDIM steps (default 50)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm", "rflow"),
+                   help="default: ddim (--steps) for a DDPM-trained model, rflow (Euler steps) for a rectified-flow "
+                        "one; ddpm runs every training timestep")
+    p.add_argument("--steps", type=int, help="sampling steps (default 50 for ddim, 10 for rflow)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED+i, whatever the batch size")
     p.add_argument("--batch-size", type=int, default=4, help="volumes denoised together (default 4; decoding is "
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", type=Path, help="the denoised volume (.nii.gz), with OUT.png and OUT.json beside it")
     p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, help="the diffusion run")
     p.add_argument("--strength", type=float, default=0.3, help="0 = reconstruction only, 1 = a new sample")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the whole schedule (default 50)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of the whole schedule (default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the added noise (default 0)")
     p.add_argument("--condition", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="conditions of the denoising, as in medldm sample (e.g. age=70 sex=F)")

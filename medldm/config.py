@@ -263,8 +263,12 @@ class TrainConfig:
     grad_accum: int = 1
     # stop cleanly (validate, write latest.pt) after this many minutes, e.g. a SLURM wall time; 0 = no limit
     time_limit_minutes: float = 0.0
-    # linear learning-rate warm-up from 0 over this many optimiser steps, then constant
+    # linear learning-rate warm-up from 0 over this many optimiser steps
     warmup_steps: int = 0
+    # after the warm-up: constant, or cosine decay to lr x min_lr_ratio at train.steps (a run stopped by the
+    # time limit has not decayed fully: set train.steps to what the limit allows)
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.01
 
     def validate(self, prefix: str) -> None:
         for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every", "grad_accum"):
@@ -282,6 +286,10 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.time_limit_minutes must be >= 0 (0 = no limit)")
         if self.warmup_steps < 0:
             raise ConfigError(f"{prefix}.warmup_steps must be >= 0")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"{prefix}.lr_schedule={self.lr_schedule!r}: choose constant or cosine")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{prefix}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
 
 
 @dataclass
@@ -363,13 +371,23 @@ class AutoencoderConfig:
     perceptual_weight: float = 0.001
     perceptual_weights: str = ""
     perceptual_state_dict_key: str = ""
-    # optional SSIM loss term (1 - SSIM), an alternative to the perceptual loss
+    # optional SSIM loss term (1 - SSIM), an alternative to the perceptual loss; its Gaussian window (sigma 1.5)
+    # is ssim_window voxels wide: 11 (the metric's usual width) costs 1.8 s a step at the small scale on 2 CPU
+    # cores, 7 costs 0.3 s
     ssim_weight: float = 0.0
+    ssim_window: int = 7
     # EMA of the autoencoder weights, used for validation, best.pt and encoding; 0 = off
     ema_decay: float = 0.0
+    # probability of mirroring a training volume left-right (array axis 0, RAS x): twice the anatomy for a
+    # small cohort; brains are near-symmetric, and the encoder has to handle both sides alike anyway
+    flip_prob: float = 0.0
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def validate(self, prefix: str = "autoencoder") -> None:
+        if not 0 <= self.flip_prob <= 1:
+            raise ConfigError(f"{prefix}.flip_prob={self.flip_prob} must be in [0, 1]")
+        if self.ssim_window < 3 or self.ssim_window % 2 == 0:
+            raise ConfigError(f"{prefix}.ssim_window={self.ssim_window} must be odd and >= 3")
         self.model.validate(f"{prefix}.model")
         self.discriminator.validate(f"{prefix}.discriminator")
         self.train.validate(f"{prefix}.train")
@@ -430,13 +448,33 @@ class UNetConfig:
 
 @dataclass
 class SchedulerConfig:
+    # ddpm: the DDPM noise schedule below, sampled with DDIM (or DDPM); rflow: rectified flow (MONAI's
+    # RFlowScheduler, as in MAISI v2): the UNet predicts the straight-line velocity from noise to data and sampling
+    # takes Euler steps, 10 of them as good as DDIM's 50 at the small scale (benchmarks/RESULTS.md)
+    kind: str = "rflow"
     num_train_timesteps: int = 1000
+    # ddpm only: the noise schedule and what the UNet predicts
     schedule: str = "scaled_linear_beta"
     beta_start: float = 0.0015
     beta_end: float = 0.0205
     prediction_type: str = "epsilon"
+    # rflow only: training times drawn logit-normal (more of the middle noise levels; Esser et al. 2024) or uniform
+    timestep_sampling: str = "logit-normal"
+    # rflow only: MONAI's resolution shift of the timesteps, towards more noise for latents with more voxels than
+    # transform_base_numel (and less for fewer): for latents much larger than the 3x12x14x12 of the small scale
+    timestep_transform: bool = False
+    transform_base_numel: int = 32 * 32 * 32
 
     def validate(self, prefix: str) -> None:
+        if self.kind not in ("ddpm", "rflow"):
+            raise ConfigError(f"{prefix}.kind={self.kind!r}: use ddpm or rflow")
+        if self.timestep_sampling not in ("logit-normal", "uniform"):
+            raise ConfigError(f"{prefix}.timestep_sampling={self.timestep_sampling!r}: use logit-normal or uniform")
+        if self.transform_base_numel < 1:
+            raise ConfigError(f"{prefix}.transform_base_numel must be >= 1")
+        if self.kind == "rflow" and self.prediction_type != "epsilon":
+            raise ConfigError(f"{prefix}.prediction_type={self.prediction_type!r} applies to kind ddpm: rectified "
+                              "flow always predicts the velocity; remove the key")
         if self.num_train_timesteps < 2:
             raise ConfigError(f"{prefix}.num_train_timesteps must be >= 2")
         if self.schedule not in ("linear_beta", "scaled_linear_beta"):
@@ -498,6 +536,25 @@ class PreviewConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Which validated checkpoint becomes best.pt."""
+
+    # samples: the EMA model draws `num` fixed-seed latents in `steps` steps of its sampler, and best.pt is the
+    # checkpoint whose samples' latent statistics (per-channel spread and coarse layout) sit closest to the training
+    # latents' (lower is better; 1 is where training latents themselves score). val_loss: the denoising loss at
+    # fixed noise (medldm before issue 22), which is noisy and blind to drift off the latent distribution
+    by: str = "samples"
+    num: int = 16
+    steps: int = 10
+
+    def validate(self, prefix: str) -> None:
+        if self.by not in ("samples", "val_loss"):
+            raise ConfigError(f"{prefix}.by={self.by!r}: use samples or val_loss")
+        if self.num < 2 or self.steps < 1:
+            raise ConfigError(f"{prefix}: num must be >= 2 and steps >= 1")
+
+
+@dataclass
 class DiffusionConfig:
     model: UNetConfig = field(default_factory=UNetConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -505,6 +562,7 @@ class DiffusionConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, batch_size=8, lr=1e-3, val_every=250,
                                                                    checkpoint_every=250))
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     ema_decay: float = 0.999
     # Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's value, 0 = plain MSE
     min_snr_gamma: float = 0.0
@@ -519,6 +577,7 @@ class DiffusionConfig:
         self.conditioning.validate(f"{prefix}.conditioning")
         self.train.validate(f"{prefix}.train")
         self.preview.validate(f"{prefix}.preview")
+        self.selection.validate(f"{prefix}.selection")
         self.speed.validate(f"{prefix}.speed")
         if self.speed.recompute_levels:
             raise ConfigError(f"{prefix}.speed.recompute_levels applies to the autoencoder only; set it to 0")
@@ -526,6 +585,9 @@ class DiffusionConfig:
             raise ConfigError(f"{prefix}.ema_decay must be in [0, 1)")
         if self.min_snr_gamma < 0:
             raise ConfigError(f"{prefix}.min_snr_gamma must be >= 0 (0 = off)")
+        if self.min_snr_gamma and self.scheduler.kind == "rflow":
+            raise ConfigError(f"{prefix}.min_snr_gamma weights the DDPM loss; with scheduler.kind=rflow the timestep "
+                              "sampling does the weighting: set min_snr_gamma=0")
         if self.latents_on not in ("auto", "device", "host"):
             raise ConfigError(f"{prefix}.latents_on={self.latents_on!r}: use auto, device or host")
 
@@ -749,8 +811,27 @@ def load_config(stage: str, path: str | Path | None = None, overrides: list[str]
     return cfg
 
 
+# keys added after runs were first saved whose default changed since: a saved config without the key was trained
+# with this value, not with today's default
+BEFORE_THE_KEY = {"diffusion": {("scheduler", "kind"): "ddpm", ("selection", "by"): "val_loss"}}
+
+
+def as_saved_before_the_key(stage: str, cfg: Any, saved: dict[str, Any]) -> Any:
+    """``cfg`` for resuming a run whose saved config predates keys of ``BEFORE_THE_KEY``: those keys keep the value
+    the run was trained with (its config.yaml lacks them too, so today's default would switch the run over)."""
+    for (section, key), value in BEFORE_THE_KEY.get(stage, {}).items():
+        if key not in saved.get(section, {}) and getattr(getattr(cfg, section), key) != value:
+            log.info("resuming a run saved before %s.%s existed: keeping %s.%s=%s", section, key, section, key, value)
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{key: value})})
+    return cfg
+
+
 def config_from_dict(stage: str, data: dict[str, Any]) -> Any:
     """Rebuild a stage config saved in a checkpoint or output dir."""
+    data = dict(data)
+    for (section, key), value in BEFORE_THE_KEY.get(stage, {}).items():
+        if key not in data.get(section, {}):
+            data[section] = {**data.get(section, {}), key: value}
     cfg = from_dict(STAGES[stage], data, stage)
     cfg.validate(stage)
     return cfg

@@ -44,14 +44,14 @@ def run_demo(out: str | Path, num: int = 24, seed: int = 0) -> dict[str, Path]:
     stage("train diffusion")
     train_diffusion(dirs["dataset"], dirs["autoencoder"], dirs["diffusion"], load_config("diffusion"))
     stage("sample")
-    sample_run(dirs["diffusion"], dirs["samples"], num=8, steps=50, seed=seed)
+    sample_run(dirs["diffusion"], dirs["samples"], num=8, seed=seed)  # the model's sampler and steps
     # an old brain with Alzheimer's disease: the oldest age the model was trained on (asking beyond it is an error)
     # the checkpoint's metadata only (mapped): no UNet is built to read one age
     conditions = DiffusionRun(dirs["diffusion"]).load(mmap=True).conditions
     assert isinstance(conditions, ConditionEncoder)  # trained here, not imported
     ages = conditions.numeric["age"]
     oldest = f"{math.floor(ages['max'] * 10) / 10:g}"
-    sample_run(dirs["diffusion"], dirs["samples"] / "oldest_AD", num=4, steps=50, seed=seed,
+    sample_run(dirs["diffusion"], dirs["samples"] / "oldest_AD", num=4, seed=seed,
                conditions={"age": oldest, "diagnosis": "AD"}, guidance=3.0)
     stage("evaluate")
     evaluate(dirs["dataset"], dirs["report"], load_config("evaluate"), autoencoder=dirs["autoencoder"],

@@ -93,12 +93,22 @@ def ldm_run(dataset, ae_run, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ddpm_run(dataset, ae_run, tmp_path_factory) -> Path:
+    """A DDPM-trained diffusion model (1000 timesteps), sampled with DDIM or DDPM."""
+    from medldm.training.diffusion import train_diffusion
+
+    run = tmp_path_factory.mktemp("runs") / "ldm_ddpm"
+    train_diffusion(dataset, ae_run, run, load_config("diffusion", None, [*LDM_FAST, "scheduler.kind=ddpm"]))
+    return run
+
+
+@pytest.fixture(scope="session")
 def short_schedule_run(dataset, ae_run, tmp_path_factory) -> Path:
-    """A diffusion model trained with 20 timesteps, so a full DDPM chain takes a second on the CPU."""
+    """A DDPM model trained with 20 timesteps, so a full DDPM chain takes a second on the CPU."""
     from medldm.training.diffusion import train_diffusion
 
     run = tmp_path_factory.mktemp("runs") / "ldm20"
-    cfg = load_config("diffusion", None, [*LDM_FAST, "scheduler.num_train_timesteps=20"])
+    cfg = load_config("diffusion", None, [*LDM_FAST, "scheduler.kind=ddpm", "scheduler.num_train_timesteps=20"])
     train_diffusion(dataset, ae_run, run, cfg)
     return run
 

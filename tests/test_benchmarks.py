@@ -64,3 +64,13 @@ def test_quality_benchmark_runs_at_tiny_size_and_resumes(dataset, tmp_path):
     run = subprocess.run(cmd + ["--redo", "evaluate"], check=True, capture_output=True, text=True, cwd=tmp_path)
     assert "autoencoder: done in an earlier run" in run.stderr and "sample: done in an earlier run" in run.stderr
     assert (out / "autoencoder" / "checkpoints" / "latest.pt").stat().st_mtime_ns == first
+    # another diffusion recipe on the same autoencoder (levers compared side by side): no autoencoder is trained
+    other = tmp_path / "other"
+    i = cmd.index("--out")
+    run = subprocess.run(cmd[:i + 1] + [str(other)] + cmd[i + 2:] + ["--autoencoder", str(out / "autoencoder"),
+                                                                       "--sampler", "rflow"],
+                         check=True, capture_output=True, text=True, cwd=tmp_path)
+    assert "autoencoder: done in an earlier run" in run.stderr and not (other / "autoencoder").exists()
+    q = json.loads((other / "quality.json").read_text(encoding="utf-8"))
+    assert q["settings"]["autoencoder_run"] == str((out / "autoencoder").resolve()) and q["samples"]["n"] == 3
+    assert q["settings"]["sampler"] == "rflow"

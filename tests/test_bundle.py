@@ -107,10 +107,15 @@ def test_old_key_names_load_into_monai_networks_that_compute_what_the_old_ones_d
 
 
 def _bundle_sampler(ae, unet, noise, conditioning, steps):
-    """The bundle's own scripts/sampler.py: conditions concatenated as channels and given by cross-attention."""
+    """The bundle's own scripts/sampler.py: conditions concatenated as channels and given by cross-attention; on
+    the DDIM grid medldm uses (evenly spaced by 1000 // steps, as MONAI's step assumes; MONAI's own set_timesteps
+    spaces them by 999 / (steps - 1), which leaves noise after the last step), and ending on the predicted clean
+    latent as medldm's last step does (alpha_bar[0] = 1: the grid never visits t = 0 itself)."""
     scheduler = DDIMScheduler(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015,
                               beta_end=0.0205, clip_sample=False)
     scheduler.set_timesteps(steps)
+    scheduler.timesteps = 999 - torch.arange(steps) * (1000 // steps)
+    scheduler.alphas_cumprod[0] = 1.0
     cond = conditioning.squeeze(1)[..., None, None, None].expand(-1, -1, *noise.shape[2:])
     image = noise
     with torch.no_grad():

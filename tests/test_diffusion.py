@@ -265,14 +265,17 @@ def test_a_latent_shape_the_unet_cannot_halve_is_refused_before_training(dataset
     assert not (tmp_path / "ldm").exists()
 
 
-def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(dataset, ae_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", [["scheduler.kind=rflow", "train.lr_schedule=cosine"],
+                                    ["scheduler.kind=ddpm", "min_snr_gamma=5"]], ids=["rflow", "ddpm"])
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(dataset, ae_run, tmp_path, monkeypatch, recipe):
     from medldm.config import load_config
     from medldm.training.diffusion import train_diffusion
 
-    # killed at step 2, after a validation and a checkpoint and inside the 3-step warm-up; resumed to step 4
+    # killed at step 2, after a validation (with the sample score) and a checkpoint and inside the 3-step warm-up;
+    # resumed to step 4
     cfg = load_config("diffusion", None, ["train.steps=4", "train.val_every=2", "train.checkpoint_every=2",
-                                          "train.batch_size=4", "train.warmup_steps=3", "min_snr_gamma=5",
-                                          "preview.every=0"])
+                                          "train.batch_size=4", "train.warmup_steps=3", "selection.num=4",
+                                          "selection.steps=2", "preview.every=0", *recipe])
     train_diffusion(dataset, ae_run, tmp_path / "straight", cfg)
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
 
@@ -284,7 +287,8 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(dataset, ae
     resumed = load_checkpoint(tmp_path / "crashed" / "checkpoints" / "latest.pt")
 
     assert resumed["step"] == straight["step"] == 4
-    assert resumed["best_val_loss"] == pytest.approx(straight["best_val_loss"], abs=1e-6)
+    assert "best_sample_score" in straight  # selection.by=samples, the default for both kinds
+    assert resumed["best_sample_score"] == pytest.approx(straight["best_sample_score"], abs=1e-6)
     for part in ("model", "ema"):
         for k, v in straight[part].items():
             assert torch.allclose(v, resumed[part][k], atol=1e-6), f"{part}.{k} differs after resume"
@@ -326,7 +330,8 @@ def test_training_logs_losses_by_timestep_and_decoded_samples(dataset, ae_run, t
     with caplog.at_level("INFO"):
         train_diffusion(dataset, ae_run, run, load_config("diffusion", None, [
             "train.steps=4", "train.val_every=2", "train.log_every=2", "train.batch_size=8", "preview.every=2",
-            "preview.num=3", "preview.ddim_steps=2", "scheduler.prediction_type=v_prediction", "min_snr_gamma=5",
+            "preview.num=3", "preview.ddim_steps=2", "scheduler.kind=ddpm", "scheduler.prediction_type=v_prediction",
+            "min_snr_gamma=5",
             "train.warmup_steps=4"]))
     assert "held in CPU memory" in caplog.text  # says where the latent cache lives
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
@@ -345,12 +350,12 @@ def test_min_snr_weights_cap_the_easy_low_noise_timesteps():
     from medldm.models.networks import build_scheduler
     from medldm.training.diffusion import loss_weights
 
-    eps = build_scheduler(SchedulerConfig())
+    eps = build_scheduler(SchedulerConfig(kind="ddpm"))
     w = loss_weights(eps, 5.0)
     alpha_bar = eps.alphas_cumprod
     snr = alpha_bar / (1 - alpha_bar)
     assert w[0] < 0.1 and torch.all(w[snr <= 5] == 1.0)  # t=0 is almost noise-free: weight 5/SNR
-    v = loss_weights(build_scheduler(SchedulerConfig(prediction_type="v_prediction")), 5.0)
+    v = loss_weights(build_scheduler(SchedulerConfig(kind="ddpm", prediction_type="v_prediction")), 5.0)
     assert torch.all(v < 1.0)  # v targets carry an extra (SNR + 1)
     torch.testing.assert_close(v * (snr + 1), w * snr)
     assert torch.all(loss_weights(eps, 0.0) == 1.0)

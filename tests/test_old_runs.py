@@ -38,6 +38,9 @@ def test_old_runs_load_as_typed_objects(old):
     assert ae.image_shape == [32, 32, 32] and ae.latent_shape == [3, 16, 16, 16]
     ldm = DiffusionRun(old / "diffusion").load()
     assert ldm.latent_shape == [3, 16, 16, 16] and ldm.conditions.keys == ["age", "sex", "diagnosis"]
+    # written before scheduler.kind and selection.by existed: a DDPM run whose best.pt was chosen by the loss,
+    # whatever today's defaults are
+    assert ldm.config.scheduler.kind == "ddpm" and ldm.config.selection.by == "val_loss"
     # the diffusion run names its autoencoder by a path that is gone; the copy is found by its SHA-256
     assert not Path(ldm.autoencoder.checkpoint).exists()
     assert ldm.autoencoder.find(old / "autoencoder") == old / "autoencoder/checkpoints/best.pt"

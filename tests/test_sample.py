@@ -11,7 +11,7 @@ from medldm.artifacts import DiffusionRun
 from medldm.data.dataset import read_dataset_info
 from medldm.data.io import load_volume
 from medldm.inference.sample import sample_run
-from medldm.models.networks import build_scheduler
+from medldm.models.networks import build_scheduler, default_sampler, set_sampling_steps
 from medldm.models.ops import sample_latents
 
 from .conftest import train_age_range
@@ -62,11 +62,11 @@ def test_same_seed_same_volume_and_batch_size_does_not_matter(ldm_run, tmp_path,
     np.testing.assert_allclose(volume(a[1]), volume(c[0]), atol=LEVEL * 1.01)
 
 
-def test_stochastic_ddim_is_reproducible(ldm_run, tmp_path):
-    a = sample_run(ldm_run, tmp_path / "a", num=2, steps=4, eta=1.0, seed=5, batch_size=2)
-    again = sample_run(ldm_run, tmp_path / "again", num=2, steps=4, eta=1.0, seed=5, batch_size=2)
-    b = sample_run(ldm_run, tmp_path / "b", num=2, steps=4, eta=1.0, seed=5, batch_size=1)
-    deterministic = sample_run(ldm_run, tmp_path / "d", num=2, steps=4, eta=0.0, seed=5, batch_size=2)
+def test_stochastic_ddim_is_reproducible(ddpm_run, tmp_path):
+    a = sample_run(ddpm_run, tmp_path / "a", num=2, steps=4, eta=1.0, seed=5, batch_size=2)
+    again = sample_run(ddpm_run, tmp_path / "again", num=2, steps=4, eta=1.0, seed=5, batch_size=2)
+    b = sample_run(ddpm_run, tmp_path / "b", num=2, steps=4, eta=1.0, seed=5, batch_size=1)
+    deterministic = sample_run(ddpm_run, tmp_path / "d", num=2, steps=4, eta=0.0, seed=5, batch_size=2)
     for x, y, z, d in zip(a, again, b, deterministic):
         np.testing.assert_array_equal(volume(x), volume(y))
         np.testing.assert_allclose(volume(x), volume(z), atol=LEVEL * 1.01)  # per-sample step noise
@@ -142,17 +142,19 @@ def test_dicom_series_reads_back_as_the_same_volume_and_says_synthetic(dataset, 
     assert "sample_0000_dicom" in (out / "samples.csv").read_text(encoding="utf-8")
 
 
-def test_sidecar_and_header_record_provenance(dataset, ldm_run, tmp_path):
+@pytest.mark.parametrize("run, sampler, eta", [("ldm_run", "RFLOW", None), ("ddpm_run", "DDIM", 0.5)])
+def test_sidecar_and_header_record_provenance(request, dataset, run, sampler, eta, tmp_path):
+    ldm_run = request.getfixturevalue(run)
     out = tmp_path / "s"
     age = max(train_age_range(dataset))
-    paths = sample_run(ldm_run, out, num=2, steps=3, eta=0.5, seed=7, conditions={"age": str(age), "sex": "F"},
+    paths = sample_run(ldm_run, out, num=2, steps=3, eta=eta or 0.0, seed=7, conditions={"age": str(age), "sex": "F"},
                        guidance=2.0)
     for p, seed in zip(paths, (7, 8)):
         assert p.name == f"sample_{seed:04d}.nii.gz"
         assert nib.load(p).header["descrip"].tobytes().decode().rstrip("\0") == f"SYNTHETIC medldm {__version__}"
         side = json.loads(p.with_name(f"sample_{seed:04d}.json").read_text(encoding="utf-8"))
         assert side["synthetic"] is True and side["seed"] == seed and side["file"] == p.name
-        assert (side["sampler"], side["steps"], side["eta"], side["guidance"]) == ("DDIM", 3, 0.5, 2.0)
+        assert (side["sampler"], side["steps"], side["eta"], side["guidance"]) == (sampler, 3, eta, 2.0)
         assert side["conditions"] == {"age": age, "sex": "F"}
         assert len(side["diffusion_sha256"]) == 64 and len(side["autoencoder_sha256"]) == 64
         assert side["diffusion_config"]["scheduler"]["num_train_timesteps"] == 1000
@@ -195,6 +197,11 @@ def test_unwritable_output_and_bad_options_fail_before_sampling(ldm_run, tmp_pat
         sample_run(ldm_run, tmp_path / "f", num=1, fmt="png")
     with pytest.raises(ValueError, match="--sampler"):
         sample_run(ldm_run, tmp_path / "g", num=1, sampler="euler")
+    # a rectified-flow model: DDIM does not fit it, and its Euler steps draw no noise for --eta
+    with pytest.raises(ValueError, match="trained with scheduler.kind=rflow; use --sampler rflow"):
+        sample_run(ldm_run, tmp_path / "h", num=1, sampler="ddim")
+    with pytest.raises(ValueError, match="--eta applies to DDIM only"):
+        sample_run(ldm_run, tmp_path / "i", num=1, eta=0.5)
 
 
 def test_decoding_on_another_device_gives_the_same_volume(ldm_run, tmp_path):
@@ -222,8 +229,8 @@ def test_unknown_or_out_of_range_conditions_are_refused_before_sampling(dataset,
 def test_guidance_moves_samples_and_no_condition_is_unconditional(dataset, ldm_run, tmp_path):
     ldm = DiffusionRun(ldm_run).load()
     unet = ldm.unet()
-    scheduler = build_scheduler(ldm.config.scheduler, "ddim")
-    scheduler.set_timesteps(4)
+    scheduler = build_scheduler(ldm.config.scheduler, default_sampler(ldm.config.scheduler))
+    set_sampling_steps(scheduler, 4, ldm.latent_shape)
     noise = torch.randn([2, *ldm.latent_shape], generator=torch.Generator().manual_seed(0))
     enc = ldm.conditions
     context = enc.encode([{"age": max(train_age_range(dataset)), "diagnosis": "AD"}] * 2)

@@ -47,7 +47,9 @@ def test_compress_and_decompress_keep_the_geometry_and_equal_reconstruct(scan, a
         decompress_latent(tmp_path / "other.latent", tmp_path / "x.nii.gz", autoencoder_run=ae_run)
 
 
-def test_denoise_ends_are_reconstruction_and_a_fresh_sample(scan, ae_run, ldm_run, tmp_path):
+@pytest.mark.parametrize("run", ["ldm_run", "ddpm_run"])  # rectified flow and DDIM
+def test_denoise_ends_are_reconstruction_and_a_fresh_sample(request, scan, ae_run, run, tmp_path):
+    ldm_run = request.getfixturevalue(run)
     reconstruct_scan(scan, tmp_path / "recon.nii.gz", ae_run)
     denoise_scan(scan, tmp_path / "d0.nii.gz", ldm_run, strength=0.0, steps=3)
     np.testing.assert_allclose(nib.load(tmp_path / "d0.nii.gz").get_fdata(),
@@ -64,23 +66,23 @@ def test_denoise_ends_are_reconstruction_and_a_fresh_sample(scan, ae_run, ldm_ru
     assert not np.allclose(halfway, nib.load(tmp_path / "d0.nii.gz").get_fdata(), atol=1e-3)
     sidecar = json.loads((tmp_path / "d.json").read_text(encoding="utf-8"))
     assert sidecar["strength"] == 0.5 and sidecar["synthetic"] is False and (tmp_path / "d.png").is_file()
-    # 4 DDIM steps are 999, 666, 333, 0: noised to 333 (the first at or below 0.5 x 999), denoised from there
-    assert (sidecar["t_start"], sidecar["denoising_steps"]) == (333, 2)
+    # 4 DDIM steps are 999, 749, 499, 249: noised to 499 (the first at or below 0.5 x 999), denoised from there;
+    # 4 rectified-flow steps are 1000, 750, 500, 250: 500 is above 499.5, so noised to 250
+    assert (sidecar["t_start"], sidecar["denoising_steps"]) == ((499, 2) if run == "ddpm_run" else (250, 1))
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="--strength"):
             denoise_scan(scan, tmp_path / "x.nii.gz", ldm_run, strength=bad)
 
 
 @pytest.mark.parametrize("run, strength, steps, t_start, denoising_steps", [
-    ("ldm_run", 0.3, 50, 285, 15),  # the README's example
-    ("ldm_run", 0.7, 4, 666, 3),
-    ("ldm_run", 0.05, 3, 0, 1),
-    ("ldm_run", 0.9, 5, 749, 4),  # DDIM steps 999, 749, 500, 250, 0
-    ("short_schedule_run", 0.8, 5, 14, 4),
-    ("short_schedule_run", 0.25, 7, 3, 2),
+    ("ddpm_run", 0.3, 50, 299, 15),  # the README's example
+    ("ddpm_run", 0.7, 4, 499, 2),  # DDIM steps 999, 749, 499, 249
+    ("ddpm_run", 0.05, 50, 39, 2),
+    ("ddpm_run", 0.9, 5, 799, 4),  # DDIM steps 999, 799, 599, 399, 199
+    ("short_schedule_run", 0.8, 5, 15, 4),
+    ("short_schedule_run", 0.25, 10, 3, 2),
     # where a timestep lies between strength x (T - 1) and its rounding (denoise once rounded and started there)
-    ("ldm_run", 0.5, 3, 0, 1),  # DDIM steps 999, 500, 0; 0.5 x 999 = 499.5
-    ("short_schedule_run", 0.3, 10, 4, 3),  # ..., 6, 4, 2, 0; 0.3 x 19 = 5.7
+    ("short_schedule_run", 0.72, 4, 9, 2),  # DDIM steps 19, 14, 9, 4; 0.72 x 19 = 13.68
 ])
 def test_denoise_starts_at_the_first_ddim_timestep_at_or_below_strength_times_t_minus_1(
         request, scan, tmp_path, monkeypatch, run, strength, steps, t_start, denoising_steps):
@@ -88,8 +90,8 @@ def test_denoise_starts_at_the_first_ddim_timestep_at_or_below_strength_times_t_
 
     run_dir = request.getfixturevalue(run)
     train_steps = load_checkpoint(run_dir / "checkpoints" / "latest.pt")["config"]["scheduler"]["num_train_timesteps"]
-    # the rule as the README gives it, from MONAI's DDIM grid (T - 1 down to 0 in `steps` even steps, rounded)
-    grid = np.round(np.linspace(train_steps - 1, 0, steps)).astype(int)
+    # the rule as the README gives it: the DDIM grid from T - 1 down in steps of T // steps
+    grid = (train_steps - 1) - np.arange(steps) * (train_steps // steps)
     below = grid[grid <= strength * (train_steps - 1)]
     assert (int(below[0]), len(below)) == (t_start, denoising_steps)  # the table above is the rule
     ran = []  # the timesteps the UNet was run at

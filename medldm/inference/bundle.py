@@ -227,7 +227,8 @@ def diffusion_config(d: dict[str, Any], scheduler: dict[str, Any], latent_channe
                          norm_num_groups=int(_arg(d, "norm_num_groups", where, 32)),
                          resblock_updown=bool(d.get("resblock_updown", False)),
                          upcast_attention=bool(d.get("upcast_attention", False))),
-        scheduler=SchedulerConfig(num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)),
+        # the bundle's UNet was trained as a DDPM model (MONAI's DDPM/DDIM schedulers), whatever today's default is
+        scheduler=SchedulerConfig(kind="ddpm", num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)),
                                   schedule=schedule, beta_start=float(scheduler.get("beta_start", 1e-4)),
                                   beta_end=float(scheduler.get("beta_end", 2e-2)),
                                   prediction_type=scheduler.get("prediction_type", "epsilon")),

@@ -20,20 +20,21 @@ from medldm.inference.bundle import imported_diffusion_run, is_bundle
 from medldm.inference.cuda_graphs import GraphedUNet
 from medldm.inference.sample_writer import SampleWriter, prepare_output_dir, remove_previous_outputs
 from medldm.models.conditioning import condition_context
-from medldm.models.networks import build_scheduler
+from medldm.models.networks import SAMPLERS, build_scheduler, default_sampler, set_sampling_steps
 from medldm.models.ops import decode_latents, sample_latents
 from medldm.models.speed import apply_speed
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("ddim", "ddpm")
+# default steps of each sampler (ddpm always runs every training timestep)
+DEFAULT_STEPS = {"ddim": 50, "rflow": 10}
 
 
 def sample_run(
     run_dir: str | Path,
     out_dir: str | Path,
     num: int,
-    sampler: str = "ddim",
+    sampler: str | None = None,
     steps: int | None = None,
     eta: float = 0.0,
     seed: int = 0,
@@ -50,7 +51,8 @@ def sample_run(
 ) -> list[Path]:
     """Sample ``num`` volumes from a diffusion run and export each as it is decoded (see ``SampleWriter``).
 
-    ``steps`` defaults to 50 for DDIM; DDPM always runs every training timestep. Sample i uses seed ``seed + i``
+    ``sampler`` defaults to the model's (DDIM for DDPM-trained models, rflow for rectified flow); ``steps`` to 50
+    for DDIM and 10 for rflow; DDPM always runs every training timestep. Sample i uses seed ``seed + i``
     whatever the batch size. Volumes are decoded one at a time on ``decode_device`` (default: the sampling
     device; "cpu" when a GPU is too small for one decode). Everything that can be checked (output folder,
     conditions, options) is checked before sampling starts. ``autoencoder_run`` (a run dir or checkpoint file) is
@@ -65,8 +67,8 @@ def sample_run(
         raise InputError(f"--eta {eta}: use a finite number >= 0")
     if not math.isfinite(guidance):
         raise InputError(f"--guidance {guidance}: use a finite number (1 = no guidance)")
-    if sampler not in SAMPLERS:
-        raise InputError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if sampler is not None and sampler not in (*SAMPLERS["ddpm"], *SAMPLERS["rflow"]):
+        raise InputError(f"--sampler {sampler!r}: use ddim, ddpm or rflow")
     dev = resolve_device(device, "--device")
     decode_dev = resolve_device(decode_device, "--decode-device") if decode_device else dev
     out_dir = prepare_output_dir(out_dir, overwrite)
@@ -85,10 +87,15 @@ def sample_run(
     if guidance != 1.0 and not labels:
         log.warning("--guidance %.2f has no effect without --condition", guidance)
         guidance = 1.0
+    sampler = sampler or default_sampler(ldm.config.scheduler)
+    kind = ldm.config.scheduler.kind
+    if sampler not in SAMPLERS[kind]:
+        raise InputError(f"--sampler {sampler}: {run_dir} was trained with scheduler.kind={kind}; use --sampler "
+                         f"{' or '.join(SAMPLERS[kind])} (or leave --sampler out)")
     scheduler = build_scheduler(ldm.config.scheduler, sampler)
     steps = _check_steps(sampler, steps, ldm.config.scheduler.num_train_timesteps, eta)
-    scheduler.set_timesteps(steps)  # timesteps on the CPU: int(t) then never waits for the GPU
     latent_shape, scale = ldm.latent_shape, ldm.scale_factor
+    set_sampling_steps(scheduler, steps, latent_shape)
     speed = ldm.config.speed
     if eager:
         speed = dataclasses.replace(speed, compile="off", cuda_graphs=False)
@@ -146,7 +153,9 @@ def _check_steps(sampler: str, steps: int | None, train_steps: int, eta: float) 
         if eta:
             raise InputError("--eta applies to DDIM only; DDPM steps are always stochastic")
         return train_steps
-    steps = 50 if steps is None else steps
+    if eta and sampler == "rflow":
+        raise InputError("--eta applies to DDIM only; rectified-flow sampling is deterministic")
+    steps = DEFAULT_STEPS[sampler] if steps is None else steps
     if steps > train_steps:
         raise InputError(f"--steps {steps} is more than the {train_steps} timesteps the model was trained with")
     return steps

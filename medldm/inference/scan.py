@@ -15,6 +15,7 @@ from typing import Any, cast
 import nibabel as nib
 import numpy as np
 import torch
+from monai.networks.schedulers import RFlowScheduler
 
 from medldm.artifacts import AutoencoderCheckpoint, AutoencoderRun, DiffusionCheckpoint, DiffusionRun, LatentFile
 from medldm.config import PreprocessConfig, from_dict
@@ -24,7 +25,7 @@ from medldm.devices import autocast, resolve_device
 from medldm.errors import InputError
 from medldm.evaluation.metrics import VolumeMetrics
 from medldm.models.conditioning import condition_context
-from medldm.models.networks import build_scheduler
+from medldm.models.networks import build_scheduler, default_sampler, set_sampling_steps
 from medldm.models.ops import decode_latents, posterior_mean, sample_latents
 from medldm.versions import versions
 from medldm.viz import grid, save_figure, save_png, three_plane
@@ -266,7 +267,7 @@ def _diffusion_and_autoencoder(run_dir: str | Path, autoencoder_run: str | Path 
 def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path, strength: float = 0.3,
                  steps: int = 50, seed: int = 0, conditions: dict[str, str] | None = None, native: bool = False,
                  autoencoder_run: str | Path | None = None, device: str | None = None) -> Path:
-    """SDEdit: encode, noise the latent to the timestep ``strength`` names, run DDIM back to 0, decode.
+    """SDEdit: encode, noise the latent to the timestep ``strength`` names, run the model's sampler back to 0, decode.
 
     Strength 0 returns the reconstruction; strength 1 ignores the input and is the fresh sample ``medldm sample
     --seed SEED`` gives. The output keeps the scan's geometry and is marked as processed (synthetic at strength 1,
@@ -285,8 +286,9 @@ def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path,
     context, labels = condition_context(ldm.conditions, conditions, dev)
     scale = ldm.scale_factor
     z0 = _encode(model, ae, scan.volume, dev) * scale
-    scheduler = build_scheduler(ldm.config.scheduler, "ddim")
-    scheduler.set_timesteps(min(steps, ldm.config.scheduler.num_train_timesteps))
+    sampler = default_sampler(ldm.config.scheduler)
+    scheduler = build_scheduler(ldm.config.scheduler, sampler)
+    set_sampling_steps(scheduler, min(steps, ldm.config.scheduler.num_train_timesteps), ldm.latent_shape)
     # sample seed's start noise, drawn as `medldm sample --seed` draws it
     gen = torch.Generator(dev).manual_seed(seed)
     noise = torch.randn(ldm.latent_shape, generator=gen, device=dev)[None]
@@ -298,11 +300,11 @@ def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path,
         z = sample_latents(unet, scheduler, noise, context, concat=hybrid)
         ran = {"t_start": int(scheduler.timesteps[0]), "denoising_steps": len(scheduler.timesteps)}
     else:
-        # noised to the first DDIM timestep at or below strength x (T - 1), denoised from there
+        # noised to the first sampling timestep at or below strength x (T - 1), denoised from there
         # no rounding: 0.5 x 999 = 499.5 starts at 0 of the steps 999, 500, 0 (rounding started one step too high)
         kept = scheduler.timesteps[scheduler.timesteps <= strength * (scheduler.num_train_timesteps - 1)]
         if len(kept) == 0:
-            z = z0  # below the last DDIM step: nothing to denoise
+            z = z0  # below the last sampling step: nothing to denoise
         else:
             noisy = scheduler.add_noise(z0, noise, kept[:1].to(dev))
             scheduler.timesteps = kept
@@ -314,12 +316,19 @@ def denoise_scan(in_path: str | Path, out_path: str | Path, run_dir: str | Path,
     mark = "SYNTHETIC" if strength == 1.0 else "PROCESSED"
     _write(out, out_volume, scan, native, f"{mark} medldm denoise strength={strength:g}", {
         "synthetic": strength == 1.0,
-        "processed": "SDEdit denoising (encode, noise to the strength's timestep, DDIM back, decode)",
+        "processed": f"SDEdit denoising (encode, noise to the strength's timestep, {sampler.upper()} back, decode)",
         "strength": strength, "steps": steps, **ran, "seed": seed, "conditions": labels,
         "diffusion_checkpoint": ldm.resolved, "diffusion_sha256": ldm.sha256,
         "autoencoder_checkpoint": ae.resolved, "autoencoder_sha256": ae.sha256})
     _pictures(_png(out), [scan.volume, out_volume])
     return out
+
+
+def _signal(scheduler: Any, t: int) -> str:
+    # DDPM scales the latent by sqrt(alpha_bar); rectified flow mixes it linearly with the noise
+    if isinstance(scheduler, RFlowScheduler):
+        return f"latent share {1 - t / scheduler.num_train_timesteps:.3f}"
+    return f"ᾱ = {float(scheduler.alphas_cumprod[t]):.3f}"
 
 
 def show_noising(in_path: str | Path, out_png: str | Path, run_dir: str | Path, seed: int = 0,
@@ -336,7 +345,7 @@ def show_noising(in_path: str | Path, out_png: str | Path, run_dir: str | Path, 
     scan = load_scan(in_path, ae)
     scale = ldm.scale_factor
     z0 = _encode(model, ae, scan.volume, dev) * scale
-    scheduler = build_scheduler(ldm.config.scheduler, "ddpm")
+    scheduler = build_scheduler(ldm.config.scheduler)
     last = scheduler.num_train_timesteps - 1
     timesteps = tuple(min(t, last) for t in timesteps)
     noise = torch.randn(z0.shape, generator=torch.Generator(dev).manual_seed(seed), device=dev)
@@ -346,9 +355,8 @@ def show_noising(in_path: str | Path, out_png: str | Path, run_dir: str | Path, 
     for j, t in enumerate(timesteps):
         zt = scheduler.add_noise(z0, noise, torch.tensor([t], device=dev))
         image = _decode(model, zt / scale)
-        alpha_bar = float(scheduler.alphas_cumprod[t])
         axes[0, j].imshow(np.rot90(image[:, :, image.shape[2] // 2]), cmap="gray", vmin=0, vmax=1)
-        axes[0, j].set_title(f"t = {t}\nᾱ = {alpha_bar:.3f}", fontsize=9)
+        axes[0, j].set_title(f"t = {t}\n{_signal(scheduler, t)}", fontsize=9)
         for c in range(z0.shape[1]):
             lat = zt[0, c].cpu().numpy()
             axes[1 + c, j].imshow(np.rot90(lat[:, :, lat.shape[2] // 2]), cmap="coolwarm", vmin=-3, vmax=3)
@@ -358,7 +366,8 @@ def show_noising(in_path: str | Path, out_png: str | Path, run_dir: str | Path, 
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
+    kind = ldm.config.scheduler.schedule if ldm.config.scheduler.kind == "ddpm" else "rectified flow"
     fig.suptitle(f"{scan.path.name}: forward process of {Path(run_dir).name} "
-                 f"({ldm.config.scheduler.schedule}, {scheduler.num_train_timesteps} steps)", fontsize=10)
+                 f"({kind}, {scheduler.num_train_timesteps} steps)", fontsize=10)
     save_figure(fig, out_png)
     return rows * len(timesteps)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, TypeAlias
 
+import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
 from medldm.config import AutoencoderModelConfig, DiscriminatorConfig, SchedulerConfig, UNetConfig
 from medldm.errors import InputError
@@ -59,13 +61,48 @@ def build_unet(cfg: UNetConfig, latent_channels: int, context_dim: int | None, s
     )
 
 
-def build_scheduler(cfg: SchedulerConfig, kind: str = "ddpm") -> DDPMScheduler | DDIMScheduler:
-    """The training (DDPM) or sampling (DDIM) scheduler with the configured noise schedule."""
+Scheduler: TypeAlias = "DDPMScheduler | DDIMScheduler | RFlowScheduler"
+
+# the samplers of each scheduler.kind; the first is the default
+SAMPLERS = {"ddpm": ("ddim", "ddpm"), "rflow": ("rflow",)}
+
+
+def default_sampler(cfg: SchedulerConfig) -> str:
+    """DDIM for a DDPM-trained model, Euler steps along the flow for a rectified-flow one."""
+    return SAMPLERS[cfg.kind][0]
+
+
+def build_scheduler(cfg: SchedulerConfig, sampler: str | None = None) -> Scheduler:
+    """The training scheduler of ``scheduler.kind`` (``sampler`` None), or the sampler a model trained with it runs:
+    ddim or ddpm for kind ddpm, rflow for kind rflow."""
+    if sampler is not None and sampler not in SAMPLERS[cfg.kind]:
+        raise InputError(f"sampler {sampler!r} does not fit a model trained with scheduler.kind={cfg.kind}: use "
+                         f"{' or '.join(SAMPLERS[cfg.kind])}")
+    if cfg.kind == "rflow":
+        return RFlowScheduler(num_train_timesteps=cfg.num_train_timesteps, use_discrete_timesteps=True,
+                              sample_method=cfg.timestep_sampling, use_timestep_transform=cfg.timestep_transform,
+                              base_img_size_numel=cfg.transform_base_numel, spatial_dim=3)
     common: dict[str, Any] = dict(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
                                   beta_start=cfg.beta_start, beta_end=cfg.beta_end,
                                   prediction_type=cfg.prediction_type, clip_sample=False)
-    if kind == "ddpm":
-        return DDPMScheduler(**common)
-    if kind == "ddim":
+    if sampler == "ddim":
         return DDIMScheduler(**common)
-    raise InputError(f"scheduler kind {kind!r}: use 'ddpm' or 'ddim'")
+    return DDPMScheduler(**common)
+
+
+def set_sampling_steps(scheduler: Scheduler, steps: int, latent_shape: list[int] | tuple[int, ...]) -> None:
+    """The ``steps`` timesteps a sampler visits, on the CPU (``int(t)`` then never waits for a GPU).
+
+    DDIM: evenly spaced by ``T // steps`` from T - 1 down, the spacing MONAI's ``DDIMScheduler.step`` assumes when it
+    computes the previous timestep (its own ``set_timesteps`` spaces them by (T - 1) / (steps - 1), so at 10 steps
+    each step landed 11 timesteps above the next one and the last left visible noise). ``sample_latents`` returns
+    the last step's prediction of the clean latent, so the chain ends at t = 0 whatever ``steps`` is. DDPM runs every
+    training timestep. Rectified flow: from pure noise (t = T) in equal steps, MONAI's resolution transform
+    applied when the config asks for it."""
+    if isinstance(scheduler, RFlowScheduler):
+        scheduler.set_timesteps(steps, input_img_size_numel=math.prod(latent_shape[1:]))
+        return
+    scheduler.set_timesteps(steps)
+    if isinstance(scheduler, DDIMScheduler):
+        ratio = scheduler.num_train_timesteps // steps
+        scheduler.timesteps = (scheduler.num_train_timesteps - 1) - torch.arange(steps) * ratio

@@ -11,12 +11,13 @@ from typing import Any, cast
 import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import AutoencoderKL
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from tqdm.auto import tqdm
 
 from medldm.config import AutoencoderConfig
 from medldm.devices import autocast
 from medldm.models.conditioning import with_condition_channels
+from medldm.models.networks import Scheduler
 
 
 def window_size(cfg: AutoencoderConfig) -> list[int]:
@@ -60,7 +61,7 @@ def decode_latents(model: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample_latents(
     unet: Callable[..., torch.Tensor],
-    scheduler: DDPMScheduler | DDIMScheduler,
+    scheduler: Scheduler,
     noise: torch.Tensor,
     context: torch.Tensor | None,
     guidance: float = 1.0,
@@ -70,21 +71,29 @@ def sample_latents(
     amp: bool = True,
     concat: bool = False,
 ) -> torch.Tensor:
-    """Run the reverse process from ``noise`` with a DDIM or DDPM scheduler (``set_timesteps`` already called).
+    """Run the reverse process from ``noise`` with a DDIM, DDPM or rectified-flow scheduler (timesteps set by
+    ``set_sampling_steps``, or a tail of them to start part-way).
 
     Guidance != 1 mixes the conditional and the null-context predictions (classifier-free guidance). When a step
     draws noise (DDPM, or DDIM with eta > 0) each sample draws it from its own generator, so a sample does not
-    depend on the batch it was generated in. The UNet runs in bf16 autocast on CUDA (``amp``); the scheduler
-    arithmetic stays float32. ``concat``: the UNet also takes the context as constant input channels ("hybrid").
+    depend on the batch it was generated in. DDIM's last step returns its prediction of the clean latent (t = 0);
+    rectified flow steps to the next timestep, the last one to 0. The UNet runs in bf16 autocast on CUDA (``amp``);
+    the scheduler arithmetic stays float32. ``concat``: the UNet also takes the context as constant input
+    channels ("hybrid").
     """
     x = noise
     guided = context is not None and guidance != 1.0
     ddpm = isinstance(scheduler, DDPMScheduler)
-    step_args: dict[str, Any] = {} if ddpm else {"eta": eta}
-    per_sample = generators is not None and (ddpm or eta > 0)
-    name = "ddpm" if ddpm else "ddim"
-    for t in tqdm(scheduler.timesteps, desc=name, unit="step", leave=False, disable=not progress):
-        tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+    flow = isinstance(scheduler, RFlowScheduler)
+    step_args: dict[str, Any] = {} if ddpm or flow else {"eta": eta}
+    per_sample = generators is not None and (ddpm or (eta > 0 and not flow))
+    name = "ddpm" if ddpm else "rflow" if flow else "ddim"
+    timesteps = [int(t) for t in scheduler.timesteps]
+    for i, t in enumerate(tqdm(timesteps, desc=name, unit="step", leave=False, disable=not progress)):
+        last = i == len(timesteps) - 1
+        if flow:
+            step_args = {"next_timestep": 0 if last else timesteps[i + 1]}
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         with autocast(x.device, amp):
             if guided:
                 assert context is not None
@@ -97,10 +106,12 @@ def sample_latents(
                 pred = unet(with_condition_channels(x, context) if concat and context is not None else x,
                             timesteps=tt, context=context)
         pred = pred.float()
+        # DDIM's step returns (previous sample, predicted clean sample): the last step keeps the clean one
+        keep = 1 if last and not (ddpm or flow) else 0
         if per_sample:
             assert generators is not None
-            x = torch.cat([scheduler.step(pred[i : i + 1], int(t), x[i : i + 1], generator=g, **step_args)[0]
-                           for i, g in enumerate(generators)])
+            x = torch.cat([scheduler.step(pred[j : j + 1], t, x[j : j + 1], generator=g, **step_args)[keep]
+                           for j, g in enumerate(generators)])
         else:
-            x = scheduler.step(pred, int(t), x, **step_args)[0]
+            x = scheduler.step(pred, t, x, **step_args)[keep]
     return x

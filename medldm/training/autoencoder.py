@@ -132,12 +132,14 @@ class AutoencoderTrainer(Trainer):
         self.opt_d = adamw(self.disc.parameters(), cfg.discriminator.lr) if self.disc is not None else None
         perceptual = build_perceptual_loss(cfg)
         self.perceptual = perceptual.to(dev) if perceptual is not None else None
-        self.ssim_loss = SSIMLoss(spatial_dims=3, data_range=1.0) if cfg.ssim_weight > 0 else None
+        self.ssim_loss = (SSIMLoss(spatial_dims=3, data_range=1.0, win_size=cfg.ssim_window)
+                          if cfg.ssim_weight > 0 else None)
         self.adv = adversarial_loss()
 
     def streams(self) -> dict[str, torch.Generator]:
         # besides the global torch RNG (the KL sampling noise): the patch positions
-        return {"patch": torch.Generator().manual_seed(self.tc.seed * 1000 + self.ctx.rank)}
+        seed = self.tc.seed * 1000 + self.ctx.rank
+        return {"patch": torch.Generator().manual_seed(seed), "flip": torch.Generator().manual_seed(seed + 500)}
 
     def load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -183,6 +185,9 @@ class AutoencoderTrainer(Trainer):
         for micro in range(tc.grad_accum):
             last = micro == tc.grad_accum - 1
             x = random_patches(next(self.batches)["image"], cfg.patch_size, self.generators["patch"])
+            if cfg.flip_prob > 0:
+                flip = torch.rand(len(x), generator=self.generators["flip"]) < cfg.flip_prob
+                x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(2), x)
             x = x.to(dev, non_blocking=True)
             with no_sync(self.net, last):
                 with autocast(dev, tc.amp):

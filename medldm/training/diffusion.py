@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.networks.schedulers import RFlowScheduler
+from monai.networks.schedulers.rectified_flow import timestep_transform
 from torch.optim.swa_utils import AveragedModel
 
 from medldm.artifacts import (
@@ -19,12 +22,12 @@ from medldm.artifacts import (
     LatentCache,
     load_checkpoint,
 )
-from medldm.config import ConfigError, DiffusionConfig, config_from_dict, to_dict
+from medldm.config import ConfigError, DiffusionConfig, as_saved_before_the_key, config_from_dict, to_dict
 from medldm.data.dataset import read_manifest
 from medldm.devices import autocast
 from medldm.errors import InputError
 from medldm.models.conditioning import ConditionEncoder, with_condition_channels
-from medldm.models.networks import build_scheduler, build_unet
+from medldm.models.networks import build_scheduler, build_unet, default_sampler, set_sampling_steps
 from medldm.models.ops import decode_latents, sample_latents
 from medldm.models.speed import apply_speed
 from medldm.training.loop import Trainer, adamw, load_optimizer, make_ema, no_sync
@@ -38,17 +41,40 @@ TIMESTEP_BUCKETS = 10
 
 
 def diffusion_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: ε, v, or (rectified flow) the velocity from noise to data, the direction
+    MONAI's ``RFlowScheduler.step`` moves along."""
+    if isinstance(scheduler, RFlowScheduler):
+        return latents - noise
     if scheduler.prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, t)
     return noise
 
 
+def training_timesteps(scheduler: Any, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One training timestep per latent, drawn from ``generator``: uniform over the DDPM steps; for rectified flow
+    uniform or logit-normal (sigmoid of a standard normal, as MONAI's ``sample_timesteps`` draws them) in [0, T),
+    then MONAI's resolution transform where the config switches it on."""
+    n, dev, steps = latents.shape[0], latents.device, scheduler.num_train_timesteps
+    if not isinstance(scheduler, RFlowScheduler):
+        return torch.randint(0, steps, (n,), device=dev, generator=generator)
+    if scheduler.sample_method == "logit-normal":
+        u = torch.sigmoid(torch.randn(n, device=dev, generator=generator))
+    else:
+        u = torch.rand(n, device=dev, generator=generator)
+    t = (u * steps).long()
+    if scheduler.use_timestep_transform:
+        t = timestep_transform(t, input_img_size_numel=math.prod(latents.shape[2:]),
+                               base_img_size_numel=scheduler.base_img_size_numel, num_train_timesteps=steps).long()
+    return t.clamp(0, steps - 1)
+
+
 def loss_weights(scheduler: Any, gamma: float) -> torch.Tensor:
-    """Per-timestep loss weights: Min-SNR-γ (Hang et al. 2023) for ε or v prediction, all ones when γ = 0."""
+    """Per-timestep loss weights: Min-SNR-γ (Hang et al. 2023) for ε or v prediction, all ones when γ = 0 and for
+    rectified flow (whose timestep sampling weights the loss)."""
+    if isinstance(scheduler, RFlowScheduler) or gamma <= 0:
+        return torch.ones(scheduler.num_train_timesteps, dtype=torch.float32)
     alpha_bar = scheduler.alphas_cumprod.double()
     snr = alpha_bar / (1.0 - alpha_bar)
-    if gamma <= 0:
-        return torch.ones_like(snr, dtype=torch.float32)
     # the ε loss is SNR-weighted MSE on x0; v carries an extra (SNR + 1)
     denominator = snr + 1.0 if scheduler.prediction_type == "v_prediction" else snr
     return (snr.clamp(max=gamma) / denominator).float()
@@ -115,6 +141,7 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
     latest = DiffusionRun(run_dir).latest
     state = load_checkpoint(latest) if resume and latest.is_file() else None
     if state is not None:
+        cfg = as_saved_before_the_key("diffusion", cfg, state["config"])
         check_resumable(state, cfg, cache, latest)
     # age normalisation and ranges come from the training split (kept from the checkpoint on resume);
     # encoding every row now checks all labels before any work starts
@@ -129,7 +156,7 @@ class DiffusionTrainer(Trainer):
     """The denoising loss (ε or v, optionally Min-SNR weighted) on scaled cached latents, with conditions dropped
     for classifier-free guidance; validated by the EMA model's loss at fixed noise, previewed by DDIM samples."""
 
-    best_key, higher_is_better, desc = "best_val_loss", False, "diffusion"
+    best_key, higher_is_better, desc = "best_val_loss", False, "diffusion"  # best_sample_score by samples
     ema: AveragedModel  # always kept
 
     def __init__(self, run_dir: Path, cfg: DiffusionConfig, state: dict[str, Any] | None, data_dir: Path,
@@ -141,6 +168,8 @@ class DiffusionTrainer(Trainer):
         self.conditions, self.c_all, self.labelled = conditions, c_all, labelled
         self.train_idx, self.val_idx = train_idx, val_idx
         self.latent_shape = list(cache.mu.shape[1:])
+        if cfg.selection.by == "samples":
+            self.best_key = "best_sample_score"
 
     def build(self) -> None:
         cfg, dev = self.cfg, self.ctx.device
@@ -155,7 +184,7 @@ class DiffusionTrainer(Trainer):
         # after the EMA copy (which stays a plain module: validation and previews run it eagerly) and before the
         # optimiser (channels-last swaps the parameters' storage) and DDP
         self.speedups = apply_speed(self.model, cfg.speed, dev)
-        self.scheduler = build_scheduler(cfg.scheduler, "ddpm")
+        self.scheduler = build_scheduler(cfg.scheduler)
         self.loss_weights = loss_weights(self.scheduler, cfg.min_snr_gamma).to(dev)
         self.optimizer = adamw(self.model.parameters(), self.tc.lr, self.tc.weight_decay)
 
@@ -196,6 +225,10 @@ class DiffusionTrainer(Trainer):
             if self.preview is not None:
                 self.board.add_text("samples/conditions", self.preview.describe(), 0)
         self.buckets = torch.zeros(2, TIMESTEP_BUCKETS, device=ctx.device)  # loss sum and count per bucket of t
+        self.scorer = None
+        if ctx.is_main and cfg.selection.by == "samples":
+            c_train = self.c_all[self.train_idx] if self.c_all is not None else None
+            self.scorer = SampleScore(cfg, self.z_all[self.train_idx].to(ctx.device), c_train, ctx.device)
 
     def train_step(self, step: int) -> dict[str, torch.Tensor]:
         cfg, tc, dev, scheduler, gens = self.cfg, self.tc, self.ctx.device, self.scheduler, self.generators
@@ -210,7 +243,7 @@ class DiffusionTrainer(Trainer):
                 context = self.conditions.drop(self.c_all[pick].to(dev), cfg.conditioning.drop_prob,
                                                cfg.conditioning.drop_all_prob, gens["noise"])
             noise = torch.randn(z.shape, device=dev, generator=gens["noise"])
-            t = torch.randint(0, scheduler.num_train_timesteps, (z.shape[0],), device=dev, generator=gens["noise"])
+            t = training_timesteps(scheduler, z, gens["noise"])
             with no_sync(self.net, micro == tc.grad_accum - 1):
                 with autocast(dev, tc.amp):
                     noisy = scheduler.add_noise(z, noise, t)
@@ -240,8 +273,16 @@ class DiffusionTrainer(Trainer):
         val = validation_loss(self.ema.module, self.scheduler, self.z_all[self.val_idx].to(dev), self.hybrid,
                               None if c_all is None else c_all[self.val_idx].to(dev), self.tc.seed)
         self.board.add_scalar("val/loss_ema", val, step)
-        log.info("step %d: validation loss (EMA weights) %.4f", step, val)
-        return val
+        if self.scorer is None:
+            log.info("step %d: validation loss (EMA weights) %.4f", step, val)
+            return val
+        # the raw weights' score is logged beside the EMA's: which of the two samples better is worth seeing
+        score, raw = self.scorer(self.ema.module), self.scorer(self.model)
+        self.board.add_scalar("val/sample_score_ema", score, step)
+        self.board.add_scalar("val/sample_score_raw", raw, step)
+        log.info("step %d: validation loss (EMA weights) %.4f; sample score %.3f (EMA weights; raw weights %.3f; "
+                 "training latents score 1)", step, val, score, raw)
+        return score
 
     def after_validation(self, step: int, final: bool) -> None:
         if self.preview is not None and (step % self.cfg.preview.every == 0 or final):
@@ -272,8 +313,41 @@ def validation_loss(model: torch.nn.Module, scheduler: Any, z: torch.Tensor, hyb
     return total / repeats
 
 
+def latent_features(z: torch.Tensor) -> torch.Tensor:
+    """Per latent: each channel's spread and its coarse layout (the channel averaged over 3 x 3 x 3 blocks)."""
+    return torch.cat([z.flatten(2).std(dim=2), F.adaptive_avg_pool3d(z, 3).flatten(1)], dim=1)
+
+
+class SampleScore:
+    """How far fixed-seed samples of a model lie from the training latents, as the squared z-score of their
+    ``latent_features`` against the training latents' (mean over features and samples; training latents score
+    about 1). Samples that drift off the latent distribution (a spread of 3-6 where the data has 1-2, noise that
+    fills the box) score far above 1; so does a model that has not learnt the layout yet."""
+
+    def __init__(self, cfg: DiffusionConfig, train_latents: torch.Tensor, train_context: torch.Tensor | None,
+                 device: torch.device) -> None:
+        sc = cfg.selection
+        features = latent_features(train_latents.float())
+        self.mean, self.std = features.mean(0), features.std(0).clamp_min(1e-6)
+        self.scheduler = build_scheduler(cfg.scheduler, default_sampler(cfg.scheduler))
+        set_sampling_steps(self.scheduler, sc.steps, list(train_latents.shape[1:]))
+        gen = torch.Generator().manual_seed(cfg.train.seed + 7919)
+        self.noise = torch.randn(sc.num, *train_latents.shape[1:], generator=gen).to(device)
+        # the conditions of training scans spread over the split, the same ones at every validation
+        pick = torch.linspace(0, len(train_latents) - 1, sc.num).round().long()
+        self.context = train_context[pick.to(train_context.device)].to(device) if train_context is not None else None
+        self.hybrid, self.amp = cfg.conditioning.hybrid, cfg.train.amp
+
+    @torch.no_grad()
+    def __call__(self, unet: torch.nn.Module) -> float:
+        unet.eval()
+        z = sample_latents(unet, self.scheduler, self.noise, self.context, amp=self.amp, concat=self.hybrid)
+        return (((latent_features(z.float()) - self.mean) / self.std) ** 2).mean().item()
+
+
 class Preview:
-    """The same few DDIM samples (fixed seeds, the conditions of the first validation scans), decoded to images."""
+    """The same few samples (DDIM, or Euler steps for rectified flow; fixed seeds, the conditions of the first
+    validation scans), decoded to images."""
 
     def __init__(self, cfg: DiffusionConfig, conditions: ConditionEncoder, val_rows: list[dict[str, Any]],
                  latent_shape: list[int], ae_checkpoint: Path, scale: float, device: torch.device) -> None:
@@ -281,8 +355,8 @@ class Preview:
         self.device, self.scale, self.guidance, self.amp = device, scale, pc.guidance, cfg.train.amp
         self.hybrid = cfg.conditioning.hybrid
         self.decoder = AutoencoderCheckpoint.load(ae_checkpoint).model(device)
-        self.scheduler = build_scheduler(cfg.scheduler, "ddim")
-        self.scheduler.set_timesteps(pc.ddim_steps)  # on the CPU: int(t) then never waits for the GPU
+        self.scheduler = build_scheduler(cfg.scheduler, default_sampler(cfg.scheduler))
+        set_sampling_steps(self.scheduler, pc.ddim_steps, latent_shape)
         self.labels = [{k: val_rows[i % len(val_rows)].get(k) for k in conditions.keys} for i in range(pc.num)]
         self.context = conditions.encode(self.labels).to(device) if conditions.keys else None
         self.noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(cfg.train.seed + i))

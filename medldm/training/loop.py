@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import math
 import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -137,11 +138,21 @@ def update_ema(ema: AveragedModel, model: torch.nn.Module) -> None:
     ema.n_averaged += 1
 
 
-def set_warmup_lr(optimizer: torch.optim.Optimizer, lr: float, warmup_steps: int, step: int) -> None:
-    """Linear warm-up to ``lr`` over ``warmup_steps`` optimiser steps; a function of the step, so resuming is exact."""
-    if warmup_steps > 0:
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup_steps)
+def learning_rate(tc: Any, step: int) -> float:
+    """The learning rate of optimiser step ``step``: linear warm-up, then constant or cosine decay to
+    ``lr * min_lr_ratio`` at ``train.steps``; a function of the step, so resuming is exact."""
+    if tc.warmup_steps > 0 and step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    if tc.lr_schedule == "cosine":
+        span = max(1, tc.steps - tc.warmup_steps)
+        progress = min(1.0, (step - tc.warmup_steps) / span)
+        return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return tc.lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, tc: Any, step: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(tc, step)
 
 
 def prepare_run_dir(run_dir: Path, cfg: Any, resume: bool) -> Path:
@@ -246,7 +257,8 @@ def restore_rng_states(ctx: DistContext, states: list[dict[str, Any]], extra: di
     state = states[ctx.rank]
     set_rng_state(state)
     for name, g in extra.items():
-        g.set_state(state[name])
+        if name in state:  # a stream added since the checkpoint was written starts from its seed
+            g.set_state(state[name])
 
 
 class Deadline:
@@ -399,7 +411,10 @@ class Trainer:
         step, best, skipped = 0, (-1.0 if self.higher_is_better else float("inf")), 0
         if self.state is not None:
             self.load(self.state)
-            step, best = self.state["step"], self.state[self.best_key]
+            step, best = self.state["step"], self.state.get(self.best_key, best)
+            if self.best_key not in self.state:
+                log.warning("%s holds no %s (written with another checkpoint selection): best.pt is chosen afresh "
+                            "from here on", run_dir, self.best_key)
             skipped = self.state.get("skipped_nonfinite", 0)
             restore_rng_states(ctx, self.state["rng"], self.generators)
             log.info("resumed %s at step %d", run_dir, step)
@@ -423,7 +438,7 @@ class Trainer:
         self.net.train()
         step_log = StepLog(step)
         while step < tc.steps:
-            set_warmup_lr(self.optimizer, tc.lr, tc.warmup_steps, step)
+            set_lr(self.optimizer, tc, step)
             losses = self.train_step(step)
             step += 1
             self.step = step
