@@ -24,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from medldm.artifacts import save_checkpoint
-from medldm.config import save_config
+from medldm.config import TrainConfig, save_config
 from medldm.data.io import visible
 from medldm.errors import StoppedError
 from medldm.training.curves import LossCurves
@@ -138,7 +138,7 @@ def update_ema(ema: AveragedModel, model: torch.nn.Module) -> None:
     ema.n_averaged += 1
 
 
-def learning_rate(tc: Any, step: int) -> float:
+def learning_rate(tc: TrainConfig, step: int) -> float:
     """The learning rate of optimiser step ``step``: linear warm-up, then constant or cosine decay to
     ``lr * min_lr_ratio`` at ``train.steps``; a function of the step, so resuming is exact."""
     if tc.warmup_steps > 0 and step < tc.warmup_steps:
@@ -150,7 +150,7 @@ def learning_rate(tc: Any, step: int) -> float:
     return tc.lr
 
 
-def set_lr(optimizer: torch.optim.Optimizer, tc: Any, step: int) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, tc: TrainConfig, step: int) -> None:
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(tc, step)
 
