@@ -61,7 +61,8 @@ def main() -> None:
         loss.backward()
         ae_opt.step()
 
-    encoder = ConditionEncoder(ldm_cfg.conditioning.keys)
+    rows = [{"age": 60 + 5 * i, "sex": "MF"[i % 2], "diagnosis": ("CN", "MCI", "AD")[i % 3]} for i in range(6)]
+    encoder = ConditionEncoder.fit(ldm_cfg.conditioning.keys, rows)
     latent = [ae_cfg.model.latent_channels] + [s // ae_cfg.model.downsample_factor for s in shape]
     unet = build_unet(ldm_cfg.model, latent[0], encoder.dim)
     unet_opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)

@@ -74,3 +74,14 @@ def test_quality_benchmark_runs_at_tiny_size_and_resumes(dataset, tmp_path):
     q = json.loads((other / "quality.json").read_text(encoding="utf-8"))
     assert q["settings"]["autoencoder_run"] == str((out / "autoencoder").resolve()) and q["samples"]["n"] == 3
     assert q["settings"]["sampler"] == "rflow"
+
+
+def test_cpu_tiny_benchmark_prints_its_table():
+    """benchmarks/cpu_tiny.py as RESULTS.md runs it: a row per workload, each with a time, sampling with the tiny
+    model's own sampler."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_tiny.py"), "--repeats", "1"], check=True,
+                         capture_output=True, text=True).stdout
+    rows = [line.split("|")[1:3] for line in out.splitlines() if line.startswith("| ") and "median" not in line]
+    assert [name.split(",")[0].strip() for name, _ in rows] == [
+        "autoencoder train step", "UNet train step", "rflow 10 steps (guidance 3) + decode"]
+    assert all(float(ms) > 0 for _, ms in rows)
