@@ -202,3 +202,134 @@ def test_samples_from_several_dirs_give_the_within_seed_age_check(dataset, ldm_r
     assert "within seed (2 seeds at several ages)" in (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
     with pytest.raises(FileNotFoundError, match="no such folder"):
         evaluate(dataset, tmp_path / "r2", load_config("evaluate"), samples=[dirs[0], tmp_path / "nope"])
+
+
+def write_samples(data_dir, folder, num, noise_every=4):
+    """``num`` samples on the dataset's grid: val/test volumes with noise inside the head (plausible brains that are
+    no copies), every ``noise_every``-th one pure noise (implausible)."""
+    rows = [r for r in read_manifest(data_dir) if r["split"] != "train"]
+    affine = np.asarray(read_dataset_info(data_dir)["reference"]["affine"])
+    for i in range(num):
+        rng = np.random.default_rng(i)
+        base = load_volume(data_dir / rows[i % len(rows)]["image"])[0]
+        v = (rng.uniform(0, 1, base.shape) if i % noise_every == noise_every - 1
+             else np.clip(base + rng.normal(0, 0.02, base.shape) * (base > 0), 0, 1))
+        save_volume(folder / f"sample_{i:04d}.nii.gz", v, affine, dtype="int16")
+    return folder
+
+
+class CountedReads:
+    """Stands in for samples.read_sample: counts the reads and the most sample volumes alive at once."""
+
+    def __init__(self):
+        from medldm.evaluation import samples
+
+        self.read, self.reads, self.alive, self.peak = samples.read_sample, 0, 0, 0
+
+    def __call__(self, path):
+        import weakref
+
+        volume = self.read(path)
+        self.reads, self.alive = self.reads + 1, self.alive + 1
+        self.peak = max(self.peak, self.alive)
+        weakref.finalize(volume, self.freed)
+        return volume
+
+    def freed(self):
+        self.alive -= 1
+
+
+def test_evaluation_holds_a_few_samples_whatever_their_number_and_scores_as_in_memory(dataset, tmp_path,
+                                                                                       monkeypatch):
+    from monai.metrics import MMDMetric
+
+    from medldm.evaluation import samples as samples_module
+    from medldm.evaluation.memorisation import pooled
+
+    # a cache of 2: alive at once are then the volume being scored, a batch of pairs (8) and two caches (all samples,
+    # the plausible ones)
+    monkeypatch.setattr(samples_module, "CACHE", 2)
+    cfg = load_config("evaluate", None, ["diversity_pairs=12"])
+    peaks = {}
+    for num in (8, 32):
+        counted = CountedReads()
+        monkeypatch.setattr(samples_module, "read_sample", counted)
+        folder = write_samples(dataset, tmp_path / f"s{num}", num)
+        report = evaluate(dataset, tmp_path / f"r{num}", cfg, samples=folder)
+        peaks[num] = counted.peak
+        assert counted.alive == 0 and counted.reads >= num  # every sample read, none kept after the report
+    assert peaks[32] <= 1 + 8 + 2 * 2 < 32, peaks
+
+    # the streamed report has the scores of the volumes held in memory (same pairs, same nearest volumes, same MMD)
+    gen = report["generation"]
+    files = sorted(folder.glob("*.nii.gz"))
+    held = [counted.read(f) for f in files]
+    metrics = VolumeMetrics(read_dataset_info(dataset)["reference"]["shape"], cfg.kernel_size, cfg.kernel_sigma)
+    assert pairwise_similarity(held, metrics, cfg.diversity_pairs, cfg.seed) == gen["synthetic"]
+    keep = [i for i, e in enumerate(gen["plausibility"]["synthetic"]) if e["plausible"]]
+    assert 2 <= len(keep) < len(files)  # the noise samples are not brains
+    assert pairwise_similarity([held[i] for i in keep], metrics, cfg.diversity_pairs, cfg.seed) \
+        == gen["synthetic_plausible"]
+    rows = read_manifest(dataset)
+    train = [r for r in rows if r["split"] == "train"]
+    real = [torch.from_numpy(load_volume(dataset / r["image"])[0])[None].half() for r in rows if r["split"] == "test"]
+    nearest = NearestTraining(lambda i: torch.from_numpy(load_volume(dataset / train[i]["image"])[0])[None].half(),
+                              len(train), metrics, cfg.prefilter_factor, cfg.nearest_candidates)
+    mem = memorisation(held, real, nearest, cfg.memorisation_percentile)
+    assert [(e["nearest_train"], e["ssim"]) for e in mem["synthetic"]] == [
+        (e["nearest_train"], e["ssim"]) for e in gen["memorisation"]["synthetic"]]
+    # MMD draws as many samples as there are test volumes (seeded): the same draw from the whole set in memory
+    real_f, syn_f = (torch.stack([pooled(v, cfg.prefilter_factor) for v in vs]) for vs in (real, held))
+    g, n = torch.Generator().manual_seed(cfg.seed), len(real)
+    a, b = real_f[torch.randperm(n, generator=g)], syn_f[torch.randperm(len(held), generator=g)[:n]]
+    assert gen["mmd"]["synthetic_vs_test"] == pytest.approx(float(MMDMetric()(a, b)), rel=1e-6)
+
+
+def test_a_bad_sample_is_refused_before_any_sample_is_read(dataset, tmp_path, monkeypatch):
+    from medldm.evaluation import samples as samples_module
+
+    counted = CountedReads()
+    monkeypatch.setattr(samples_module, "read_sample", counted)
+    folder = write_samples(dataset, tmp_path / "s", 6)
+    ref = read_dataset_info(dataset)["reference"]
+    half = np.zeros([s // 2 for s in ref["shape"]]) + 0.5
+    save_volume(folder / "sample_0005.nii.gz", half, np.asarray(ref["affine"]))
+    with pytest.raises(ValueError, match=r"sample_0005.nii.gz \(\[16, 16, 16\].* never resamples"):
+        evaluate(dataset, tmp_path / "r", load_config("evaluate"), samples=folder)
+    assert counted.reads == 0 and not (tmp_path / "r").exists()  # refused from the headers, before anything is written
+
+
+def test_the_verdict_sheet_shows_the_implausible_samples_first_and_a_bounded_number(tmp_path):
+    from medldm.evaluation.plots import SHEET_TILES, sheet_order, verdict_sheet
+
+    verdicts = [{"plausible": i % 10 != 3, "reasons": ["off the data manifold: ..."], "nearest_train_ssim": 0.5}
+                for i in range(1000)]
+    drawn = []
+
+    def tile(i):
+        drawn.append(i)
+        return np.zeros((8, 24), np.uint8)
+
+    shown = verdict_sheet(tmp_path / "sheet.png", tile, [f"s{i}" for i in range(1000)], verdicts)
+    assert len(shown) == SHEET_TILES == len(drawn) and (tmp_path / "sheet.png").is_file()
+    bad = [i for i in range(1000) if i % 10 == 3]
+    # a hundred implausible: 64 of them, spread over the set, and no plausible one
+    assert shown == drawn and set(shown) <= set(bad) and shown[0] == 3 and shown[-1] == 993
+    few = sheet_order(verdicts[:100])
+    assert few[:10] == bad[:10] and len(few) == 64 and all(verdicts[i]["plausible"] for i in few[10:])
+    assert sheet_order(verdicts[:20]) == [3, 13] + [i for i in range(20) if i % 10 != 3]
+
+
+def test_evaluate_scale_benchmark_runs_at_tiny_size(dataset, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluate_scale.py"
+    done = subprocess.run([sys.executable, str(script), "--data", str(dataset), "--out", str(tmp_path), "--num", "4",
+                           "--set", "diversity_pairs=4"], check=True, capture_output=True, text=True)
+    result = json.loads((tmp_path / "evaluate_scale.json").read_text(encoding="utf-8"))
+    (run,) = result["runs"]
+    assert run["num"] == 4 and run["returncode"] == 0 and run["wall_s"] > 0 and run["peak_rss_mib"] > 0
+    assert run["pairs"] == 4 and 0 <= run["plausible"] <= 4 and run["sheet"]["of"] == 4
+    assert "| samples | wall s | s per sample | peak RSS MiB | exit |" in done.stdout

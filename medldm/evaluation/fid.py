@@ -7,7 +7,8 @@ pool of the last stage (MONAI ``feed_forward=False``), compared with MONAI's ``F
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -46,12 +47,13 @@ def medicalnet(depth: int, weights: str | Path | None = None) -> torch.nn.Module
 
 
 @torch.no_grad()
-def features(model: torch.nn.Module, volumes: Sequence[torch.Tensor], device: torch.device | str = "cpu",
+def features(model: torch.nn.Module, volumes: Iterable[torch.Tensor], device: torch.device | str = "cpu",
              batch_size: int = 4) -> torch.Tensor:
-    """(N, F) pooled features of (1, X, Y, Z) volumes."""
+    """(N, F) pooled features of (1, X, Y, Z) volumes, read from ``volumes`` ``batch_size`` at a time."""
     model = model.to(device)
-    out = [model(torch.stack(list(volumes[i:i + batch_size])).float().to(device)).float().cpu()
-           for i in range(0, len(volumes), batch_size)]
+    out, it = [], iter(volumes)
+    while batch := list(itertools.islice(it, batch_size)):
+        out.append(model(torch.stack(batch).float().to(device)).float().cpu())
     return torch.cat(out)
 
 

@@ -77,7 +77,17 @@ def memorisation(synthetic: Sequence[torch.Tensor], real_test: Sequence[torch.Te
         raise InputError("memorisation check: needs real test volumes for the threshold")
     real = [nearest(v) for v in tqdm(real_test, desc="nearest training (real test)", unit="volume")]
     synth = [nearest(v) for v in tqdm(synthetic, desc="nearest training (synthetic)", unit="volume")]
-    raw = float(np.percentile([s for _, s in real], percentile))
+    return flag_copies(synth, real, percentile, reference_ssim, reference)
+
+
+def flag_copies(synthetic: Sequence[tuple[int, float]], real_test: Sequence[tuple[int, float]],
+                percentile: float = 99.0, reference_ssim: Sequence[float] | None = None,
+                reference: str = "the real test volumes") -> dict[str, Any]:
+    """``memorisation`` from nearest-training results already found: (index, SSIM) of every synthetic and real test
+    volume (``medldm evaluate`` finds the synthetic ones in its one pass over the samples)."""
+    if not real_test:
+        raise InputError("memorisation check: needs real test volumes for the threshold")
+    raw = float(np.percentile([s for _, s in real_test], percentile))
     out: dict[str, Any] = {"percentile": percentile, "threshold_reference": reference}
     finite = [float(x) for x in (reference_ssim or []) if np.isfinite(x)]
     if reference_ssim is not None:
@@ -85,7 +95,7 @@ def memorisation(synthetic: Sequence[torch.Tensor], real_test: Sequence[torch.Te
     threshold = float(np.percentile(finite, percentile)) if finite else raw
     return {
         **out, "threshold_ssim": threshold,
-        "real_test": [{"nearest_train": j, "ssim": s} for j, s in real],
-        "synthetic": [{"nearest_train": j, "ssim": s, "flagged": s > threshold} for j, s in synth],
-        "flagged": [i for i, (_, s) in enumerate(synth) if s > threshold],
+        "real_test": [{"nearest_train": j, "ssim": s} for j, s in real_test],
+        "synthetic": [{"nearest_train": j, "ssim": s, "flagged": s > threshold} for j, s in synthetic],
+        "flagged": [i for i, (_, s) in enumerate(synthetic) if s > threshold],
     }

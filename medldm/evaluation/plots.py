@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,30 +57,52 @@ def _label(name: str, trend: dict[str, Any]) -> str:
     return f"{name}, r={trend['pearson_r']:+.2f}" if trend.get("pearson_r") is not None else name
 
 
-def verdict_sheet(path: str | Path, tiles: list[np.ndarray], names: list[str], verdicts: list[dict[str, Any]],
-                  columns: int = 4) -> None:
-    """Every synthetic volume (three planes) framed green when plausible, red with its first reason when not."""
+SHEET_TILES = 64  # a sheet of ten thousand tiles is a 100-megapixel picture nobody can read
+
+
+def sheet_order(verdicts: list[dict[str, Any]], limit: int = SHEET_TILES) -> list[int]:
+    """The samples a verdict sheet shows: the implausible ones first, then plausible ones, ``limit`` in all; where
+    there are more, each group is spread evenly over the set (sample dirs in order: one per requested age, say)."""
+    bad = [i for i, v in enumerate(verdicts) if not v["plausible"]]
+    good = [i for i, v in enumerate(verdicts) if v["plausible"]]
+    bad = _spread(bad, limit)
+    return bad + _spread(good, limit - len(bad))
+
+
+def _spread(indices: list[int], k: int) -> list[int]:
+    if len(indices) <= k:
+        return indices
+    return [indices[j] for j in np.linspace(0, len(indices) - 1, k).round().astype(int)] if k > 0 else []
+
+
+def verdict_sheet(path: str | Path, tile: Callable[[int], np.ndarray], names: list[str],
+                  verdicts: list[dict[str, Any]], columns: int = 4, limit: int = SHEET_TILES) -> list[int]:
+    """Synthetic volumes (three planes, ``tile(i)`` of sample i) framed green when plausible, red with its first reason
+    when not: every implausible one first, ``limit`` tiles at most (``sheet_order``). Returns the samples shown."""
     from matplotlib.figure import Figure
 
-    n = len(tiles)
-    rows = max(1, -(-n // columns))
+    shown = sheet_order(verdicts, limit)
+    n, bad = len(verdicts), sum(not v["plausible"] for v in verdicts)
+    rows = max(1, -(-len(shown) // columns))
     fig = Figure(figsize=(4.2 * columns, 1.9 * rows + 0.4), dpi=90, layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
-    bad = sum(not v["plausible"] for v in verdicts)
-    fig.suptitle(f"plausible {n - bad} of {n} (green); not a brain by the data's references: {bad} (red)")
+    fig.suptitle(f"plausible {n - bad} of {n} (green); not a brain by the data's references: {bad} (red)"
+                 + (f"; {len(shown)} shown, the implausible first" if len(shown) < n else ""))
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_frame_on(False)
-    for ax, tile, name, v in zip(axes, tiles, names, verdicts):
-        ax.imshow(tile, cmap="gray", vmin=0, vmax=255)  # three_plane tiles are uint8
+    for ax, i in zip(axes, shown):
+        v = verdicts[i]
+        ax.imshow(tile(i), cmap="gray", vmin=0, vmax=255)  # three_plane tiles are uint8
         ax.set_frame_on(True)
         colour = "#2ca02c" if v["plausible"] else SYNTHETIC
         for spine in ax.spines.values():
             spine.set(color=colour, linewidth=3)
         why = "" if v["plausible"] else "\n" + v["reasons"][0].split(":")[0][:60]
-        ax.set_title(f"{name} (SSIM {v['nearest_train_ssim']:.2f}){why}", fontsize=7, color=colour)
+        ax.set_title(f"{names[i]} (SSIM {v['nearest_train_ssim']:.2f}){why}", fontsize=7, color=colour)
     save_figure(fig, path)
+    return shown
 
 
 def morphometry_plot(path: str | Path, morph: dict[str, Any]) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -22,9 +22,13 @@ from medldm.errors import InputError
 from medldm.evaluation.metrics import VolumeMetrics, pairwise_similarity
 from medldm.evaluation.morphometry import MEASURES, Morphometry
 from medldm.evaluation.plots import morphometry_plot, score_plots, verdict_sheet
+from medldm.evaluation.samples import SampleVolumes, sample_files
 from medldm.models.ops import reconstruct
 from medldm.versions import versions
 from medldm.viz import grid, save_png, three_plane
+
+if TYPE_CHECKING:
+    from medldm.evaluation.memorisation import NearestTraining
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,13 @@ def evaluate(data_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig, aut
     test = split_rows(rows, "test")
     if not test:
         raise InputError(f"{data_dir}/manifest.csv has no test-split volumes; preprocess with split.test_fraction > 0")
+    dirs = files = None
+    if samples is not None:
+        dirs = [Path(samples)] if isinstance(samples, (str, Path)) else [Path(d) for d in samples]
+        files = sample_files(dirs, reference)  # every header checked before any volume is read
+        if len(files) < 2:
+            raise InputError(f"--samples {' '.join(map(str, dirs))}: diversity needs at least 2 synthetic .nii.gz "
+                             f"volumes, found {len(files)}")
     metrics = VolumeMetrics(reference["shape"], cfg.kernel_size, cfg.kernel_sigma)
     out_dir.mkdir(parents=True, exist_ok=True)
     real = [_load(data_dir / r["image"]) for r in test]
@@ -58,9 +69,6 @@ def evaluate(data_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig, aut
     pre = info.get("config") or {}
     skull_stripped = bool(pre.get("brain_mask")) and bool((pre.get("registration") or {}).get("enabled"))
 
-    dirs = None
-    if samples is not None:
-        dirs = [Path(samples)] if isinstance(samples, (str, Path)) else [Path(d) for d in samples]
     found = None
     if autoencoder is None and dirs is not None:
         # the samples' own autoencoder: the real test volumes decoded by it are the samples' fair reference
@@ -71,9 +79,9 @@ def evaluate(data_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig, aut
                                                              morph)
         if found is not None:
             report["reconstruction"]["found_in"] = "the samples' sidecars (autoencoder_checkpoint, SHA-256 checked)"
-    if dirs is not None:
+    if dirs is not None and files is not None:
         recon_m = (report.get("reconstruction") or {}).get("morphometry")
-        report["generation"] = _generation(dirs, data_dir, rows, reference, real, metrics, cfg, out_dir, dev, morph,
+        report["generation"] = _generation(dirs, files, data_dir, rows, real, metrics, cfg, out_dir, dev, morph,
                                            skull_stripped, recon_m, decoded)
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", render_markdown(report))
@@ -102,7 +110,7 @@ def sidecar_autoencoder(dirs: Sequence[Path]) -> Path | None:
 
 
 def _load(path: Path) -> torch.Tensor:
-    # float16 in memory halves what a thousand samples take (5 MB per 128x160x128 volume); scores run in float32
+    # float16 in memory halves what the test split takes (5 MB per 128x160x128 volume); scores run in float32
     return torch.from_numpy(load_volume(path)[0])[None].half()
 
 
@@ -133,46 +141,31 @@ def _reconstruction(ae_run: Path, test: list[dict[str, Any]], real: list[torch.T
             lambda x: reconstruct(model, x[None].float().to(dev), ae_cfg).float().clamp(0, 1)[0].cpu().half())
 
 
-def load_samples(dirs: Sequence[Path], reference: dict[str, Any]) -> tuple[list[Path], list[torch.Tensor]]:
-    """The synthetic NIfTI volumes of sample dirs; refused unless every one has the dataset's shape and spacing."""
-    missing = [str(d) for d in dirs if not d.is_dir()]
-    if missing:
-        raise FileNotFoundError(f"--samples {', '.join(missing)}: no such folder")
-    files = [f for d in dirs for f in visible(d, "*.nii.gz")]
-    spacing = np.linalg.norm(np.asarray(reference["affine"])[:3, :3], axis=0)
-    axes = nib.aff2axcodes(np.asarray(reference["affine"]))
-    volumes, bad = [], []
-    for f in files:
-        data, affine = load_volume(f, allow_empty=True)  # a blank sample is counted (implausible), not refused
-        # same shape, spacing and voxel-axis directions, or arrays would be compared mirrored or transposed
-        if list(data.shape) != list(reference["shape"]) or nib.aff2axcodes(affine) != axes or not np.allclose(
-                np.linalg.norm(affine[:3, :3], axis=0), spacing, atol=1e-3):
-            bad.append(f"{f} ({list(data.shape)}, {''.join(nib.aff2axcodes(affine))} at "
-                       f"{np.round(np.linalg.norm(affine[:3, :3], axis=0), 3).tolist()} mm)")
-        volumes.append(torch.from_numpy(data)[None].half())
-    if bad:
-        raise InputError(f"--samples: {', '.join(bad[:5])} do not match the dataset's {reference['shape']}, "
-                         f"{''.join(axes)} at {np.round(spacing, 3).tolist()} mm; evaluation never resamples: sample "
-                         "from a model of this dataset (or preprocess the data to the model's grid)")
-    return files, volumes
-
-
-def _generation(dirs: list[Path], data_dir: Path, rows: list[dict[str, Any]], reference: dict[str, Any],
+def _generation(dirs: list[Path], files: list[Path], data_dir: Path, rows: list[dict[str, Any]],
                 real: list[torch.Tensor], metrics: VolumeMetrics, cfg: EvaluateConfig, out_dir: Path,
                 dev: torch.device, morph: Morphometry, skull_stripped: bool,
                 recon_m: list[dict[str, float]] | None, decoded: list[Any] | None) -> dict[str, Any]:
-    from medldm.evaluation.memorisation import NearestTraining, memorisation, pooled
+    """Plausibility, memorisation, diversity, morphometry and distribution distances of the samples (``files``, checked
+    by ``sample_files``); their volumes are read one at a time (memory does not grow with their number)."""
+    from medldm.evaluation.memorisation import NearestTraining, flag_copies, pooled
 
     feature_net = None
     if cfg.fid_weights:  # checked (file, architecture) before any long work
         from medldm.evaluation.fid import medicalnet
 
         feature_net = medicalnet(cfg.fid_depth, cfg.fid_weights)
-    files, synthetic = load_samples(dirs, reference)
-    if len(files) < 2:
-        raise InputError(f"--samples {' '.join(map(str, dirs))}: diversity needs at least 2 synthetic .nii.gz "
-                         f"volumes, found {len(files)}")
+    synthetic = SampleVolumes(files)
     names = [f.name if len(dirs) == 1 else f"{f.parent.name}/{f.name}" for f in files]
+    train = split_rows(rows, "train")
+
+    def measure(v: torch.Tensor) -> dict[str, float]:
+        return morph(v[0].float().numpy())
+
+    nearest = NearestTraining(lambda i: _load(data_dir / train[i]["image"]), len(train), metrics,
+                              cfg.prefilter_factor, cfg.nearest_candidates, dev, measure=measure)
+    # MMD compares sets of one size: only the samples it draws keep their pooled volume
+    mmd_real, mmd_syn = _mmd_draw(len(real), len(files), cfg.seed)
+    scores = _score_samples(synthetic, nearest, measure, cfg.prefilter_factor, mmd_syn.tolist(), feature_net, dev)
     out: dict[str, Any] = {"samples_dirs": [str(d.resolve()) for d in dirs], "num_samples": len(files),
                            "files": names,
                            "synthetic": pairwise_similarity(synthetic, metrics, cfg.diversity_pairs, cfg.seed, dev,
@@ -184,13 +177,6 @@ def _generation(dirs: list[Path], data_dir: Path, rows: list[dict[str, Any]], re
         out["real_test"] = None
         log.warning("only one test volume: real-real diversity is not available")
 
-    train = split_rows(rows, "train")
-
-    def measure(v: torch.Tensor) -> dict[str, float]:
-        return morph(v[0].float().numpy())
-
-    nearest = NearestTraining(lambda i: _load(data_dir / train[i]["image"]), len(train), metrics,
-                              cfg.prefilter_factor, cfg.nearest_candidates, dev, measure=measure)
     ref_ssim = ref_m = None
     threshold_reference = "the real test volumes"
     if decoded is not None:
@@ -209,13 +195,14 @@ def _generation(dirs: list[Path], data_dir: Path, rows: list[dict[str, Any]], re
         threshold_reference = (f"{len(test_decoded)} test and {len(ref_ssim) - len(test_decoded)} training volumes "
                                "through the autoencoder")
     # the raw test volumes' threshold flagged smooth average brains on IXI: the decoded reference sets it if known
-    mem = memorisation(synthetic, real, nearest, cfg.memorisation_percentile, ref_ssim, threshold_reference)
+    real_nearest = [nearest(v) for v in tqdm(real, desc="nearest training (real test)", unit="volume")]
+    mem = flag_copies(scores.nearest, real_nearest, cfg.memorisation_percentile, ref_ssim, threshold_reference)
     for entry in mem["synthetic"] + mem["real_test"]:
         entry["nearest_train_image"] = train[entry["nearest_train"]]["image"]
     for entry, name in zip(mem["synthetic"], names):
         entry["file"] = name
     out["memorisation"] = mem
-    syn_m, real_m = [measure(v) for v in synthetic], [measure(v) for v in real]
+    syn_m, real_m = scores.measured, [measure(v) for v in real]
     test_rows = split_rows(rows, "test")
     syn_ssim = [e["ssim"] for e in mem["synthetic"]]
     test_names = [r["image"] for r in test_rows]
@@ -232,30 +219,36 @@ def _generation(dirs: list[Path], data_dir: Path, rows: list[dict[str, Any]], re
                               "decoded samples, so expect false alarms; give --autoencoder)")
     out["plausibility"] = plaus
     keep = [i for i, e in enumerate(plaus["synthetic"]) if e["plausible"]]
-    if 2 <= len(keep) < len(synthetic):  # diversity without the failures, beside the whole set's
-        out["synthetic_plausible"] = pairwise_similarity([synthetic[i] for i in keep], metrics, cfg.diversity_pairs,
+    if 2 <= len(keep) < len(files):  # diversity without the failures, beside the whole set's
+        out["synthetic_plausible"] = pairwise_similarity(synthetic.subset(keep), metrics, cfg.diversity_pairs,
                                                          cfg.seed, dev, desc="pairs (plausible)")
-    verdict_sheet(out_dir / "plausibility.png", [three_plane(v[0].numpy()) for v in synthetic], names,
-                  plaus["synthetic"])
+    shown = verdict_sheet(out_dir / "plausibility.png", lambda i: three_plane(synthetic[i][0].numpy()), names,
+                          plaus["synthetic"])
+    plaus["sheet"] = {"shown": len(shown), "implausible_shown": sum(not plaus["synthetic"][i]["plausible"]
+                                                                    for i in shown),
+                      "of": len(files), "files": [names[i] for i in shown]}
     out["morphometry"] = _morphometry([syn_m[i] for i in keep], real_m, nearest.measured, recon_m, syn_m,
                                       skull_stripped, morph, cfg.seed)
     out["morphometry"]["plausible"] = [e["plausible"] for e in plaus["synthetic"]]
     morphometry_plot(out_dir / "morphometry.png", out["morphometry"])
     # the flagged pairs, else the five closest: synthetic volume above, its nearest training volume below
-    shown = mem["flagged"] or sorted(range(len(synthetic)), key=lambda i: -mem["synthetic"][i]["ssim"])[:5]
-    tiles = [three_plane(synthetic[i][0].numpy()) for i in shown[:8]]
-    tiles += [three_plane(nearest.load(mem["synthetic"][i]["nearest_train"])[0].numpy()) for i in shown[:8]]
-    save_png(out_dir / "nearest_training.png", grid(tiles, columns=len(shown[:8])))
+    shown = (mem["flagged"] or sorted(range(len(files)), key=lambda i: -mem["synthetic"][i]["ssim"])[:5])[:8]
+    tiles = [three_plane(synthetic[i][0].numpy()) for i in shown]
+    tiles += [three_plane(nearest.load(mem["synthetic"][i]["nearest_train"])[0].numpy()) for i in shown]
+    save_png(out_dir / "nearest_training.png", grid(tiles, columns=len(shown)))
 
     # distribution distance on the pre-filter's pooled volumes; train-vs-test is the yardstick for "as close as real"
-    syn_f = torch.stack([pooled(v, cfg.prefilter_factor) for v in synthetic])
     real_f = torch.stack([pooled(v, cfg.prefilter_factor) for v in real])
     if len(real) >= 2:
-        out["mmd"] = {"synthetic_vs_test": _mmd(real_f, syn_f, cfg.seed),
-                      "train_vs_test": _mmd(real_f, nearest.features.cpu(), cfg.seed) if len(train) >= 2 else None,
+        train_vs_test = None
+        if len(train) >= 2:
+            a, b = _mmd_draw(len(real_f), len(nearest.features), cfg.seed)
+            train_vs_test = _mmd(real_f[a], nearest.features.cpu()[b])
+        out["mmd"] = {"synthetic_vs_test": _mmd(real_f[mmd_real], scores.mmd_features),
+                      "train_vs_test": train_vs_test,
                       "features": f"volumes average-pooled by {cfg.prefilter_factor}, linear kernel (MONAI MMDMetric)"}
-    n = min(8, len(synthetic), len(real))
-    tiles = [three_plane(v[0].numpy()) for v in synthetic[:n]] + [three_plane(v[0].numpy()) for v in real[:n]]
+    n = min(8, len(files), len(real))
+    tiles = [three_plane(synthetic[i][0].numpy()) for i in range(n)] + [three_plane(v[0].numpy()) for v in real[:n]]
     save_png(out_dir / "synthetic_vs_real.png", grid(tiles, columns=n))
     out["conditioning"] = _age_check(files, syn_m, test_rows, real_m, [e["plausible"] for e in plaus["synthetic"]])
     score_plots(out_dir / "scores.png", out)
@@ -266,14 +259,46 @@ def _generation(dirs: list[Path], data_dir: Path, rows: list[dict[str, Any]], re
     else:
         from medldm.evaluation.fid import features, fid
 
+        assert scores.fid_features is not None  # computed in the pass when there is a feature network
         test_feat = features(feature_net, real, dev)
-        train_feat = features(feature_net, [nearest.load(i) for i in range(min(len(train), len(synthetic)))], dev)
-        out["fid"] = {"synthetic_vs_test": fid(features(feature_net, synthetic, dev), test_feat),
+        train_feat = features(feature_net, (nearest.load(i) for i in range(min(len(train), len(files)))), dev)
+        out["fid"] = {"synthetic_vs_test": fid(scores.fid_features, test_feat),
                       "train_vs_test": fid(train_feat, test_feat), "weights": cfg.fid_weights, "depth": cfg.fid_depth}
-        if min(len(synthetic), len(real)) < test_feat.shape[1]:
+        if min(len(files), len(real)) < test_feat.shape[1]:
             out["fid"]["note"] = (f"fewer volumes than the {test_feat.shape[1]} features: the covariances are "
                                   "singular and FID is biased; compare values only at equal set sizes")
     return out
+
+
+@dataclass
+class _SampleScores:
+    """What the report needs of each sample, from one pass over them."""
+
+    nearest: list[tuple[int, float]]  # (nearest training volume, its SSIM)
+    measured: list[dict[str, float]]  # morphometry and the plausibility statistics
+    mmd_features: torch.Tensor  # pooled volumes of the samples MMD draws, in the order drawn
+    fid_features: torch.Tensor | None  # MedicalNet features of every sample, when FID is on
+
+
+def _score_samples(synthetic: SampleVolumes, nearest: NearestTraining,
+                   measure: Callable[[torch.Tensor], dict[str, float]], factor: int, mmd_pick: list[int],
+                   feature_net: torch.nn.Module | None, dev: torch.device) -> _SampleScores:
+    """Nearest training volume, morphometry and the small features of every sample, one volume in memory at a time."""
+    from medldm.evaluation.fid import features
+    from medldm.evaluation.memorisation import pooled
+
+    slot = {i: k for k, i in enumerate(mmd_pick)}
+    found, measured, fid_f = [], [], []
+    mmd_f: list[torch.Tensor | None] = [None] * len(mmd_pick)
+    for i, v in enumerate(tqdm(synthetic, desc="samples (nearest training, morphometry)", unit="volume")):
+        found.append(nearest(v))
+        measured.append(measure(v))
+        if i in slot:
+            mmd_f[slot[i]] = pooled(v, factor)
+        if feature_net is not None:
+            fid_f.append(features(feature_net, [v], dev))
+    return _SampleScores(found, measured, torch.stack([f for f in mmd_f if f is not None]),
+                         torch.cat(fid_f) if fid_f else None)
 
 
 REFERENCE_TRAIN = 64  # training volumes decoded for the plausibility reference (beside every test volume)
@@ -356,13 +381,18 @@ def _morphometry(syn: list[dict[str, float]], real: list[dict[str, float]], trai
     return out
 
 
-def _mmd(a: torch.Tensor, b: torch.Tensor, seed: int) -> float:
-    """MONAI's unbiased MMD; it needs sets of one size, so the larger set is subsampled (seeded)."""
+def _mmd_draw(n_a: int, n_b: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The subsets of two sets that MMD compares: MONAI's unbiased MMD needs sets of one size, so the larger set is
+    subsampled (seeded; the indices into each set, in the order drawn)."""
+    n = min(n_a, n_b)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_a, generator=g)[:n], torch.randperm(n_b, generator=g)[:n]
+
+
+def _mmd(a: torch.Tensor, b: torch.Tensor) -> float:
+    """MONAI's unbiased MMD of two feature sets of one size (drawn by ``_mmd_draw``)."""
     from monai.metrics import MMDMetric
 
-    n = min(len(a), len(b))
-    g = torch.Generator().manual_seed(seed)
-    a, b = (x[torch.randperm(len(x), generator=g)[:n]] for x in (a, b))
     return float(MMDMetric()(a, b))
 
 
@@ -443,7 +473,16 @@ def _plausibility_md(gen: dict[str, Any]) -> list[str]:
     if real_bad:
         lines += ["", "Reference volumes the rule rejects (each a false alarm of the rule, or a scan to look at): "
                   + "; ".join(f"`{e['image']}`: {e['reasons'][0]}" for e in real_bad[:10])]
-    return lines + ["", "![plausibility](plausibility.png) (green: plausible, red: not, with the first reason)", ""]
+    sheet = p.get("sheet") or {"shown": p["n"], "of": p["n"]}
+    shown = f"all {sheet['of']} samples"
+    if sheet["shown"] < sheet["of"]:  # a cohort: the implausible first, then plausible ones, spread over the set
+        bad_n, bad_shown = p["n"] - p["plausible"], sheet["implausible_shown"]
+        shown = (f"{sheet['shown']} of {sheet['of']} samples shown: "
+                 + (f"all {bad_n} implausible" if bad_shown == bad_n else f"{bad_shown} of the {bad_n} implausible")
+                 + (f", then {sheet['shown'] - bad_shown} plausible" if sheet["shown"] > bad_shown else "")
+                 + ", spread over the set")
+    return lines + ["", f"![plausibility](plausibility.png) (green: plausible, red: not, with the first reason; "
+                        f"{shown})", ""]
 
 
 def _morphometry_md(morph: dict[str, Any]) -> list[str]:
