@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample synthetic volumes (DDIM or DDPM) and export NIfTI/DICOM + previews")
     p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, help="diffusion run dir")
-    p.add_argument("--out", type=Path, required=True, help="output folder (refused if it holds earlier samples)")
-    p.add_argument("--num", type=int, default=4, help="number of volumes (default 4)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (refused if it holds earlier samples, "
+                                                            "unless --resume or --overwrite)")
+    p.add_argument("--num", type=int, help="number of volumes (default 4, or every row of --conditions)")
     p.add_argument("--sampler", choices=("ddim", "ddpm", "rflow"),
                    help="default: ddim (--steps) for a DDPM-trained model, rflow (Euler steps) for a rectified-flow "
                         "one; ddpm runs every training timestep")
@@ -108,7 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--condition", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="e.g. --condition age=75 sex=F diagnosis=AD (within the training range; "
                         "conditions not given are unknown)")
+    p.add_argument("--conditions", type=Path, metavar="FILE.csv",
+                   help="one row per sample: columns among the model's conditions (age, sex, diagnosis, ...) and an "
+                        "optional seed; an empty cell is an unknown condition")
+    p.add_argument("--like", type=Path, metavar="DATASET",
+                   help="draw each sample's conditions (jointly, every matching scan equally often) from a dataset's "
+                        "manifest, so the synthetic cohort has its label distribution")
+    p.add_argument("--split", default="train", help="with --like: the split to draw from (train, val, test or all; "
+                                                    "default train)")
+    p.add_argument("--where", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="with --like: keep scans with e.g. diagnosis=AD, diagnosis=AD,MCI or age=70:80")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run recorded in --out (killed or shorter) to --num: the same volumes an "
+                        "uninterrupted run writes; give the first run's options again")
+    p.add_argument("--as-dataset", action="store_true",
+                   help="also write manifest.csv and preprocess.json: --out is then a medldm dataset (synthetic=1, a "
+                        "split per sample) for evaluate, training or mixing with real data")
     p.add_argument("--format", dest="fmt", choices=("nifti", "dicom", "both"), default="nifti",
                    help="NIfTI .nii.gz (default), one DICOM series folder per volume, or both")
     p.add_argument("--dtype", choices=("int16", "float32"), default="int16", help="NIfTI voxel type (default int16)")
@@ -243,14 +260,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"latents: "
               f"{encode_dataset(args.data, args.autoencoder, batch_size=args.batch_size, num_workers=args.workers)}")
     elif args.command == "sample":
+        from medldm.inference.cohort import Cohort
         from medldm.inference.sample import sample_run
 
+        cohort = Cohort(condition=_key_values(args.condition, "--condition"), file=args.conditions, like=args.like,
+                        split=args.split, where=_key_values(args.where, "--where"))
         paths = sample_run(args.run, args.out, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                           seed=args.seed, conditions=_key_values(args.condition, "--condition"),
-                           guidance=args.guidance, batch_size=args.batch_size, fmt=args.fmt, dtype=args.dtype,
-                           overwrite=args.overwrite, device=args.device, decode_device=args.decode_device,
-                           autoencoder_run=args.autoencoder, eager=args.eager)
-        print(f"wrote {len(paths)} synthetic volume{'s' * (len(paths) != 1)} to {args.out}")
+                           seed=args.seed, cohort=cohort, guidance=args.guidance, batch_size=args.batch_size,
+                           fmt=args.fmt, dtype=args.dtype, overwrite=args.overwrite, device=args.device,
+                           decode_device=args.decode_device, autoencoder_run=args.autoencoder, eager=args.eager,
+                           resume=args.resume, as_dataset=args.as_dataset)
+        volumes = f"{len(paths)} synthetic volume{'s' * (len(paths) != 1)}"
+        print((f"{args.out} holds {volumes}" if args.resume else f"wrote {volumes} to {args.out}")
+              + (" (a medldm dataset: manifest.csv)" if args.as_dataset else ""))
     elif args.command == "import-bundle":
         from medldm.inference.bundle import DEFAULT_AGE_RANGE, import_bundle
 

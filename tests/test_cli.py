@@ -33,7 +33,7 @@ def test_every_stage_through_the_cli(tmp_path, capsys):
     assert (json.loads((samples / "sample_0000.json").read_text(encoding="utf-8"))["conditions"]
             == {"age": age, "sex": "M"})
     again = ["sample", "--run", str(ldm), "--out", str(samples), "--num", "1", "--steps", "2"]
-    assert main(again) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert main(again) == 2 and "--overwrite to replace them" in capsys.readouterr().err
     assert main([*again, "--overwrite", "--format", "both", "--dtype", "float32", "--eager"]) == 0
     assert (samples / "sample_0000_dicom").is_dir() and not (samples / "sample_0001.nii.gz").exists()
     assert nib.load(samples / "sample_0000.nii.gz").get_data_dtype() == "float32"

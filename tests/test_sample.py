@@ -178,8 +178,8 @@ def test_existing_samples_are_kept_unless_overwrite(ldm_run, tmp_path):
     sample_run(ldm_run, out, num=1, steps=2, seed=5, overwrite=True)
     names = sorted(p.name for p in out.iterdir())
     # the earlier samples are gone (a stale sample_0001 would pass as part of this run), the user's file is not
-    assert names == ["contact_sheet.png", "notes.txt", "sample_0005.json", "sample_0005.nii.gz", "sample_0005.png",
-                     "samples.csv"]
+    assert names == ["contact_sheet.png", "notes.txt", "plan.csv", "sample_0005.json", "sample_0005.nii.gz",
+                     "sample_0005.png", "samples.csv", "sampling.json"]
 
 
 def test_unwritable_output_and_bad_options_fail_before_sampling(ldm_run, tmp_path, monkeypatch):

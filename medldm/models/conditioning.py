@@ -136,34 +136,34 @@ class ConditionEncoder:
             start += width
         return out
 
-    def parse(self, conditions: Mapping[str, str]) -> dict[str, Any]:
+    def parse(self, conditions: Mapping[str, str], source: str = "--condition") -> dict[str, Any]:
         """Validate ``--condition key=value`` pairs into labels; unknown keys, values and ages out of range are
-        errors."""
+        errors that begin with ``source`` (the option, or a file and row)."""
         labels: dict[str, Any] = {}
         for key, raw in conditions.items():
             if key not in self.keys:
-                raise InputError(f"--condition {key}=...: this model is conditioned on "
+                raise InputError(f"{source} {key}=...: this model is conditioned on "
                                  f"{self.keys or 'nothing (it samples unconditionally)'}")
             value: str | float
             if key == "sex":
                 value = raw.strip().upper()[:1]
                 if value not in CATEGORIES["sex"]:
-                    raise InputError(f"--condition sex={raw}: use M or F")
+                    raise InputError(f"{source} sex={raw}: use M or F")
                 labels[key] = value
             elif key in CATEGORIES:
                 value = raw.strip().upper()
                 if value not in CATEGORIES[key]:
-                    raise InputError(f"--condition {key}={raw}: use one of {list(CATEGORIES[key])}")
+                    raise InputError(f"{source} {key}={raw}: use one of {list(CATEGORIES[key])}")
                 labels[key] = value
             else:
                 try:
                     value = float(raw)
                 except ValueError:
                     unit = " of years" if key == "age" else ""
-                    raise InputError(f"--condition {key}={raw}: {key} must be a number{unit}") from None
+                    raise InputError(f"{source} {key}={raw}: {key} must be a number{unit}") from None
                 lo, hi = self.numeric[key]["min"], self.numeric[key]["max"]
                 if not lo <= value <= hi:
-                    raise InputError(f"--condition {key}={raw}: outside the training range {lo:g}–{hi:g}; the model "
+                    raise InputError(f"{source} {key}={raw}: outside the training range {lo:g}–{hi:g}; the model "
                                      "has not seen such scans")
                 labels[key] = value
         return labels
@@ -210,25 +210,26 @@ class UnitRangeConditions:
                              f"{r.get('doc', '')}".rstrip("; "))
         return lines
 
-    def parse(self, conditions: Mapping[str, str]) -> dict[str, Any]:
-        """Validate ``--condition key=value`` pairs; an unknown name, code or a value outside the range is an error."""
+    def parse(self, conditions: Mapping[str, str], source: str = "--condition") -> dict[str, Any]:
+        """Validate ``--condition key=value`` pairs; an unknown name, code or a value outside the range is an error
+        that begins with ``source``."""
         labels: dict[str, Any] = {}
         for key, raw in conditions.items():
             if key not in self.keys:
-                raise InputError(f"--condition {key}=...: this model takes {self.keys}")
+                raise InputError(f"{source} {key}=...: this model takes {self.keys}")
             value: str | float
             if key in self.codes:
                 value = raw.strip().upper()[:1] if key == "sex" else raw.strip()
                 if value not in self.codes[key]:
-                    raise InputError(f"--condition {key}={raw}: use one of {list(self.codes[key])}")
+                    raise InputError(f"{source} {key}={raw}: use one of {list(self.codes[key])}")
             else:
                 try:
                     value = float(raw)
                 except ValueError:
-                    raise InputError(f"--condition {key}={raw}: must be a number") from None
+                    raise InputError(f"{source} {key}={raw}: must be a number") from None
                 lo, hi = self.ranges[key]["min"], self.ranges[key]["max"]
                 if not min(lo, hi) <= value <= max(lo, hi):
-                    raise InputError(f"--condition {key}={raw}: outside the model's range {lo:g}–{hi:g} "
+                    raise InputError(f"{source} {key}={raw}: outside the model's range {lo:g}–{hi:g} "
                                      f"{self.ranges[key].get('unit', '')}".rstrip())
             labels[key] = value
         return labels
