@@ -20,7 +20,7 @@ import numpy as np
 
 from medldm.data.dataset import read_manifest
 from medldm.errors import InputError, not_utf8
-from medldm.models.conditioning import ConditionEncoder, UnitRangeConditions
+from medldm.models.conditioning import ConditionEncoder, UnitRangeConditions, parse_labels
 
 # --like draws from one split ("all": train, val and test; QC-excluded scans never)
 LIKE_SPLITS = ("train", "val", "test", "all")
@@ -93,12 +93,10 @@ def plan_samples(cohort: Cohort, conditions: ConditionEncoder | UnitRangeConditi
     planned, errors = [], []
     for i, (row, row_seed, source) in enumerate(zip(rows, seeds, where)):
         try:
-            labels = conditions.parse(row, source=source)
+            labels = parse_labels(conditions, row, source)
         except InputError as e:
             errors.append(str(e))
             continue
-        if isinstance(conditions, UnitRangeConditions):  # no "unknown": the documented defaults stand in
-            labels = conditions.filled(labels)
         planned.append(PlannedSample(i, seed + i if row_seed is None else row_seed, labels))
     if errors:
         if cohort.file is None and cohort.like is None:

@@ -28,6 +28,7 @@ from medldm.inference.sample_writer import (
     prepare_output_dir,
     record_run,
     remove_previous_outputs,
+    sample_stem,
 )
 from medldm.models.conditioning import UnitRangeConditions
 from medldm.models.networks import SAMPLERS, build_scheduler, default_sampler, set_sampling_steps
@@ -179,8 +180,8 @@ def sample_run(
     if made:
         log.info("%d volumes in %.1f s: %.2f s per volume (diffusion %.2f, decode %.2f, export %.2f) -> %s", made,
                  total, total / made, *(timer[k] / made for k in ("diffusion", "decode", "export")), out_dir)
-    stem = "{}.nii.gz" if fmt != "dicom" else "{}_dicom"
-    return [out_dir / stem.format(f"sample_{p.seed:04d}") for p in plan]
+    suffix = ".nii.gz" if fmt != "dicom" else "_dicom"
+    return [out_dir / f"{sample_stem(p.seed)}{suffix}" for p in plan]
 
 
 def _dataset_info(ldm: DiffusionCheckpoint, settings: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ written as soon as it is decoded, each file atomically; sampling.json and plan.c
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import json
 import os
@@ -46,6 +47,11 @@ DATASET_COLUMNS = [*MANIFEST_COLUMNS, "synthetic"]
 # what must be the same for a resumed run to make the volumes an uninterrupted one would
 RESUME_KEYS = ("diffusion_sha256", "autoencoder_sha256", "sampler", "steps", "eta", "guidance", "batch_size",
                "seed", "format", "dtype", "device", "decode_device", "cohort", "as_dataset")
+
+
+def sample_stem(seed: int | str) -> str:
+    """The name every file of one sample starts with: sample_SEED (at least four digits)."""
+    return f"sample_{int(seed):04d}"
 
 
 def prepare_output_dir(out_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
@@ -121,7 +127,7 @@ def finished_seeds(out_dir: Path, fmt: str) -> set[int]:
     """Seeds that samples.csv lists and whose files are all there (anything else is made again)."""
     done = set()
     for row in _read_csv(out_dir / "samples.csv"):
-        stem = f"sample_{int(row['seed']):04d}"
+        stem = sample_stem(row["seed"])
         files = [out_dir / f"{stem}.json", out_dir / f"{stem}.png"]
         files += [out_dir / f"{stem}.nii.gz"] if fmt in ("nifti", "both") else []
         files += [out_dir / f"{stem}_dicom"] if fmt in ("dicom", "both") else []
@@ -131,8 +137,6 @@ def finished_seeds(out_dir: Path, fmt: str) -> set[int]:
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    import csv
-
     if not path.is_file():
         return []
     with path.open(newline="", encoding="utf-8") as f:
@@ -177,12 +181,12 @@ class SampleWriter:
             write_json(out_dir / "preprocess.json", {k: v for k, v in dataset.items() if k != "splits"})
         if done:
             by_seed = {int(r["seed"]): r for r in _read_csv(out_dir / "samples.csv")}
-            listed = {int(r["image"][len("sample_"):-len(".nii.gz")]): r for r in _read_csv(out_dir / "manifest.csv")}
+            listed = {r["image"]: r for r in _read_csv(out_dir / "manifest.csv")}
             for seed, index in done.items():
                 self.rows[index] = by_seed[seed]
-                if dataset is not None:
-                    self.manifest[index] = listed.get(seed) or self._manifest_row(seed, index, _side_conditions(
-                        out_dir / f"sample_{seed:04d}.json"))
+                if dataset is not None:  # killed between samples.csv and manifest.csv: made from the sidecar
+                    self.manifest[index] = listed.get(f"{sample_stem(seed)}.nii.gz") or self._manifest_row(
+                        seed, index, _side_conditions(out_dir / f"{sample_stem(seed)}.json"))
 
     def write(self, volume: np.ndarray, seed: int, conditions: Mapping[str, Any] | None = None,
               index: int | None = None) -> Path:
@@ -193,7 +197,7 @@ class SampleWriter:
         if conditions is None:
             conditions = self.provenance.get("conditions", {})
         index = len(self.rows) if index is None else index
-        stem = f"sample_{seed:04d}"
+        stem = sample_stem(seed)
         nifti = self.out_dir / f"{stem}.nii.gz"
         dicom = self.out_dir / f"{stem}_dicom"
         side: dict[str, Any] = {"synthetic": True, "seed": seed, "index": index, **self.provenance,
@@ -228,10 +232,11 @@ class SampleWriter:
 
         assert self.dataset is not None
         splits = self.dataset["splits"]
-        return {"subject_id": f"sample_{seed:04d}", "session": "synthetic", "image": f"sample_{seed:04d}.nii.gz",
+        stem = sample_stem(seed)
+        return {"subject_id": stem, "session": "synthetic", "image": f"{stem}.nii.gz",
                 **{k: conditions.get(k, "") for k in ("age", "sex", "diagnosis")},
                 "split": assign_split(index, splits["seed"], splits["val_fraction"], splits["test_fraction"]),
-                "qc_status": "synthetic", "tiv_ml": "", "source": f"sample_{seed:04d}.json",
+                "qc_status": "synthetic", "tiv_ml": "", "source": f"{stem}.json",
                 "source_sha256": self.provenance.get("diffusion_sha256", ""), "synthetic": 1}
 
     def close(self) -> None:
@@ -253,7 +258,7 @@ class SampleWriter:
         tile_shape = three_plane(np.zeros(self.shape, dtype=np.float32)).shape
         self.pages, self.tiles = 0, []
         for i in sorted(self.rows):
-            png = iio.imread(self.out_dir / f"sample_{int(self.rows[i]['seed']):04d}.png")
+            png = iio.imread(self.out_dir / f"{sample_stem(self.rows[i]['seed'])}.png")
             k = png.shape[0] // tile_shape[0]  # save_png upscaled it by a whole factor
             self.tiles.append(png[::k, ::k])
             if len(self.tiles) == SHEET_PAGE:

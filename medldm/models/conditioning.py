@@ -265,10 +265,17 @@ def with_condition_channels(x: torch.Tensor, context: torch.Tensor) -> torch.Ten
     return torch.cat([x, context[:, 0, :, None, None, None].expand(-1, -1, *x.shape[2:]).to(x.dtype)], dim=1)
 
 
+def parse_labels(conditions: ConditionEncoder | UnitRangeConditions, given: Mapping[str, str] | None,
+                 source: str = "--condition") -> dict[str, Any]:
+    """The labels a model is given for ``key=value`` pairs (errors begin with ``source``)."""
+    labels = conditions.parse(given or {}, source=source)
+    if isinstance(conditions, UnitRangeConditions):  # no "unknown" conditions: the defaults stand in, and are recorded
+        labels = conditions.filled(labels)
+    return labels
+
+
 def condition_context(conditions: ConditionEncoder | UnitRangeConditions, given: Mapping[str, str] | None,
                       device: torch.device) -> tuple[torch.Tensor | None, dict[str, Any]]:
     """The context (1, 1, dim) for ``--condition`` pairs (None for an unconditional model), and the labels used."""
-    labels = conditions.parse(given or {})
-    if isinstance(conditions, UnitRangeConditions):  # no "unknown" conditions: the defaults stand in, and are recorded
-        labels = conditions.filled(labels)
+    labels = parse_labels(conditions, given)
     return (conditions.encode([labels]).to(device) if conditions.keys else None), labels
