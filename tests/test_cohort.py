@@ -131,7 +131,7 @@ def _listed(out):
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_volumes(dataset, ldm_run, tmp_path):
     """The documented command, killed as a scheduler kills it, then run again with --resume."""
-    like = ["--like", str(dataset), "--num", "9", "--seed", "3"]
+    like = ["--like", str(dataset), "--num", "9", "--seed", "3", "--as-dataset"]  # the README's cohort command
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_sample_cli(ldm_run, killed, *like), env=env, stdout=subprocess.DEVNULL,
@@ -155,7 +155,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_volumes(dataset, ldm_run,
         if name.endswith(".nii.gz"):
             np.testing.assert_array_equal(volume(killed / name), volume(whole / name))
             assert sidecar(killed / name)["conditions"] == sidecar(whole / name)["conditions"]
-    for table in ("samples.csv", "plan.csv"):
+    for table in ("samples.csv", "plan.csv", "manifest.csv"):
         assert (killed / table).read_text(encoding="utf-8") == (whole / table).read_text(encoding="utf-8")
 
 
