@@ -13,6 +13,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -175,8 +176,14 @@ def save_dicom_series(folder: str | Path, data: np.ndarray, affine: np.ndarray, 
         data = data[:, :, ::-1]
         affine = affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, data.shape[2] - 1], [0, 0, 0, 1]])
     image = to_sitk(data, affine, dtype=np.int16)
-    # one study, series and frame of reference for all slices unless the caller names them
-    tags = {"0020|000d": new_uid(), "0020|000e": new_uid(), "0020|0052": new_uid(), **tags}
+    # one study, series and frame of reference for all slices unless the caller names them, and every attribute the
+    # MR Image IOD requires (checked with dciodvfy in tests/test_dicom_validity.py); the caller's tags win
+    # (the study and series date and time too: GDCM would stamp each slice with its own clock time, and dcentvfy then
+    # sees one study with several times)
+    now = datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    tags = {"0020|000d": new_uid(), "0020|000e": new_uid(), "0020|0052": new_uid(), **MR_IOD_DEFAULTS,
+            "0008|0020": date, "0008|0030": time, "0008|0021": date, "0008|0031": time, **tags}
     d = image.GetDirection()
     orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))  # row, then column cosines
     thickness = f"{image.GetSpacing()[2]:.6f}"
@@ -222,6 +229,24 @@ def keep_locale() -> Iterator[None]:
 
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"  # classic MR: every viewer and PACS reads it
+
+# The MR Image IOD's required attributes that a volume without an acquisition cannot fill from its pixels: Type 2 ones
+# left empty (present, unknown), Type 1 ones with the values the standard gives a derived image. PatientPosition
+# (Type 2C for MR) is head first-supine, the position in which the patient (LPS) axes of ImageOrientationPatient are the
+# scanner's, as the RAS+ affine assumes; BodyPartExamined names a structure that is not paired, so no Laterality.
+MR_IOD_DEFAULTS = {
+    "0008|0008": "DERIVED\\SECONDARY\\OTHER",  # ImageType: value 3 is required for MR; OTHER is a defined term
+    "0008|0070": "",  # Manufacturer
+    "0018|0015": "BRAIN",  # BodyPartExamined
+    "0018|5100": "HFS",  # PatientPosition
+    "0020|1040": "",  # PositionReferenceIndicator
+    "0018|0020": "RM",  # ScanningSequence: research mode, no sequence to report
+    "0018|0021": "NONE",  # SequenceVariant
+    "0018|0022": "",  # ScanOptions
+    "0018|0023": "3D",  # MRAcquisitionType
+    "0018|0080": "", "0018|0081": "", "0018|0091": "",  # RepetitionTime, EchoTime, EchoTrainLength
+    "0020|0010": "1", "0020|0011": "1",  # StudyID, SeriesNumber (a DICOMDIR needs them)
+}
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
