@@ -256,6 +256,10 @@ class AutoencoderCheckpoint(_CheckpointFile):
     weights: dict[str, torch.Tensor] | None  # the EMA weights when the run kept an EMA; None when loaded mapped
     weights_name: str  # "ema" or "model"
     known_sha256: str | None = None
+    # the grid of the data it was trained on (runs trained before it was recorded, and imported ones: None)
+    reference: dict[str, Any] | None = None
+    imported_from: dict[str, Any] | None = None
+    init_from: dict[str, Any] | None = None  # the checkpoint it was fine-tuned from (--init-from)
 
     @classmethod
     def load(cls, path: str | Path, sha256: str | None = None, mmap: bool = False) -> AutoencoderCheckpoint:
@@ -266,7 +270,9 @@ class AutoencoderCheckpoint(_CheckpointFile):
         weights_name = "ema" if state.get("ema") else "model"
         return cls(path=path, config=config_from_dict("autoencoder", state["config"]), config_dict=state["config"],
                    image_shape=list(state["image_shape"]), data_dir=state.get("data_dir"),
-                   weights=None if mmap else state[weights_name], weights_name=weights_name, known_sha256=sha256)
+                   weights=None if mmap else state[weights_name], weights_name=weights_name, known_sha256=sha256,
+                   reference=state.get("reference"), imported_from=state.get("imported_from"),
+                   init_from=state.get("init_from"))
 
     @property
     def ref(self) -> AutoencoderRef:
@@ -387,6 +393,7 @@ class DiffusionCheckpoint(_CheckpointFile):
     weights: dict[str, torch.Tensor] | None  # the EMA weights; None when loaded mapped
     imported_from: dict[str, Any] | None = None
     known_sha256: str | None = field(default=None, repr=False)
+    init_from: dict[str, Any] | None = None  # the checkpoint it was fine-tuned from (--init-from)
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = False) -> DiffusionCheckpoint:
@@ -399,7 +406,8 @@ class DiffusionCheckpoint(_CheckpointFile):
                    autoencoder=AutoencoderRef(trained_with["checkpoint"], trained_with["sha256"],
                                               trained_with.get("run")),
                    reference=state["reference"], data_dir=state.get("data_dir"),
-                   weights=None if mmap else state["ema"], imported_from=state.get("imported_from"))
+                   weights=None if mmap else state["ema"], imported_from=state.get("imported_from"),
+                   init_from=state.get("init_from"))
 
     @property
     def hybrid(self) -> bool:

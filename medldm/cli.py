@@ -40,6 +40,23 @@ def _add_run_dir_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--run-dir", "--run", dest="run", type=Path, required=True, metavar="RUN_DIR", help=what)
 
 
+def _add_init_from_arg(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--init-from", type=Path, metavar="RUN_OR_BUNDLE",
+                   help=f"start a new run from the weights of a {stage} run (best.pt, else latest.pt), a checkpoint, "
+                        "or a MONAI bundle folder (imported on first use): fresh optimiser, "
+                        "train.finetune_warmup_steps of warm-up, train.trainable freezes the rest (docs/training.md)")
+
+
+def _init_from(path: Path | None) -> Path | None:
+    """--init-from as the training functions take it: a MONAI bundle folder is imported (once, as `medldm sample
+    --run BUNDLE` does) and stands for the folder of its import, which holds both runs."""
+    if path is None:
+        return None
+    from medldm.inference.bundle import imported_diffusion_run, is_bundle
+
+    return imported_diffusion_run(path).parent if is_bundle(path) else path
+
+
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when there is one)")
 
@@ -76,14 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = train.add_parser("autoencoder", help="stage 1: KL autoencoder")
     p.add_argument("--data", type=Path, required=True, help="dataset dir written by medldm preprocess")
     _add_run_dir_arg(p, "the autoencoder run dir to create (or continue with --resume)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest.pt (it "
+                                                          "records its --init-from; one given too must be the same)")
+    _add_init_from_arg(p, "autoencoder")
     _add_config_args(p)
     p = train.add_parser("diffusion", help="stage 2: latent diffusion UNet")
     p.add_argument("--data", type=Path, required=True, help="dataset dir written by medldm preprocess")
     p.add_argument("--autoencoder", type=Path, required=True,
                    help="the autoencoder run (encoded with medldm encode) whose latents the UNet learns")
     _add_run_dir_arg(p, "the diffusion run dir to create (or continue with --resume)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest.pt (it "
+                                                          "records its --init-from; one given too must be the same)")
+    _add_init_from_arg(p, "diffusion")
     _add_config_args(p)
 
     p = sub.add_parser("encode", help="cache posterior means and the latent scale factor")
@@ -248,12 +269,15 @@ def run(args: argparse.Namespace) -> int:
         from medldm.training.autoencoder import train_autoencoder
 
         cfg = load_config("autoencoder", args.config, args.overrides)
-        print(f"checkpoint: {train_autoencoder(args.data, args.run, cfg, resume=args.resume)}")
+        latest = train_autoencoder(args.data, args.run, cfg, resume=args.resume, init_from=_init_from(args.init_from))
+        print(f"checkpoint: {latest}")
     elif args.command == "train" and args.stage == "diffusion":
         from medldm.training.diffusion import train_diffusion
 
         cfg = load_config("diffusion", args.config, args.overrides)
-        print(f"checkpoint: {train_diffusion(args.data, args.autoencoder, args.run, cfg, resume=args.resume)}")
+        latest = train_diffusion(args.data, args.autoencoder, args.run, cfg, resume=args.resume,
+                                 init_from=_init_from(args.init_from))
+        print(f"checkpoint: {latest}")
     elif args.command == "encode":
         from medldm.inference.encode import encode_dataset
 

@@ -269,9 +269,19 @@ class TrainConfig:
     # time limit has not decayed fully: set train.steps to what the limit allows)
     lr_schedule: str = "constant"
     min_lr_ratio: float = 0.01
+    # a run started from another run's weights (--init-from, docs/training.md): the parameters it trains, as
+    # substrings of their names ("attention", "attn2", "decoder", ...) or "conditions" (every weight that reads the
+    # condition vector); the others keep the parent's values. [] = train every parameter
+    trainable: list[str] = field(default_factory=list)
+    # the learning-rate warm-up of an --init-from run, in place of warmup_steps: its AdamW moments start from zero
+    # on trained weights, and full-rate first steps with such moments throw away part of what the parent learnt
+    finetune_warmup_steps: int = 100
 
     def validate(self, prefix: str) -> None:
-        for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every", "grad_accum"):
+        # steps = 0 writes the starting point of an --init-from run and trains nothing (refused without one)
+        if self.steps < 0:
+            raise ConfigError(f"{prefix}.steps must be >= 0 (0: only with --init-from)")
+        for name in ("batch_size", "val_every", "checkpoint_every", "log_every", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name} must be >= 1")
         if self.lr <= 0:
@@ -284,8 +294,10 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.num_workers must be >= 0")
         if self.time_limit_minutes < 0:
             raise ConfigError(f"{prefix}.time_limit_minutes must be >= 0 (0 = no limit)")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"{prefix}.warmup_steps must be >= 0")
+        if self.warmup_steps < 0 or self.finetune_warmup_steps < 0:
+            raise ConfigError(f"{prefix}.warmup_steps and {prefix}.finetune_warmup_steps must be >= 0")
+        if any(not pattern.strip() for pattern in self.trainable):
+            raise ConfigError(f"{prefix}.trainable={self.trainable}: an empty entry names every parameter; remove it")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"{prefix}.lr_schedule={self.lr_schedule!r}: choose constant or cosine")
         if not 0 <= self.min_lr_ratio <= 1:

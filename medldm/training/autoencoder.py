@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from torch.utils.tensorboard import SummaryWriter
 
-from medldm.artifacts import AutoencoderRun, DatasetDir, load_checkpoint
+from medldm.artifacts import AutoencoderCheckpoint, AutoencoderRun, DatasetDir, load_checkpoint
 from medldm.config import AutoencoderConfig, ConfigError, to_dict
 from medldm.data.dataset import read_manifest, split_rows, volume_dataset
 from medldm.devices import autocast
@@ -25,6 +25,22 @@ from medldm.models.networks import build_autoencoder, build_discriminator
 from medldm.models.ops import reconstruct
 from medldm.models.speed import apply_speed
 from medldm.training.dist import DistContext
+from medldm.training.finetune import (
+    Grid,
+    Init,
+    autoencoder_grid,
+    check_architecture,
+    check_grid,
+    check_options,
+    check_same_parent,
+    check_trainable,
+    check_trainable_names,
+    describe_trainable,
+    finetune_schedule,
+    freeze,
+    parent_checkpoint,
+    parent_record,
+)
 from medldm.training.loop import (
     ResumableBatches,
     Trainer,
@@ -89,12 +105,32 @@ def check_resumable(state: dict[str, Any], cfg: AutoencoderConfig, path: Path) -
     if (state.get("ema") is None) != (cfg.ema_decay == 0):
         raise ConfigError(f"--resume: autoencoder.ema_decay switches the EMA {'on' if cfg.ema_decay else 'off'} "
                           f"but {path} was trained the other way")
+    check_trainable("autoencoder", state["config"], cfg, path)
 
 
-def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: AutoencoderConfig, resume: bool = False) -> Path:
-    """Train (or resume) an autoencoder run; returns the path of its latest checkpoint."""
+def load_parent(init_from: str | Path, cfg: AutoencoderConfig, data_dir: Path, reference: dict[str, Any]) -> Init:
+    """The autoencoder a new run starts from (``--init-from``): its weights (the EMA's when it kept one), checked to
+    be of this config's architecture and trained on the grid of ``data_dir``."""
+    path = parent_checkpoint(init_from, "autoencoder")
+    parent = AutoencoderCheckpoint.load(path)
+    check_architecture("autoencoder", parent.config_dict, cfg, (("model", None),), path)
+    check_grid(autoencoder_grid(parent.reference, parent.image_shape, parent.data_dir, path), Grid.of(reference),
+               path, data_dir, parent.data_dir)
+    assert parent.weights is not None  # loaded with its weights
+    return Init(parent.weights, parent_record(path, parent.sha256, parent.imported_from))
+
+
+def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: AutoencoderConfig, resume: bool = False,
+                      init_from: str | Path | None = None) -> Path:
+    """Train (or resume) an autoencoder run; returns the path of its latest checkpoint. ``init_from`` (an
+    autoencoder run, a checkpoint or an imported bundle's folder) starts a new run from its weights: see
+    docs/training.md."""
     data_dir, run_dir = Path(data_dir), Path(run_dir)
-    image_shape = DatasetDir(data_dir).info()["reference"]["shape"]
+    reference = DatasetDir(data_dir).info()["reference"]
+    image_shape = reference["shape"]
+    latest = AutoencoderRun(run_dir).latest
+    resuming = resume and latest.is_file()
+    init = load_parent(init_from, cfg, data_dir, reference) if init_from and not resuming else None
     check_shapes(cfg, image_shape)
     rows = read_manifest(data_dir)
     train_rows, val_rows = split_rows(rows, "train"), split_rows(rows, "val")
@@ -102,11 +138,13 @@ def train_autoencoder(data_dir: str | Path, run_dir: str | Path, cfg: Autoencode
         if not chosen:
             raise InputError(f"{data_dir}/manifest.csv has no {split}-split volumes: preprocess again with "
                              "split.val_fraction > 0 (the autoencoder keeps its best checkpoint by validation SSIM)")
-    latest = AutoencoderRun(run_dir).latest
-    state = load_checkpoint(latest, kind="autoencoder", resume=True) if resume and latest.is_file() else None
+    state = load_checkpoint(latest, kind="autoencoder", resume=True) if resuming else None
     if state is not None:
         check_resumable(state, cfg, latest)
-    return AutoencoderTrainer(run_dir, cfg, state, data_dir, image_shape, train_rows, val_rows).run(resume)
+        check_same_parent(state.get("init_from"), init_from, "autoencoder", latest)
+    check_options(cfg.train, fine_tune=init is not None or (state or {}).get("init_from") is not None)
+    check_trainable_names(lambda: build_autoencoder(cfg.model), cfg.train.trainable, set(), "autoencoder")
+    return AutoencoderTrainer(run_dir, cfg, state, data_dir, reference, train_rows, val_rows, init).run(resume)
 
 
 class AutoencoderTrainer(Trainer):
@@ -116,19 +154,30 @@ class AutoencoderTrainer(Trainer):
     best_key, higher_is_better, desc = "best_val_ssim", True, "autoencoder"
 
     def __init__(self, run_dir: Path, cfg: AutoencoderConfig, state: dict[str, Any] | None, data_dir: Path,
-                 image_shape: list[int], train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]]) -> None:
+                 reference: dict[str, Any], train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]],
+                 init: Init | None = None) -> None:
         super().__init__(run_dir, cfg, state)
-        self.data_dir, self.image_shape, self.train_rows, self.val_rows = data_dir, image_shape, train_rows, val_rows
+        self.data_dir, self.train_rows, self.val_rows = data_dir, train_rows, val_rows
+        self.reference, self.image_shape, self.init = reference, list(reference["shape"]), init
+        # the parent of a fine-tune (recorded in its checkpoints; None for a run trained from scratch)
+        self.parent = init.record if init is not None else (state or {}).get("init_from")
+        if self.parent is not None:
+            self.tc = finetune_schedule(cfg.train)
 
     def build(self) -> None:
         cfg, tc, dev = self.cfg, self.tc, self.ctx.device
         self.model = build_autoencoder(cfg.model, sdpa=cfg.speed.sdpa).to(dev)
+        if self.init is not None:  # a resumed run loads its own weights instead (load)
+            self.model.load_state_dict(self.init.weights)
+        freeze(self.model, tc.trainable, set(), "autoencoder")
+        # a fine-tune's discriminator starts afresh: it learns to tell the new data from its reconstructions
         self.disc = build_discriminator(cfg.discriminator).to(dev) if cfg.adversarial_weight > 0 else None
         self.ema = make_ema(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         # after the EMA copy (which stays a plain module) and before the optimiser (channels-last swaps the
         # parameters' storage) and DDP
         self.speedups = apply_speed(self.model, cfg.speed, dev)
-        self.optimizer = adamw(self.model.parameters(), tc.lr, tc.weight_decay)
+        # frozen parameters are not in the optimiser: no moments, no weight decay, never stepped
+        self.optimizer = adamw([p for p in self.model.parameters() if p.requires_grad], tc.lr, tc.weight_decay)
         self.opt_d = adamw(self.disc.parameters(), cfg.discriminator.lr) if self.disc is not None else None
         perceptual = build_perceptual_loss(cfg)
         self.perceptual = perceptual.to(dev) if perceptual is not None else None
@@ -166,7 +215,8 @@ class AutoencoderTrainer(Trainer):
         self.metrics = VolumeMetrics(self.image_shape)
         self.metadata = {"kind": "autoencoder", "config": to_dict(cfg), "versions": versions(),
                          "data_dir": str(self.data_dir.resolve()), "image_shape": self.image_shape,
-                         "world_size": ctx.world_size}
+                         "reference": self.reference, "world_size": ctx.world_size,
+                         **({"init_from": self.parent} if self.parent is not None else {})}
         if ctx.is_main:
             log.info("autoencoder: %d train / %d val volumes %s, %s, %.1fM parameters, effective batch %d",
                      len(self.train_rows), len(self.val_rows), self.image_shape,
@@ -174,6 +224,9 @@ class AutoencoderTrainer(Trainer):
                      sum(p.numel() for p in self.model.parameters()) / 1e6,
                      tc.batch_size * tc.grad_accum * ctx.world_size)
             log.info("speed: %s", ", ".join(self.speedups) or "eager (no compile, no recompute)")
+            if self.parent is not None:
+                log.info("fine-tune of %s: %s; learning-rate warm-up over %d steps (train.finetune_warmup_steps)",
+                         self.parent["checkpoint"], describe_trainable(self.model, tc.trainable), tc.warmup_steps)
 
     def train_step(self, step: int) -> dict[str, torch.Tensor]:
         cfg, tc, dev, disc, adv = self.cfg, self.tc, self.ctx.device, self.disc, self.adv

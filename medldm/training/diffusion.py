@@ -18,18 +18,44 @@ from medldm.artifacts import (
     AutoencoderCheckpoint,
     AutoencoderRun,
     DatasetDir,
+    DiffusionCheckpoint,
     DiffusionRun,
     LatentCache,
+    file_sha256,
     load_checkpoint,
 )
 from medldm.config import ConfigError, DiffusionConfig, as_saved_before_the_key, config_from_dict, to_dict
 from medldm.data.dataset import read_manifest
 from medldm.devices import autocast
 from medldm.errors import InputError
-from medldm.models.conditioning import ConditionEncoder, with_condition_channels
+from medldm.models.conditioning import (
+    ConditionEncoder,
+    UnitRangeConditions,
+    conditions_from_state,
+    with_condition_channels,
+)
 from medldm.models.networks import build_scheduler, build_unet, default_sampler, set_sampling_steps
 from medldm.models.ops import decode_latents, sample_latents
 from medldm.models.speed import apply_speed
+from medldm.training.finetune import (
+    Conditions,
+    Grid,
+    Init,
+    check_architecture,
+    check_grid,
+    check_options,
+    check_same_parent,
+    check_trainable,
+    check_trainable_names,
+    context_consumers,
+    describe_trainable,
+    finetune_conditions,
+    finetune_schedule,
+    freeze,
+    map_context_columns,
+    parent_checkpoint,
+    parent_record,
+)
 from medldm.training.loop import Trainer, adamw, load_optimizer, make_ema, no_sync
 from medldm.versions import versions
 from medldm.viz import grid, three_plane
@@ -107,6 +133,7 @@ def check_resumable(state: dict[str, Any], cfg: DiffusionConfig, cache: LatentCa
     if state["conditioning"]["keys"] != list(cfg.conditioning.keys):
         raise ConfigError(f"--resume: diffusion.conditioning.keys is {list(cfg.conditioning.keys)} but "
                           f"{state['conditioning']['keys']} in {path}; resume with the run's config.yaml")
+    check_trainable("diffusion", old, cfg, path)
     if state["autoencoder"]["sha256"] != cache.autoencoder.sha256:
         raise InputError(f"--resume: {path} was trained on the latents of another autoencoder checkpoint than the "
                          "current one; start a new diffusion run")
@@ -116,11 +143,74 @@ def check_resumable(state: dict[str, Any], cfg: DiffusionConfig, cache: LatentCa
                          "the current cache's; resume with that dataset's latents or start a new diffusion run")
 
 
+def condition_vectors(conditions: Conditions, rows: list[dict[str, Any]], source: str) -> torch.Tensor:
+    """The context (B, 1, dim) of manifest rows. A model with unit-range conditions (an imported bundle) has no
+    'unknown': a label the manifest leaves empty takes the model's default value."""
+    if isinstance(conditions, UnitRangeConditions):
+        return conditions.encode([{k: v for k, v in r.items() if v is not None and v != ""} for r in rows])
+    return conditions.encode(rows, source)
+
+
+def load_parent(init_from: str | Path, cfg: DiffusionConfig, data_dir: Path, reference: dict[str, Any],
+                ae_run: Path) -> DiffusionCheckpoint:
+    """The diffusion model a new run starts from (``--init-from``), checked before any work: the same UNet, noise
+    schedule and conditioning mode, the same grid as ``data_dir``, and latents of its own autoencoder."""
+    path = parent_checkpoint(init_from, "diffusion")
+    parent = DiffusionCheckpoint.load(path)
+    check_architecture("diffusion", parent.config_dict, cfg,
+                       (("model", None), ("scheduler", None), ("conditioning", ("mode",))), path)
+    if bool(parent.conditions.keys) != bool(cfg.conditioning.keys):
+        had = parent.conditions.keys or "no conditions"
+        raise ConfigError(f"--init-from {path} is conditioned on {had}, diffusion.conditioning.keys is "
+                          f"{list(cfg.conditioning.keys)}: a conditional UNet has cross-attention layers an "
+                          "unconditional one lacks, so a fine-tune keeps at least one condition, or none as its parent")
+    if isinstance(parent.conditions, UnitRangeConditions) and (cfg.conditioning.drop_prob
+                                                                or cfg.conditioning.drop_all_prob):
+        raise ConfigError(f"--init-from {path} takes its conditions as values in [0, 1] with no 'unknown' (an "
+                          "imported bundle): a dropped condition would be a value; set conditioning.drop_prob=0 "
+                          "and conditioning.drop_all_prob=0")
+    check_grid(Grid.of(parent.reference), Grid.of(reference), path, data_dir, parent.data_dir)
+    ae_checkpoint = AutoencoderRun(ae_run).checkpoint
+    sha = file_sha256(ae_checkpoint)
+    if sha != parent.autoencoder.sha256:
+        theirs = parent.autoencoder.run or str(Path(parent.autoencoder.checkpoint).parent.parent)
+        raise InputError(f"--autoencoder {ae_run}: its checkpoint {ae_checkpoint} (SHA-256 {sha[:12]}…) is not the "
+                         f"autoencoder that --init-from {path} was trained with ({parent.autoencoder.checkpoint}, "
+                         f"SHA-256 {parent.autoencoder.sha256[:12]}…); a fine-tune learns in its parent's latent "
+                         f"space: encode the data with the parent's autoencoder (`medldm encode --data {data_dir} "
+                         f"--autoencoder {theirs}`) and pass --autoencoder {theirs}")
+    return parent
+
+
+def condition_layers(cfg: DiffusionConfig, latent_channels: int, context_dim: int | None) -> dict[str, int]:
+    """The UNet's parameters that read the condition vector (see ``context_consumers``); none when unconditional."""
+    if not context_dim:
+        return {}
+    return context_consumers(lambda d: build_unet(cfg.model, latent_channels, d, hybrid=cfg.conditioning.hybrid),
+                             context_dim)
+
+
+def initial_weights(parent: DiffusionCheckpoint, cfg: DiffusionConfig, conditions: Conditions) -> Init:
+    """The parent's EMA weights (what it samples with) for a UNet with ``conditions``, and the record of it."""
+    assert parent.weights is not None  # loaded with its weights
+    weights = parent.weights
+    if conditions.keys:
+        weights = map_context_columns(weights, condition_layers(cfg, parent.latent_shape[0], conditions.dim),
+                                      parent.conditions, conditions)
+    return Init(weights, parent_record(parent.path, parent.sha256, parent.imported_from), parent.scale_factor)
+
+
 def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Path, cfg: DiffusionConfig,
-                    resume: bool = False) -> Path:
-    """Train (or resume) a latent diffusion run; returns the path of its latest checkpoint."""
+                    resume: bool = False, init_from: str | Path | None = None) -> Path:
+    """Train (or resume) a latent diffusion run; returns the path of its latest checkpoint. ``init_from`` (a
+    diffusion run, a checkpoint or an imported bundle's folder) starts a new run from that model's weights: see
+    docs/training.md."""
     data_dir, ae_run, run_dir = Path(data_dir), Path(ae_run), Path(run_dir)
     info = DatasetDir(data_dir).info()
+    latest = DiffusionRun(run_dir).latest
+    resuming = resume and latest.is_file()
+    # the parent's grid and autoencoder before the latents: a fine-tune's data is encoded with the parent's
+    parent = load_parent(init_from, cfg, data_dir, info["reference"], ae_run) if init_from and not resuming else None
     cache = LatentCache.checked(ae_run, data_dir)
     latent_shape = list(cache.mu.shape[1:])
     f = cfg.model.downsample_factor
@@ -138,18 +228,33 @@ def train_diffusion(data_dir: str | Path, ae_run: str | Path, run_dir: str | Pat
     if not val_idx:
         raise InputError(f"{manifest} has no val-split volumes: preprocess again with split.val_fraction > 0 "
                          "(the diffusion model keeps its best checkpoint by validation loss)")
-    latest = DiffusionRun(run_dir).latest
-    state = load_checkpoint(latest) if resume and latest.is_file() else None
+    state = load_checkpoint(latest) if resuming else None
     if state is not None:
         cfg = as_saved_before_the_key("diffusion", cfg, state["config"])
         check_resumable(state, cfg, cache, latest)
-    # age normalisation and ranges come from the training split (kept from the checkpoint on resume);
-    # encoding every row now checks all labels before any work starts
-    conditions = (ConditionEncoder.from_state_dict(state["conditioning"]) if state is not None
-                  else ConditionEncoder.fit(cfg.conditioning.keys, [labelled[i] for i in train_idx], str(manifest)))
-    c_all = conditions.encode(labelled, str(manifest)) if conditions.keys else None
+        check_same_parent(state.get("init_from"), init_from, "diffusion", latest)
+    check_options(cfg.train, fine_tune=parent is not None or (state or {}).get("init_from") is not None)
+    # age normalisation and ranges come from the training split (kept from the checkpoint on resume, and from the
+    # parent for the conditions it had); encoding every row now checks all labels before any work starts
+    train_rows = [labelled[i] for i in train_idx]
+    conditions: Conditions
+    if state is not None:
+        conditions = conditions_from_state(state["conditioning"])
+    elif parent is not None:
+        conditions = finetune_conditions(parent.conditions, cfg.conditioning.keys, train_rows, str(manifest),
+                                         parent.path)
+    else:
+        conditions = ConditionEncoder.fit(cfg.conditioning.keys, train_rows, str(manifest))
+    c_all = condition_vectors(conditions, labelled, str(manifest)) if conditions.keys else None
+    context_dim = conditions.dim if conditions.keys else None
+    check_trainable_names(lambda: build_unet(cfg.model, latent_shape[0], context_dim, hybrid=cfg.conditioning.hybrid),
+                          cfg.train.trainable, set(condition_layers(cfg, latent_shape[0], context_dim)), "UNet")
+    init = initial_weights(parent, cfg, conditions) if parent is not None else None
+    # a fine-tune works on its parent's scale of the latents, which its weights were trained on
+    scale = (init.scale_factor if init is not None else state["scale_factor"] if state and state.get("init_from")
+             else cache.scale_factor)
     return DiffusionTrainer(run_dir, cfg, state, data_dir, info["reference"], AutoencoderRun(ae_run), cache,
-                            conditions, c_all, labelled, train_idx, val_idx).run(resume)
+                            conditions, c_all, labelled, train_idx, val_idx, scale, init).run(resume)
 
 
 class DiffusionTrainer(Trainer):
@@ -160,11 +265,16 @@ class DiffusionTrainer(Trainer):
     ema: AveragedModel  # always kept
 
     def __init__(self, run_dir: Path, cfg: DiffusionConfig, state: dict[str, Any] | None, data_dir: Path,
-                 reference: dict[str, Any], ae_run: AutoencoderRun, cache: LatentCache, conditions: ConditionEncoder,
+                 reference: dict[str, Any], ae_run: AutoencoderRun, cache: LatentCache, conditions: Conditions,
                  c_all: torch.Tensor | None, labelled: list[dict[str, Any]], train_idx: list[int],
-                 val_idx: list[int]) -> None:
+                 val_idx: list[int], scale: float, init: Init | None = None) -> None:
         super().__init__(run_dir, cfg, state)
         self.data_dir, self.reference, self.ae_run, self.cache = data_dir, reference, ae_run, cache
+        self.scale, self.init = scale, init
+        # the parent of a fine-tune (recorded in its checkpoints; None for a run trained from scratch)
+        self.parent = init.record if init is not None else (state or {}).get("init_from")
+        if self.parent is not None:
+            self.tc = finetune_schedule(cfg.train)
         self.conditions, self.c_all, self.labelled = conditions, c_all, labelled
         self.train_idx, self.val_idx = train_idx, val_idx
         self.latent_shape = list(cache.mu.shape[1:])
@@ -173,20 +283,25 @@ class DiffusionTrainer(Trainer):
 
     def build(self) -> None:
         cfg, dev = self.cfg, self.ctx.device
-        self.scale = self.cache.scale_factor
         self.z_all, self.where = place_latents(self.cache.mu * self.scale, cfg.latents_on, dev)
         self.c_all = self.c_all.to(self.z_all.device) if self.c_all is not None else None
         self.train_idx_t = torch.tensor(self.train_idx)
         self.hybrid = cfg.conditioning.hybrid
-        self.model = build_unet(cfg.model, self.latent_shape[0], self.conditions.dim if self.conditions.keys else None,
-                                sdpa=cfg.speed.sdpa, hybrid=self.hybrid).to(dev)
+        context_dim = self.conditions.dim if self.conditions.keys else None
+        self.model = build_unet(cfg.model, self.latent_shape[0], context_dim, sdpa=cfg.speed.sdpa,
+                                hybrid=self.hybrid).to(dev)
+        if self.init is not None:  # a resumed run loads its own weights instead (load)
+            self.model.load_state_dict(self.init.weights)
+        freeze(self.model, self.tc.trainable, set(condition_layers(cfg, self.latent_shape[0], context_dim)), "UNet")
         self.ema = make_ema(self.model, cfg.ema_decay)
         # after the EMA copy (which stays a plain module: validation and previews run it eagerly) and before the
         # optimiser (channels-last swaps the parameters' storage) and DDP
         self.speedups = apply_speed(self.model, cfg.speed, dev)
         self.scheduler = build_scheduler(cfg.scheduler)
         self.loss_weights = loss_weights(self.scheduler, cfg.min_snr_gamma).to(dev)
-        self.optimizer = adamw(self.model.parameters(), self.tc.lr, self.tc.weight_decay)
+        # frozen parameters are not in the optimiser: no moments, no weight decay, never stepped
+        self.optimizer = adamw([p for p in self.model.parameters() if p.requires_grad], self.tc.lr,
+                               self.tc.weight_decay)
 
     def streams(self) -> dict[str, torch.Generator]:
         # which latents (CPU generator) and the noise, timesteps and dropped conditions (device generator)
@@ -212,6 +327,7 @@ class DiffusionTrainer(Trainer):
             # the grid samples are written in: that of the dataset the latents were encoded from (checked)
             "reference": self.reference, "data_dir": str(self.data_dir.resolve()),
             "dataset_sha256": self.cache.dataset_sha256,
+            **({"init_from": self.parent} if self.parent is not None else {}),
         }
         self.preview = (Preview(cfg, self.conditions, [self.labelled[i] for i in self.val_idx], self.latent_shape,
                                 ae_ckpt, self.scale, ctx.device)
@@ -222,6 +338,9 @@ class DiffusionTrainer(Trainer):
                      sum(p.numel() for p in self.model.parameters()) / 1e6,
                      self.conditions.keys or "none (unconditional)", tc.batch_size * tc.grad_accum * ctx.world_size)
             log.info("speed: %s", ", ".join(self.speedups) or "eager (no compile)")
+            if self.parent is not None:
+                log.info("fine-tune of %s: %s; learning-rate warm-up over %d steps (train.finetune_warmup_steps)",
+                         self.parent["checkpoint"], describe_trainable(self.model, tc.trainable), tc.warmup_steps)
             if self.preview is not None:
                 self.board.add_text("samples/conditions", self.preview.describe(), 0)
         self.buckets = torch.zeros(2, TIMESTEP_BUCKETS, device=ctx.device)  # loss sum and count per bucket of t
@@ -240,8 +359,10 @@ class DiffusionTrainer(Trainer):
             z = self.z_all[pick].to(dev, non_blocking=True)
             context = None
             if self.c_all is not None:
-                context = self.conditions.drop(self.c_all[pick].to(dev), cfg.conditioning.drop_prob,
-                                               cfg.conditioning.drop_all_prob, gens["noise"])
+                context = self.c_all[pick].to(dev)
+                if isinstance(self.conditions, ConditionEncoder):  # unit-range conditions have no 'unknown' to drop to
+                    context = self.conditions.drop(context, cfg.conditioning.drop_prob,
+                                                   cfg.conditioning.drop_all_prob, gens["noise"])
             noise = torch.randn(z.shape, device=dev, generator=gens["noise"])
             t = training_timesteps(scheduler, z, gens["noise"])
             with no_sync(self.net, micro == tc.grad_accum - 1):
@@ -349,7 +470,7 @@ class Preview:
     """The same few samples (DDIM, or Euler steps for rectified flow; fixed seeds, the conditions of the first
     validation scans), decoded to images."""
 
-    def __init__(self, cfg: DiffusionConfig, conditions: ConditionEncoder, val_rows: list[dict[str, Any]],
+    def __init__(self, cfg: DiffusionConfig, conditions: Conditions, val_rows: list[dict[str, Any]],
                  latent_shape: list[int], ae_checkpoint: Path, scale: float, device: torch.device) -> None:
         pc = cfg.preview
         self.device, self.scale, self.guidance, self.amp = device, scale, pc.guidance, cfg.train.amp
@@ -358,7 +479,8 @@ class Preview:
         self.scheduler = build_scheduler(cfg.scheduler, default_sampler(cfg.scheduler))
         set_sampling_steps(self.scheduler, pc.ddim_steps, latent_shape)
         self.labels = [{k: val_rows[i % len(val_rows)].get(k) for k in conditions.keys} for i in range(pc.num)]
-        self.context = conditions.encode(self.labels).to(device) if conditions.keys else None
+        self.context = (condition_vectors(conditions, self.labels, "preview").to(device) if conditions.keys
+                        else None)
         self.noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(cfg.train.seed + i))
                                   for i in range(pc.num)]).to(device)
 

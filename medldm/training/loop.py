@@ -473,6 +473,10 @@ class Trainer:
                 log.info("train.time_limit_minutes=%g reached at step %d: continue with --resume",
                          tc.time_limit_minutes, step)
                 break
+        if tc.steps == 0:  # an --init-from run of 0 steps: its starting point is the checkpoint (nothing validated)
+            rngs = gather_rng_states(ctx, self.generators)
+            if ctx.is_main:
+                checkpoint("latest.pt", rngs, None)
         # close the progress bar and TensorBoard writer, then leave the process group together
         progress.close()
         if writer:
