@@ -40,6 +40,42 @@ def _add_run_dir_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--run-dir", "--run", dest="run", type=Path, required=True, metavar="RUN_DIR", help=what)
 
 
+def _add_patient_args(p: argparse.ArgumentParser, refine: bool = True) -> None:
+    p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, help="the diffusion run")
+    p.add_argument("--labels", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="the scan's own labels (default: its row in the training dataset's manifest.csv)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of the whole schedule (default 50)")
+    if refine:
+        p.add_argument("--refine", type=int, default=2, help="fixed-point iterations per inversion step (default "
+                       "2; 0 is plain DDIM inversion)")
+    p.add_argument("--autoencoder", type=Path, help="AE run dir when the runs were moved since training")
+    _add_device_arg(p)
+
+
+def _patient(args: argparse.Namespace) -> None:
+    from medldm.inference import patient
+
+    common = {"labels": _key_values(args.labels, "--labels"), "steps": args.steps,
+              "autoencoder_run": args.autoencoder, "device": args.device}
+    if args.command == "invert":
+        r = patient.invert_scan(args.input, args.output, args.run, refine=args.refine, **common)
+        trip = r["round_trip"]
+        print(f"wrote {args.output}: round trip latent error {trip['latent_relative_error']:.2e}, SSIM "
+              f"{trip['ssim_vs_reconstruction']:.4f} against the autoencoder's reconstruction")
+    elif args.command == "counterfactual":
+        r = patient.counterfactual_scan(args.input, args.output, args.run, _key_values(args.condition, "--condition"),
+                                        guidance=args.guidance, refine=args.refine, strength=args.strength,
+                                        native=args.native, **common)
+        change = r["morphometry"]["change"]
+        print(f"wrote {args.output} (a model's guess, not a prognosis): ventricles {change.get('ventricle_ml', 0):+.1f}"
+              f" ml, brain {change.get('brain_ml', 0):+.1f} ml against the reconstruction under its own labels")
+    else:
+        r = patient.anomaly_scan(args.input, args.output, args.run, strength=args.strength, seeds=args.seeds,
+                                 sigma=args.sigma, **common)
+        print(f"wrote {args.output}: anomaly score {r['score']:.4f} (99th percentile in the brain), peak at voxel "
+              f"{r['peak_voxel']}")
+
+
 def _add_init_from_arg(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--init-from", type=Path, metavar="RUN_OR_BUNDLE",
                    help=f"start a new run from the weights of a {stage} run (best.pt, else latest.pt), a checkpoint, "
@@ -212,6 +248,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoencoder", type=Path, help="AE run dir when the runs were moved since training")
     _add_device_arg(p)
 
+    p = sub.add_parser("invert", help="DDIM / flow inversion of one scan's latent to the noise the model turns back "
+                       "into it, with the round trip's error")
+    p.add_argument("input", type=Path, help="a preprocessed volume, or a raw scan (NIfTI or DICOM folder)")
+    p.add_argument("output", type=Path, help="the inversion file (e.g. scan.inv), with OUT.json beside it")
+    _add_patient_args(p)
+
+    p = sub.add_parser("counterfactual", help="one scan under other labels (older, another diagnosis): inverted "
+                       "under its own labels, regenerated under the new ones; a model's guess, not a prognosis")
+    p.add_argument("input", type=Path, help="a preprocessed volume, or a raw scan (NIfTI or DICOM folder)")
+    p.add_argument("output", type=Path, help="the counterfactual volume (.nii.gz), with OUT.png and OUT.json")
+    p.add_argument("--condition", action="extend", nargs="+", default=[], metavar="KEY=VALUE", required=True,
+                   help="the labels to change, e.g. age=85 or diagnosis=AD")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of the regeneration "
+                   "(default 1: none; above 1 exaggerates the change and loses some of the scan)")
+    p.add_argument("--strength", type=float, default=1.0, help="how far towards noise to invert (default 1: the "
+                   "whole way; lower keeps more of the scan and changes less)")
+    p.add_argument("--native", action="store_true", help="resample the result onto the input scan's own grid")
+    _add_patient_args(p)
+
+    p = sub.add_parser("anomaly", help="a pseudo-healthy reconstruction of one scan and a map of where the scan "
+                       "departs from it, with a score")
+    p.add_argument("input", type=Path, help="a preprocessed volume, or a raw scan (NIfTI or DICOM folder)")
+    p.add_argument("output", type=Path, help="a folder: pseudo_healthy.nii.gz, anomaly_map.nii.gz, anomaly.json, "
+                   "anomaly.png")
+    p.add_argument("--strength", type=float, default=0.4, help="noise level of the pseudo-healthy reconstruction "
+                   "(default 0.4)")
+    p.add_argument("--seeds", type=int, default=4, help="reconstructions averaged (default 4)")
+    p.add_argument("--sigma", type=float, default=1.0, help="Gaussian smoothing of the map in voxels (default 1)")
+    _add_patient_args(p, refine=False)
+
     p = sub.add_parser("show-noising", help="a PNG of one scan under the model's forward (noising) process")
     p.add_argument("input", type=Path, help="a preprocessed volume, or a raw scan (NIfTI or DICOM folder)")
     p.add_argument("output", type=Path, help="the PNG")
@@ -339,6 +405,8 @@ def run(args: argparse.Namespace) -> int:
         show_noising(args.input, args.output, args.run, seed=args.seed, autoencoder_run=args.autoencoder,
                      device=args.device)
         print(f"wrote {args.output}")
+    elif args.command in ("invert", "counterfactual", "anomaly"):
+        _patient(args)
     elif args.command == "evaluate":
         from medldm.evaluation.report import evaluate
 

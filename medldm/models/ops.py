@@ -11,7 +11,7 @@ from typing import Any, cast
 import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import AutoencoderKL
-from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 from tqdm.auto import tqdm
 
 from medldm.config import AutoencoderConfig
@@ -115,3 +115,68 @@ def sample_latents(
         else:
             x = scheduler.step(pred, t, x, **step_args)[keep]
     return x
+
+
+def _prediction(unet: Callable[..., torch.Tensor], x: torch.Tensor, t: int, context: torch.Tensor | None,
+                concat: bool, amp: bool) -> torch.Tensor:
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    with autocast(x.device, amp):
+        inp = with_condition_channels(x, context) if concat and context is not None else x
+        return unet(inp, timesteps=tt, context=context).float()
+
+
+def _ddim_epsilon(scheduler: DDIMScheduler, pred: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
+    """The noise a DDIM model's output implies at (x, t), whatever it was trained to predict."""
+    a = scheduler.alphas_cumprod[t].to(x.device)
+    if scheduler.prediction_type == "epsilon":
+        return pred
+    if scheduler.prediction_type == "v_prediction":
+        return a.sqrt() * pred + (1 - a).sqrt() * x
+    return (x - a.sqrt() * pred) / (1 - a).sqrt()  # "sample": the model predicts the clean latent
+
+
+@torch.no_grad()
+def invert_latents(
+    unet: Callable[..., torch.Tensor],
+    scheduler: Scheduler,
+    z0: torch.Tensor,
+    context: torch.Tensor | None,
+    refine: int = 2,
+    progress: bool = False,
+    amp: bool = True,
+    concat: bool = False,
+) -> torch.Tensor:
+    """The start latent from which :func:`sample_latents` (guidance 1, deterministic, the same timesteps) returns
+    ``z0``: each of the sampler's steps run backwards, last step first.
+
+    A sampler step x_lo = f(x_hi, model(x_hi, t_hi)) is implicit in x_hi. Plain DDIM inversion (MONAI's
+    ``DDIMScheduler.reversed_step``) evaluates the model at the known x_lo instead, which leaves an error at every
+    step; ``refine`` fixed-point iterations x_hi <- f⁻¹(x_lo, model(x_hi, t_hi)) shrink it (0: plain inversion).
+    DDIM (a DDPM-trained model) and rectified flow (Euler steps); DDPM's sampler draws noise and has no inverse."""
+    if isinstance(scheduler, DDPMScheduler):
+        raise ValueError("DDPM sampling draws fresh noise at every step and cannot be inverted: invert with DDIM")
+    timesteps = [int(t) for t in scheduler.timesteps]
+    x = z0.float()
+    for i in tqdm(reversed(range(len(timesteps))), total=len(timesteps), desc="invert", unit="step", leave=False,
+                  disable=not progress):
+        t_lo = timesteps[i + 1] if i + 1 < len(timesteps) else None  # None: the end of sampling (t = 0)
+        x_hi = _step_back(unet, scheduler, x, x, timesteps[i], t_lo, context, concat, amp)  # the model at x_lo
+        for _ in range(refine):
+            x_hi = _step_back(unet, scheduler, x_hi, x, timesteps[i], t_lo, context, concat, amp)
+        x = x_hi
+    return x
+
+
+def _step_back(unet: Callable[..., torch.Tensor], scheduler: Scheduler, x_hi: torch.Tensor, x_lo: torch.Tensor,
+               t_hi: int, t_lo: int | None, context: torch.Tensor | None, concat: bool, amp: bool) -> torch.Tensor:
+    """The x_hi that the sampler step from t_hi takes to ``x_lo``, with the model evaluated at the guess ``x_hi``."""
+    pred = _prediction(unet, x_hi, t_hi, context, concat, amp)
+    if isinstance(scheduler, RFlowScheduler):  # Euler: x_lo = x_hi + v(x_hi, t_hi) (t_hi - t_lo) / T
+        return x_lo - pred * ((t_hi - (t_lo or 0)) / scheduler.num_train_timesteps)
+    # DDIM: x_lo = sqrt(a_lo) x0(x_hi) + sqrt(1 - a_lo) eps(x_hi), solved for x_hi; the last step returns the clean
+    # prediction itself (a_lo = 1)
+    ddim = cast(DDIMScheduler, scheduler)
+    a_hi = ddim.alphas_cumprod[t_hi].to(x_lo.device)
+    a_lo = ddim.alphas_cumprod[t_lo].to(x_lo.device) if t_lo is not None else a_hi.new_ones(())
+    eps = _ddim_epsilon(ddim, pred, x_hi, t_hi)
+    return (a_hi / a_lo).sqrt() * (x_lo - (1 - a_lo).sqrt() * eps) + (1 - a_hi).sqrt() * eps
