@@ -2,17 +2,18 @@
 round trip, and anomaly maps of planted lesions.
 
     python benchmarks/patient_checks.py --data DATASET --run LDM_RUN --out OUT [--num 6] [--years 20] [--steps 50]
-                                        [--lesion-mm 8] [--seed 0]
+                                        [--lesion-mm 16] [--lesion dark|bright] [--seed 0]
 
-For each of the first ``--num`` test-split scans of DATASET (the dataset the run was trained on), through the
+For each of the first ``--num`` test-split scans of DATASET (the dataset the run was trained on; those with an age
+first), through the
 documented commands (`medldm counterfactual`, `medldm anomaly`, one subprocess each):
 
 1. counterfactual ageing: the scan at its own age + ``--years`` (clipped to the model's training range); the
    morphometric change against the reconstruction under its own labels (ventricles, CSF, brain; real brains gain
    ventricle and CSF volume and lose brain volume with age) and the round trip's SSIM;
-2. anomaly: the scan as it is, and with a planted lesion (a bright sphere of ``--lesion-mm`` diameter at a seeded
-   place inside the brain, as bright as the brightest 1 % of the brain); is the map's peak in the lesion, and does
-   the lesioned scan score higher than the clean one.
+2. anomaly: the scan as it is, and with a planted lesion (a sphere of ``--lesion-mm`` diameter at a seeded place
+   well inside the brain; ``dark``: as dark as the darkest 2 % of the brain, like a T1-hypointense lesion; ``bright``:
+   as bright as the brightest 1 %); is the map's peak in the lesion, and does the lesioned scan score higher.
 
 OUT/patient_checks.json holds every number; OUT/<scan>/ the volumes and PNGs (look at them: counterfactual.png,
 clean/anomaly.png, lesion/anomaly.png).
@@ -37,8 +38,8 @@ def medldm(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "medldm", *args], check=True, stdout=subprocess.DEVNULL)
 
 
-def plant_lesion(scan: Path, out: Path, diameter_mm: float, rng: np.random.Generator) -> dict[str, Any]:
-    """A bright sphere at a random place well inside the brain (its whole ball in the eroded brain mask)."""
+def plant_lesion(scan: Path, out: Path, diameter_mm: float, kind: str, rng: np.random.Generator) -> dict[str, Any]:
+    """A dark or bright sphere at a random place well inside the brain (its whole ball in the eroded brain mask)."""
     from scipy import ndimage
 
     from medldm.inference.patient import brain_mask
@@ -52,7 +53,8 @@ def plant_lesion(scan: Path, out: Path, diameter_mm: float, rng: np.random.Gener
     centre = candidates[rng.integers(len(candidates))]
     ijk = np.indices(data.shape).transpose(1, 2, 3, 0)
     ball = (((ijk - centre) / radius_vox) ** 2).sum(-1) <= 1.0
-    value = float(np.percentile(data[ndimage.binary_erosion(data > 0.05)], 99))
+    brain = data[ndimage.binary_erosion(data > 0.05)]
+    value = float(np.percentile(brain, 2 if kind == "dark" else 99))
     data[ball] = value
     nib.save(nib.Nifti1Image(data, image.affine), out)
     return {"centre_voxel": centre.tolist(), "voxels": int(ball.sum()), "value": value, "ball": ball}
@@ -66,7 +68,8 @@ def main() -> int:
     p.add_argument("--num", type=int, default=6)
     p.add_argument("--years", type=float, default=20.0)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--lesion-mm", type=float, default=8.0)
+    p.add_argument("--lesion-mm", type=float, default=16.0)
+    p.add_argument("--lesion", choices=("dark", "bright"), default="dark")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -75,7 +78,8 @@ def main() -> int:
 
     ldm = DiffusionRun(args.run).load(mmap=True)
     age_max = ldm.conditions.numeric["age"]["max"] if "age" in ldm.conditions.keys else None  # type: ignore[union-attr]
-    test = [r for r in read_manifest(args.data) if r["split"] == "test"][: args.num]
+    test = sorted((r for r in read_manifest(args.data) if r["split"] == "test"), key=lambda r: r.get("age") is None)
+    test = test[: args.num]
     rng = np.random.default_rng(args.seed)
     results: list[dict[str, Any]] = []
     start = time.monotonic()
@@ -93,7 +97,7 @@ def main() -> int:
             one["counterfactual"] = {"to_age": target, "change": side["morphometry"]["change"],
                                      "round_trip_ssim": side["round_trip"]["ssim_vs_reconstruction"],
                                      "round_trip_latent_error": side["round_trip"]["latent_relative_error"]}
-        lesion = plant_lesion(scan, out / "lesion_input.nii.gz", args.lesion_mm, rng)
+        lesion = plant_lesion(scan, out / "lesion_input.nii.gz", args.lesion_mm, args.lesion, rng)
         ball = lesion.pop("ball")
         scores = {}
         # the scan's own labels for both (the lesioned copy is in no manifest)
@@ -118,7 +122,7 @@ def main() -> int:
     ageing = [r["counterfactual"]["change"] for r in results if "counterfactual" in r]
     summary = {
         "scans": len(results), "minutes": round((time.monotonic() - start) / 60, 1), "years": args.years,
-        "steps": args.steps, "lesion_mm": args.lesion_mm,
+        "steps": args.steps, "lesion_mm": args.lesion_mm, "lesion": args.lesion,
         "ageing": {k: {"mean": float(np.mean([c[k] for c in ageing])), "positive": sum(c[k] > 0 for c in ageing)}
                    for k in ("ventricle_ml", "csf_ml", "brain_ml", "csf_fraction") if ageing},
         "round_trip_ssim_min": min((r["counterfactual"]["round_trip_ssim"] for r in results if "counterfactual" in r),

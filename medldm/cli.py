@@ -72,7 +72,7 @@ def _patient(args: argparse.Namespace) -> None:
     else:
         r = patient.anomaly_scan(args.input, args.output, args.run, strength=args.strength, seeds=args.seeds,
                                  sigma=args.sigma, **common)
-        print(f"wrote {args.output}: anomaly score {r['score']:.4f} (99th percentile in the brain), peak at voxel "
+        print(f"wrote {args.output}: anomaly score {r['score']:.4f} (the map's maximum in the brain) at voxel "
               f"{r['peak_voxel']}")
 
 
