@@ -32,7 +32,7 @@ from medldm.inference.scan import (
     check_native,
     load_scan,
 )
-from medldm.models.conditioning import parse_labels
+from medldm.models.conditioning import ConditionEncoder, UnitRangeConditions, parse_labels
 from medldm.models.networks import build_scheduler, set_sampling_steps
 from medldm.models.ops import invert_latents, sample_latents
 from medldm.versions import versions
@@ -63,20 +63,42 @@ def scan_labels(scan: Scan, ldm: DiffusionCheckpoint, given: dict[str, str] | No
     """The scan's own labels: ``given`` (``--labels``), else the row of the training dataset's manifest whose image
     or source is this file, else none (unknown; a model without "unknown" labels fills its defaults)."""
     if given:
-        return parse_labels(ldm.conditions, given, source="--labels"), "--labels"
-    data_dir = Path(ldm.data_dir or "")
-    if ldm.conditions.keys and (data_dir / "manifest.csv").is_file():
+        return own_labels(ldm, given, "--labels"), "--labels"
+    data_dir = Path(ldm.data_dir) if ldm.data_dir else None  # an imported bundle has no dataset
+    if ldm.conditions.keys and data_dir is not None and (data_dir / "manifest.csv").is_file():
         path = scan.path.resolve()
         for row in read_manifest(data_dir):
-            candidates = [data_dir / row["image"], *([Path(row["source"])] if row.get("source") else [])]
+            source = [Path(row["source"])] if row.get("source") and Path(row["source"]).is_absolute() else []
+            candidates = [data_dir / row["image"], *source]
             if any(c.resolve() == path for c in candidates):
                 pairs = {k: str(row[k]) for k in ldm.conditions.keys if row.get(k) is not None}
-                return parse_labels(ldm.conditions, pairs, source=f"{data_dir / 'manifest.csv'} ({row['image']})"), \
-                    f"{data_dir / 'manifest.csv'} ({row['image']})"
+                where = f"{data_dir / 'manifest.csv'} ({row['image']})"
+                return own_labels(ldm, pairs, where), where
     if ldm.conditions.keys:
         log.warning("%s: no labels given (--labels) and not in %s/manifest.csv: its labels are taken as unknown",
                     scan.path.name, data_dir)
     return parse_labels(ldm.conditions, {}, source="--labels"), "unknown"
+
+
+def own_labels(ldm: DiffusionCheckpoint, pairs: dict[str, str], source: str) -> dict[str, Any]:
+    """A scan's own labels: categories checked as ``--condition`` checks them, but a number outside the training
+    range (a test subject older than every training one) is a fact about the scan, not a request: it is clipped to
+    the range, with a warning, since the model can only be asked what it has seen."""
+    conditions = ldm.conditions
+    ranges = conditions.numeric if isinstance(conditions, ConditionEncoder) else conditions.ranges
+    clipped = dict(pairs)
+    for key, raw in pairs.items():
+        if key in ranges and key in conditions.keys:
+            try:
+                value = float(raw)
+            except ValueError:
+                continue  # parse_labels names it
+            lo, hi = sorted((ranges[key]["min"], ranges[key]["max"]))
+            if not lo <= value <= hi:
+                clipped[key] = str(min(max(value, lo), hi))
+                log.warning("%s %s=%s is outside the model's training range %g–%g: inverted as %s=%s", source, key,
+                            raw, lo, hi, key, clipped[key])
+    return parse_labels(conditions, clipped, source=source)
 
 
 def open_patient(in_path: str | Path, run_dir: str | Path, labels: dict[str, str] | None,
@@ -162,25 +184,36 @@ def counterfactual_scan(in_path: str | Path, out_path: str | Path, run_dir: str 
         raise InputError("--condition: name at least one label to change, e.g. --condition age=85")
     if not 0.0 < strength <= 1.0:
         raise InputError(f"--strength {strength:g}: use a value above 0 (hardly any change) up to 1 (the whole way)")
+    if not math.isfinite(guidance):
+        raise InputError(f"--guidance {guidance}: use a finite number (1 = no guidance)")
     check_writable(out_path)
     p = open_patient(in_path, run_dir, labels, autoencoder_run, device, native)
+    if guidance != 1.0 and (isinstance(p.ldm.conditions, UnitRangeConditions)
+                            or not getattr(p.ldm.conditions, "guidance", True)):
+        raise InputError(f"--guidance {guidance:g}: this model has no unconditional prediction to guide with (its "
+                         "conditions were never dropped in training, or it takes them as values with no 'unknown'); "
+                         "leave --guidance at 1")
     # only the named labels change (parse, not parse_labels: a bundle's defaults must not replace the scan's own)
     changed = {**p.labels, **p.ldm.conditions.parse(conditions, source="--condition")}
     changed = {k: changed[k] for k in p.ldm.conditions.keys if k in changed}
     scheduler = _scheduler(p, steps)
     kept = scheduler.timesteps[scheduler.timesteps <= math.ceil(strength * scheduler.num_train_timesteps)]
+    if len(kept) == 0:
+        raise InputError(f"--strength {strength:g} is below the sampler's last step at {steps} steps: raise it")
     scheduler.timesteps = kept
     old, new, hybrid = _context(p, p.labels), _context(p, changed), p.ldm.hybrid
     noise = invert_latents(p.unet, scheduler, p.z0, old, refine=refine, progress=True, concat=hybrid)
     same = sample_latents(p.unet, scheduler, noise, old, concat=hybrid)
     other = sample_latents(p.unet, scheduler, noise, new, guidance=guidance, concat=hybrid)
+    # the change is measured against the scan's own labels at the same guidance, so guidance alone changes nothing
+    base = same if guidance == 1.0 else sample_latents(p.unet, scheduler, noise, old, guidance=guidance, concat=hybrid)
     scale = p.ldm.scale_factor
-    reconstruction, counterfactual = _decode(p.model, same / scale), _decode(p.model, other / scale)
+    reconstruction, counterfactual = _decode(p.model, base / scale), _decode(p.model, other / scale)
     change = morphometric_change(p.scan, reconstruction, counterfactual)
     out = Path(out_path)
     text = " ".join(f"{k}={v}" for k, v in changed.items() if p.labels.get(k) != v)
     sidecar = {"processed": "counterfactual: inverted under the scan's labels, regenerated under the new ones",
-               "counterfactual": True, "disclaimer": NOT_A_PROGNOSIS, "old_conditions": p.labels,
+               "synthetic": True, "counterfactual": True, "disclaimer": NOT_A_PROGNOSIS, "old_conditions": p.labels,
                "new_conditions": changed, "guidance": guidance, "steps": len(kept), "strength": strength,
                "refine": refine, "sampler": type(scheduler).__name__, "morphometry": change,
                "round_trip": _round_trip(p, p.z0, same), **_provenance(p)}
@@ -287,7 +320,8 @@ def anomaly_scan(in_path: str | Path, out_dir: str | Path, run_dir: str | Path, 
     if seeds < 1:
         raise InputError("--seeds must be >= 1")
     out = Path(out_dir)
-    for name in ("pseudo_healthy.nii.gz", "anomaly_map.nii.gz", "anomaly.json", "anomaly.png"):
+    for name in ("pseudo_healthy.nii.gz", "pseudo_healthy.json", "anomaly_map.nii.gz", "anomaly_map.json",
+                 "anomaly.json", "anomaly.png"):
         check_writable(out / name)
     p = open_patient(in_path, run_dir, labels, autoencoder_run, device, native=False)
     reference = healthy_labels(p)
@@ -304,7 +338,8 @@ def anomaly_scan(in_path: str | Path, out_dir: str | Path, run_dir: str | Path, 
         z = sample_latents(p.unet, scheduler, scheduler.add_noise(p.z0, noise, kept[:1].to(p.device)), context,
                            concat=hybrid)
         healthy += _decode(p.model, z / p.ldm.scale_factor) / seeds
-    mask = brain_mask(p.scan.volume)
+    # eroded past the smoothing's reach: the edge's reconstruction errors would otherwise bleed into the rim
+    mask = brain_mask(p.scan.volume, erode=int(math.ceil(2 * sigma)) + 1)
     diff = ndimage.gaussian_filter(np.abs(p.scan.volume - healthy), sigma) if sigma > 0 else np.abs(
         p.scan.volume - healthy)
     amap = np.where(mask, diff, 0.0).astype(np.float32)
@@ -318,7 +353,9 @@ def anomaly_scan(in_path: str | Path, out_dir: str | Path, run_dir: str | Path, 
               "peak_world_mm": [float(v) for v in (np.asarray(p.scan.affine) @ [*peak, 1])[:3]],
               "brain_voxels": int(mask.sum()), "strength": strength, "steps": len(kept), "seeds": seeds,
               "sigma_voxels": sigma, "reference_labels": reference, **_provenance(p), "versions": versions()}
-    _write(out / "pseudo_healthy.nii.gz", healthy, p.scan, False, "PROCESSED medldm pseudo-healthy", record)
+    _write(out / "pseudo_healthy.nii.gz", healthy, p.scan, False, "PROCESSED medldm pseudo-healthy",
+           {**record, "processed": f"pseudo-healthy: the mean of {seeds} SDEdit reconstructions at strength "
+                                   f"{strength:g} under the reference labels"})
     _write(out / "anomaly_map.nii.gz", amap, p.scan, False, "PROCESSED medldm anomaly map", record)
     write_json(out / "anomaly.json", record)
     title = f"{p.scan.path.name}: anomaly score {record['score']:.3f} (the map's maximum), at voxel {peak}"
