@@ -128,12 +128,14 @@ def _scheduler(p: Patient, steps: int) -> Any:
     return scheduler
 
 
-def _round_trip(p: Patient, z: torch.Tensor, z_back: torch.Tensor) -> dict[str, float]:
+def _round_trip(p: Patient, z: torch.Tensor, z_back: torch.Tensor, back: np.ndarray | None = None
+                ) -> dict[str, float]:
     """How far regenerating the inverted noise lands from the scan: latent error (relative to the latent's size) and
-    the decoded volume against the autoencoder's own reconstruction and against the scan."""
+    the decoded volume (``back``, when the caller has decoded it already) against the autoencoder's own
+    reconstruction and against the scan."""
     scale = p.ldm.scale_factor
     recon = _decode(p.model, z / scale)
-    back = _decode(p.model, z_back / scale)
+    back = _decode(p.model, z_back / scale) if back is None else back
     rel = float((z_back - z).norm() / z.norm().clamp_min(1e-12))
     vs_recon, vs_scan = _quality(recon, back), _quality(p.scan.volume, back)
     return {"latent_relative_error": rel, "ssim_vs_reconstruction": vs_recon["ssim"],
@@ -216,7 +218,8 @@ def counterfactual_scan(in_path: str | Path, out_path: str | Path, run_dir: str 
                "synthetic": True, "counterfactual": True, "disclaimer": NOT_A_PROGNOSIS, "old_conditions": p.labels,
                "new_conditions": changed, "guidance": guidance, "steps": len(kept), "strength": strength,
                "refine": refine, "sampler": type(scheduler).__name__, "morphometry": change,
-               "round_trip": _round_trip(p, p.z0, same), **_provenance(p)}
+               "round_trip": _round_trip(p, p.z0, same, reconstruction if guidance == 1.0 else None),
+               **_provenance(p)}
     _write(out, counterfactual, p.scan, native, f"COUNTERFACTUAL medldm {text}", sidecar)
     title = (f"{p.scan.path.name}: {_labels_text(p.labels)} -> {_labels_text(changed)} (a model's guess, not a "
              "prognosis)")

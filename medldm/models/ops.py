@@ -82,7 +82,6 @@ def sample_latents(
     channels ("hybrid").
     """
     x = noise
-    guided = context is not None and guidance != 1.0
     ddpm = isinstance(scheduler, DDPMScheduler)
     flow = isinstance(scheduler, RFlowScheduler)
     step_args: dict[str, Any] = {} if ddpm or flow else {"eta": eta}
@@ -93,19 +92,7 @@ def sample_latents(
         last = i == len(timesteps) - 1
         if flow:
             step_args = {"next_timestep": 0 if last else timesteps[i + 1]}
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        with autocast(x.device, amp):
-            if guided:
-                assert context is not None
-                xx, cc = torch.cat([x, x]), torch.cat([context, torch.zeros_like(context)])
-                both = unet(with_condition_channels(xx, cc) if concat else xx, timesteps=torch.cat([tt, tt]),
-                            context=cc)
-                cond, uncond = both.chunk(2)
-                pred = uncond + guidance * (cond - uncond)
-            else:
-                pred = unet(with_condition_channels(x, context) if concat and context is not None else x,
-                            timesteps=tt, context=context)
-        pred = pred.float()
+        pred = _prediction(unet, x, t, context, concat, amp, guidance)
         # DDIM's step returns (previous sample, predicted clean sample): the last step keeps the clean one
         keep = 1 if last and not (ddpm or flow) else 0
         if per_sample:
@@ -118,11 +105,20 @@ def sample_latents(
 
 
 def _prediction(unet: Callable[..., torch.Tensor], x: torch.Tensor, t: int, context: torch.Tensor | None,
-                concat: bool, amp: bool) -> torch.Tensor:
+                concat: bool, amp: bool, guidance: float = 1.0) -> torch.Tensor:
+    """The UNet's float32 output at (x, t); guidance != 1 mixes the conditional and the null-context predictions
+    (classifier-free guidance), both from one batched call."""
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
     with autocast(x.device, amp):
-        inp = with_condition_channels(x, context) if concat and context is not None else x
-        return unet(inp, timesteps=tt, context=context).float()
+        if guidance != 1.0 and context is not None:
+            xx, cc = torch.cat([x, x]), torch.cat([context, torch.zeros_like(context)])
+            both = unet(with_condition_channels(xx, cc) if concat else xx, timesteps=torch.cat([tt, tt]), context=cc)
+            cond, uncond = both.chunk(2)
+            pred = uncond + guidance * (cond - uncond)
+        else:
+            pred = unet(with_condition_channels(x, context) if concat and context is not None else x,
+                        timesteps=tt, context=context)
+    return pred.float()
 
 
 def _ddim_epsilon(scheduler: DDIMScheduler, pred: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
