@@ -1,6 +1,9 @@
 """One patient's scan asked of a diffusion model: inversion to noise, counterfactual labels, anomaly maps."""
 
 import json
+import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -16,6 +19,12 @@ from medldm.models.networks import build_scheduler, default_sampler, set_samplin
 from medldm.models.ops import invert_latents, sample_latents
 
 from .conftest import train_age_range
+
+
+def _medldm(*args):
+    """The command as a user types it, in its own process."""
+    subprocess.run([sys.executable, "-m", "medldm", *map(str, args)], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture
@@ -43,13 +52,14 @@ def test_inversion_round_trip_is_small_and_shrinks_with_steps_and_refinement(req
 
 
 def test_invert_writes_the_noise_and_the_round_trip(scan, dataset, ldm_run, tmp_path, caplog):
-    record = invert_scan(scan, tmp_path / "s.inv", ldm_run, steps=20)
+    _medldm("invert", scan, tmp_path / "s.inv", "--run", ldm_run, "--steps", 20)  # as a user types it
+    record = json.loads((tmp_path / "s.inv.json").read_text(encoding="utf-8"))
     state = load_checkpoint(tmp_path / "s.inv")
     assert state["kind"] == "inversion" and list(state["noise"].shape) == list(state["latent"].shape)
     assert record["labels_from"].endswith(f"manifest.csv ({scan.relative_to(scan.parents[1])})")
     trip = record["round_trip"]
     assert trip["latent_relative_error"] < 0.01 and trip["ssim_vs_reconstruction"] > 0.99
-    assert json.loads((tmp_path / "s.inv.json").read_text(encoding="utf-8"))["steps"] == 20
+    assert record["steps"] == 20
     # a scan's own age outside the training range is a fact, not a request: clipped to the range, with a warning
     oldest = max(train_age_range(dataset))
     record = invert_scan(scan, tmp_path / "o.inv", ldm_run, steps=3, labels={"age": str(oldest + 30), "sex": "F"})
@@ -64,8 +74,8 @@ def test_counterfactual_with_the_scans_own_labels_is_its_reconstruction(scan, da
     np.testing.assert_allclose(nib.load(tmp_path / "same.nii.gz").get_fdata(),
                                nib.load(tmp_path / "recon.nii.gz").get_fdata(), atol=0.02)
     older = max(train_age_range(dataset))
-    assert main(["counterfactual", str(scan), str(tmp_path / "old.nii.gz"), "--run", str(ldm_run), "--steps", "20",
-                 "--condition", f"age={older}"]) == 0
+    _medldm("counterfactual", scan, tmp_path / "old.nii.gz", "--run", ldm_run, "--steps", 20, "--condition",
+            f"age={older}")
     side = json.loads((tmp_path / "old.json").read_text(encoding="utf-8"))
     assert side["new_conditions"]["age"] == older and side["old_conditions"]["age"] == row["age"]
     assert side["counterfactual"] is True and "not a prognosis" in side["disclaimer"]
@@ -106,8 +116,7 @@ def test_anomaly_map_is_higher_in_a_planted_lesion_and_stays_in_the_brain(scan, 
     centre = np.round(np.argwhere(brain).mean(axis=0) + [4, 3, 2]).astype(int)  # off-centre, inside the brain
     blob = _lesioned(scan, tmp_path / "lesion.nii.gz", centre)
     clean = anomaly_scan(scan, tmp_path / "clean", ldm_run, steps=20, seeds=2)
-    assert main(["anomaly", str(tmp_path / "lesion.nii.gz"), str(tmp_path / "found"), "--run", str(ldm_run),
-                 "--steps", "20", "--seeds", "2"]) == 0
+    _medldm("anomaly", tmp_path / "lesion.nii.gz", tmp_path / "found", "--run", ldm_run, "--steps", 20, "--seeds", 2)
     found = json.loads((tmp_path / "found" / "anomaly.json").read_text(encoding="utf-8"))
     maps = [nib.load(tmp_path / d / "anomaly_map.nii.gz").get_fdata() for d in ("clean", "found")]
     assert maps[1][blob].mean() > maps[0][blob].mean() + 0.05 and clean["score"] < found["score"]
