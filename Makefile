@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_OUT ?= demo_output
 
-.PHONY: install demo test clean
+.PHONY: install demo test viewer clean
 
 # One pip run (one resolution), then the bytecode compiled on every core: pip compiles one file at a time, and with
 # PYTHONDONTWRITEBYTECODE set (as on the CI machines) nothing compiled later is kept, so each process that imports
@@ -32,6 +32,12 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal tests
+
+# the pages' 3D viewer: NiiVue at the version viewer/package-lock.json pins, copied into the package's assets (which
+# are committed: a pip install needs no Node.js). Run after changing viewer/package.json; needs Node.js and npm.
+viewer:
+	npm ci --prefix viewer --ignore-scripts --no-audit --no-fund
+	$(PYTHON) viewer/build.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -23,6 +23,22 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
     return out
 
 
+def _add_page_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-page", action="store_true", help="do not write the output folder's web page (index.html; "
+                                                          "medldm view writes it later)")
+
+
+def _page(args: argparse.Namespace, folder: Path) -> None:
+    """The output folder's page at the end of a stage (a warning, never the stage's failure, when it cannot be
+    written); under torchrun only rank 0 writes it."""
+    if getattr(args, "no_page", False) or os.environ.get("RANK", "0") != "0":
+        return
+    from medldm.view import write_page_quietly
+
+    for page in write_page_quietly(folder):
+        print(f"page: {page}")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config (default: the tiny CPU config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -124,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preprocess nothing: build manifest, splits, failures and QC from the per-scan results the "
                         "shards wrote (an error lists scans without one)")
     _add_config_args(p)
+    _add_page_arg(p)
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="stage", required=True)
     p = train.add_parser("autoencoder", help="stage 1: KL autoencoder")
@@ -133,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "records its --init-from; one given too must be the same)")
     _add_init_from_arg(p, "autoencoder")
     _add_config_args(p)
+    _add_page_arg(p)
     p = train.add_parser("diffusion", help="stage 2: latent diffusion UNet")
     p.add_argument("--data", type=Path, required=True, help="dataset dir written by medldm preprocess")
     p.add_argument("--autoencoder", type=Path, required=True,
@@ -142,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "records its --init-from; one given too must be the same)")
     _add_init_from_arg(p, "diffusion")
     _add_config_args(p)
+    _add_page_arg(p)
 
     p = sub.add_parser("encode", help="cache posterior means and the latent scale factor")
     p.add_argument("--data", type=Path, required=True, help="dataset dir written by medldm preprocess")
@@ -194,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "too small for one decode (10.4 GiB at 1 mm 160x224x160)")
     p.add_argument("--eager", action="store_true", help="no torch.compile and no CUDA graph (they cost a minute of "
                                                          "compilation on the first run; see the run's speed section)")
+    _add_page_arg(p)
 
     p = sub.add_parser("import-bundle", help="a downloaded MONAI latent diffusion bundle (e.g. the brain-LDM) as "
                                              "medldm runs for sample and evaluate")
@@ -293,6 +313,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoencoder", type=Path, help="autoencoder run: scores its reconstructions of the test split")
     p.add_argument("--samples", type=Path, nargs="+", help="one or more sample dirs (e.g. one per requested age)")
     _add_config_args(p)
+    _add_page_arg(p)
+
+    p = sub.add_parser("view", help="write a folder's offline web page (index.html: tables, curves, every volume in a "
+                                    "3D viewer) and print its path; or serve it on this machine")
+    p.add_argument("folder", type=Path, help="a dataset, training run, samples or evaluation folder, or a folder of "
+                                             "them (a demo's output: each gets its page, and an index)")
+    p.add_argument("--max-volumes", type=int, default=None, metavar="N",
+                   help="volumes embedded per page for the 3D viewer, flagged scans first (default 200; each is an "
+                        "8-bit copy, 0.1 to 8 MB); --serve shows the rest from their files")
+    p.add_argument("--data", type=Path, help="the samples' dataset, when their autoencoder's checkpoint names none "
+                                             "that exists (for their nearest training volumes and real scans)")
+    p.add_argument("--no-compare", action="store_true", help="samples: no nearest training volume or real scan "
+                                                             "beside each (reads the training split once)")
+    p.add_argument("--serve", action="store_true", help="also serve the folder on http://127.0.0.1 (for a machine "
+                                                       "reached over ssh: ssh -L PORT:127.0.0.1:PORT) until Ctrl-C")
+    p.add_argument("--port", type=int, default=8765, help="--serve's port (default 8765; 0: any free port)")
 
     p = sub.add_parser("demo", help="the whole pipeline on generated phantoms with the tiny configs (CPU)")
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default demo_output)")
@@ -328,6 +364,7 @@ def run(args: argparse.Namespace) -> int:
               "because their source, config or template changed; "
               f"QC {info['qc']['pass']} pass, {info['qc']['warn']} warn, {info['qc']['fail']} fail "
               f"({info['splits']['excluded']} excluded): {args.output_dir / 'qc' / 'index.html'})")
+        _page(args, args.output_dir)
         if info["failures"]:
             print(f"{len(info['failures'])} scan(s) failed: see {args.output_dir / 'failures.csv'}", file=sys.stderr)
             return 1
@@ -337,6 +374,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config("autoencoder", args.config, args.overrides)
         latest = train_autoencoder(args.data, args.run, cfg, resume=args.resume, init_from=_init_from(args.init_from))
         print(f"checkpoint: {latest}")
+        _page(args, args.run)
     elif args.command == "train" and args.stage == "diffusion":
         from medldm.training.diffusion import train_diffusion
 
@@ -344,6 +382,7 @@ def run(args: argparse.Namespace) -> int:
         latest = train_diffusion(args.data, args.autoencoder, args.run, cfg, resume=args.resume,
                                  init_from=_init_from(args.init_from))
         print(f"checkpoint: {latest}")
+        _page(args, args.run)
     elif args.command == "encode":
         from medldm.inference.encode import encode_dataset
 
@@ -363,6 +402,7 @@ def run(args: argparse.Namespace) -> int:
         volumes = f"{len(paths)} synthetic volume{'s' * (len(paths) != 1)}"
         print((f"{args.out} holds {volumes}" if args.resume else f"wrote {volumes} to {args.out}")
               + (" (a medldm dataset: manifest.csv)" if args.as_dataset else ""))
+        _page(args, args.out)
     elif args.command == "import-bundle":
         from medldm.inference.bundle import DEFAULT_AGE_RANGE, import_bundle
 
@@ -413,6 +453,18 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config("evaluate", args.config, args.overrides)
         evaluate(args.data, args.out, cfg, autoencoder=args.autoencoder, samples=args.samples)
         print(f"report: {args.out / 'report.md'}")
+        _page(args, args.out)
+    elif args.command == "view":
+        from medldm.view import DEFAULT_MAX_VOLUMES, write_page
+
+        pages = write_page(args.folder, max_volumes=args.max_volumes if args.max_volumes is not None
+                           else DEFAULT_MAX_VOLUMES, data_dir=args.data, compare=not args.no_compare)
+        for page in pages:
+            print(f"page: {page}")
+        if args.serve:
+            from medldm.view.serve import serve
+
+            serve(args.folder, args.port)
     elif args.command == "demo":
         from medldm.demo import run_demo
 

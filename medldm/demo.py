@@ -56,6 +56,10 @@ def run_demo(out: str | Path, num: int = 24, seed: int = 0) -> dict[str, Path]:
     stage("evaluate")
     evaluate(dirs["dataset"], dirs["report"], load_config("evaluate"), autoencoder=dirs["autoencoder"],
              samples=dirs["samples"])
+    stage("pages")
+    from medldm.view import write_page_quietly
+
+    pages = write_page_quietly(out)
     minutes = (time.perf_counter() - start) / 60
     print(f"\nmedldm demo finished in {minutes:.1f} min. Outputs under {out}/:")
     print(f"  dataset      {dirs['dataset']}/ (images/, manifest.csv, preprocess.json, qc/overview.png)")
@@ -65,4 +69,8 @@ def run_demo(out: str | Path, num: int = 24, seed: int = 0) -> dict[str, Path]:
           "oldest_AD/ conditioned on the oldest training age and AD)")
     print(f"  report       {dirs['report']}/report.md")
     print(f"  TensorBoard: tensorboard --logdir {out}")
+    if pages:
+        print("Open these pages in a browser (no server or network needed; every volume in a 3D viewer):")
+        for page in pages:
+            print(f"  {page.resolve().as_uri()}")
     return dirs

@@ -30,12 +30,15 @@ def test_every_stage_through_the_cli(tmp_path, capsys):
                  "--samples", str(samples)]) == 0
     printed = capsys.readouterr().out
     assert "wrote 2 synthetic volumes" in printed and "report.md" in printed
+    for folder in (data, ae, ldm, samples, report):  # each stage ends with its folder's page
+        assert f"page: {folder / 'index.html'}" in printed and (folder / "view" / "niivue.umd.js").is_file()
     assert (json.loads((samples / "sample_0000.json").read_text(encoding="utf-8"))["conditions"]
             == {"age": age, "sex": "M"})
     again = ["sample", "--run", str(ldm), "--out", str(samples), "--num", "1", "--steps", "2"]
     assert main(again) == 2 and "--overwrite to replace them" in capsys.readouterr().err
     assert main([*again, "--overwrite", "--format", "both", "--dtype", "float32", "--eager"]) == 0
     assert (samples / "sample_0000_dicom").is_dir() and not (samples / "sample_0001.nii.gz").exists()
+    assert "sample_0001" not in (samples / "index.html").read_text(encoding="utf-8")  # the page was redone
     assert nib.load(samples / "sample_0000.nii.gz").get_data_dtype() == "float32"
     assert json.loads((samples / "sample_0000.json").read_text(encoding="utf-8"))["speed"] == "eager"
     assert nib.load(samples / "sample_0000.nii.gz").shape == (32, 32, 32)

@@ -23,9 +23,10 @@ ALLOWED = {
     "evaluation": {"errors", "config", "data", "devices", "models", "artifacts", "versions", "viz"},
     "training": {"errors", "config", "data", "devices", "models", "artifacts", "evaluation", "versions", "viz"},
     "inference": {"errors", "config", "data", "devices", "models", "artifacts", "evaluation", "versions", "viz"},
-    "demo": {"errors", "config", "data", "models", "artifacts", "evaluation", "training", "inference"},
+    "view": {"errors", "config", "data", "artifacts", "evaluation"},
+    "demo": {"errors", "config", "data", "models", "artifacts", "evaluation", "training", "inference", "view"},
     "cli": {"errors", "config", "data", "devices", "models", "artifacts", "evaluation", "training", "inference",
-            "demo", "versions"},
+            "demo", "versions", "view"},
     "__main__": {"cli"},
     "__init__": set(),
 }

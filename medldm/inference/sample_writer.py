@@ -39,7 +39,8 @@ FORMATS = ("nifti", "dicom", "both")
 DTYPES = ("int16", "float32")
 # what a previous `medldm sample` leaves in its output folder; nothing else there is touched
 OUTPUT_PATTERNS = ("sample_*.nii.gz", "sample_*.json", "sample_*.png", "sample_*_dicom", "samples.csv",
-                   "contact_sheet*.png", "sampling.json", "plan.csv", "manifest.csv", "preprocess.json")
+                   "contact_sheet*.png", "sampling.json", "plan.csv", "manifest.csv", "preprocess.json",
+                   "index.html", "view")  # the last two: the folder's page (medldm view)
 SHEET_PAGE = 64  # volumes per contact sheet (16 rows of 4); more go to contact_sheet_2.png, ...
 CSV_FIELDS = ["file", "dicom", "seed", "conditions"]
 # a synthetic dataset's manifest: the columns of `medldm preprocess`'s, and which rows are synthetic
