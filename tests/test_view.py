@@ -119,10 +119,14 @@ def test_a_folder_of_outputs_gets_an_index_and_anything_else_a_clear_error(datas
     shutil.copytree(dataset, root / "dataset")
     shutil.copytree(ae_run, root / "ae", ignore=shutil.ignore_patterns("latents"))
     (root / "notes").mkdir()
+    (root / "broken" / "checkpoints").mkdir(parents=True)  # a run whose config.yaml is damaged
+    (root / "broken" / "config.yaml").write_text("train: [unclosed\n")
     pages = write_page(root, max_volumes=1)
     assert pages == [root / "ae" / "index.html", root / "dataset" / "index.html", root / "index.html"]
     index = page_data(root / "index.html")["index"]["pages"]
-    assert [(p["href"], p["kind"]) for p in index] == [("ae/index.html", "run"), ("dataset/index.html", "dataset")]
+    assert [(p["href"], p["kind"]) for p in index] == [("ae/index.html", "run"), ("", "run"),
+                                                       ("dataset/index.html", "dataset")]
+    assert "medldm view" in index[1]["summary"]  # the one that failed says so; the others are written
     run = page_data(root / "ae" / "index.html")["run"]
     assert "train/loss" in run["scalars"] and any(t.startswith("val/") for t in run["scalars"])
     steps = [s for s, _ in run["scalars"]["train/loss"]]

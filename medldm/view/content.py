@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -48,7 +49,8 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def _rel(path: Path, folder: Path) -> str | None:
     """``path`` relative to the page's folder (a link that works wherever the folder goes), None outside it."""
     rel = os.path.relpath(path.resolve(), folder.resolve())
-    return None if rel.startswith("..") else Path(rel).as_posix()
+    # a URL: a file name with "#", "?" or "%" in it is still that file
+    return None if rel.startswith("..") else quote(Path(rel).as_posix())
 
 
 def _volume(store: VolumeStore, path: Path, folder: Path, name: str | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from medldm import __version__
 from medldm.data.io import atomic_write, read_json, visible, write_text
@@ -57,17 +58,23 @@ def write_page(folder: str | Path, max_volumes: int = DEFAULT_MAX_VOLUMES, data_
         raise FileNotFoundError(f"{folder}: no such folder")
     kind = folder_kind(folder)
     if kind is None:
-        children = [c for c in sorted(folder.iterdir()) if c.is_dir() and not c.name.startswith((".", "view"))
-                    and folder_kind(c)]
+        children = [c for c in sorted(folder.iterdir()) if c.is_dir() and not c.name.startswith(".")
+                    and c.name != "view" and folder_kind(c)]
         if not children:
             raise InputError(f"{folder}: not a medldm dataset, run, samples or evaluation folder (none of "
                              "manifest.csv + preprocess.json, config.yaml + checkpoints/, sampling.json, report.json), "
                              "and no such folder inside it")
-        pages = [p for c in children for p in write_page(c, max_volumes, data_dir, compare)]
-        entries = []
+        pages, entries = [], []
         for c in children:
+            # one folder's page that cannot be written leaves the others and the index (which says so)
+            written = write_page_quietly(c, max_volumes=max_volumes, data_dir=data_dir, compare=compare)
+            pages += written
+            if not written:
+                entries.append({"href": "", "title": c.name, "kind": folder_kind(c),
+                                "summary": f"no page (see the warning; retry with medldm view {c})"})
+                continue
             summary = read_json(c / "view" / "summary.json")
-            entries.append({"href": f"{c.name}/{PAGE}", "title": c.name, "kind": summary["kind"],
+            entries.append({"href": f"{quote(c.name)}/{PAGE}", "title": c.name, "kind": summary["kind"],
                             "summary": summary["summary"]})
         _write(folder, {"kind": "index", "title": f"medldm: {folder.resolve().name}",
                         "subtitle": f"{len(children)} pages", "index": {"pages": entries}, "volumes": {}})

@@ -245,7 +245,7 @@ function runPage() {
   }
   if (r.figures.length) section("Figures", figures(r.figures));
   section("Checkpoints", r.checkpoints.length ? table(
-    [{ key: "name" }, { key: "step", numeric: true }, { key: "bytes", numeric: true }], r.checkpoints.map((c) => ({ ...c })))
+    [{ key: "name" }, { key: "bytes", numeric: true }], r.checkpoints.map((c) => ({ ...c })))
     : $("p", {}, "none yet"));
   section("Configuration", $("pre", {}, r.config));
 }
@@ -316,8 +316,8 @@ function evaluationPage() {
 }
 
 function indexPage() {
-  section("Pages", $("ul", {}, DATA.index.pages.map((p) => $("li", {}, $("a", { href: p.href }, p.title), ` ${p.kind}: `,
-                                                                  p.summary))));
+  section("Pages", $("ul", {}, DATA.index.pages.map((p) => $("li", {},
+    p.href ? $("a", { href: p.href }, p.title) : p.title, ` ${p.kind}: `, p.summary))));
 }
 
 document.title = DATA.title;
