@@ -375,8 +375,8 @@ def evaluation(folder: Path, max_volumes: int | None = None, **_: Any) -> dict[s
     n = gen.get("num_samples")
     subtitle = "Evaluation" + (f" of {n} samples" if n else "") + (" and the autoencoder" if rec else "") \
         + f" against {report.get('test_volumes')} real test volumes" + (f"; {len(flagged)} flagged" if gen else "")
-    summary = (f"{subtitle}. Dataset: {report.get('data_dir')}. The full report: report.md and report.json in this "
-               "folder.")
+    summary = (f"Dataset: {report.get('data_dir')}. The full report: report.md and report.json in this folder. "
+               "Click a sample to see it beside its nearest training volume.")
     return _page(folder, "evaluation", f"medldm evaluation: {folder.resolve().name}", subtitle, store,
                  {"summary": summary, "verdicts": verdicts, "flagged": flagged, "tables": tables,
                   "figures": figures}, _notes(store, "volumes"))
