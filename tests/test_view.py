@@ -182,3 +182,13 @@ def test_view_command_prints_its_pages(dataset, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "medldm", "view", str(tmp_path / "nothing")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "nothing: no such folder" in missing.stderr
+
+
+def test_a_score_that_could_not_be_computed_is_a_blank_not_a_broken_page(tmp_path):
+    report = {"data_dir": str(tmp_path), "test_volumes": 1, "reconstruction": {
+        "ssim": {"mean": float("nan")}, "psnr": {"mean": 9.5},
+        "per_subject": [{"image": "images/a.nii.gz", "ssim": float("nan"), "ms_ssim": 0.5, "psnr": 9.5, "mae": 0.1}]}}
+    (tmp_path / "report.json").write_text(json.dumps(report))  # Python's json writes NaN, as report.json may hold
+    (page,) = write_page(tmp_path)
+    d = page_data(page)["evaluation"]
+    assert d["tables"][0]["rows"][0]["ssim"] is None and "test SSIM nan" in d["verdicts"][0]["result"]

@@ -7,6 +7,7 @@ import filecmp
 import html
 import json
 import logging
+import math
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -96,6 +97,17 @@ def write_page_quietly(folder: str | Path, **kwargs: Any) -> list[Path]:
         return []
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities (a score that could not be computed) as null: JSON has no NaN, and the page shows a blank."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _write(folder: Path, data: dict[str, Any]) -> None:
     view = folder / "view"
     view.mkdir(exist_ok=True)
@@ -107,7 +119,7 @@ def _write(folder: Path, data: dict[str, Any]) -> None:
     data = {**data, "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "medldm": __version__}
     write_text(view / "summary.json", json.dumps({"kind": data["kind"], "summary": data.get("subtitle", "")}) + "\n")
     # JSON inside <script>: "<" escaped, so no string in it can close the element
-    embedded = json.dumps(data, allow_nan=False, default=str).replace("<", "\\u003c")
+    embedded = json.dumps(_finite(data), allow_nan=False, default=str).replace("<", "\\u003c")
     write_text(folder / PAGE, f"""<!doctype html>
 <html lang="en">
 <meta charset="utf-8">
