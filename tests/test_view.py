@@ -89,6 +89,10 @@ def test_copies_are_reused_redone_when_changed_and_removed_when_gone(tmp_path):
     last.add(tmp_path / "a.nii.gz")
     last.finish()
     assert not (tmp_path / "view" / "vol" / f"{kb}.js").exists()
+    capped = VolumeStore(tmp_path / "capped", limit=1)
+    capped.add(tmp_path / "a.nii.gz")
+    assert capped.add(tmp_path / "b.nii.gz") is None and capped.add(tmp_path / "b.nii.gz") is None
+    assert capped.skipped == 1  # a volume listed twice (a sample's nearest for two samples) is one left out
 
 
 def test_the_dataset_page_lists_every_scan_flags_first_and_caps_the_volumes(dataset, tmp_path):
@@ -98,6 +102,7 @@ def test_the_dataset_page_lists_every_scan_flags_first_and_caps_the_volumes(data
     header = summary[0].split(",")
     last = summary[-1].split(",")
     last[header.index("qc_status")] = "fail"
+    last[header.index("subject_id")] = "007"  # an ID that looks like a number stays the ID it is
     (data / "qc" / "summary.csv").write_text("\n".join([*summary[:-1], ",".join(last)]) + "\n")
     assert folder_kind(data) == "dataset"
     (page,) = write_page(data, max_volumes=3)
@@ -107,6 +112,7 @@ def test_the_dataset_page_lists_every_scan_flags_first_and_caps_the_volumes(data
     assert {r["age"] for r in rows} != {""}, "the manifest's labels are joined"
     assert sum(r["volume"]["key"] is not None for r in rows) == 3 and "--max-volumes 3" in d["notes"][0]
     assert rows[0]["volume"]["key"] is not None, "flagged scans are embedded first"
+    assert rows[0]["subject_id"] == "007"
     assert all(r["volume"]["url"] == r["image"] for r in rows)  # served pages read the file itself
     numeric = {c["key"] for c in d["dataset"]["columns"] if c["numeric"]}
     assert {"foreground_ml", "age"} <= numeric and "image" not in numeric
@@ -121,6 +127,11 @@ def test_a_folder_of_outputs_gets_an_index_and_anything_else_a_clear_error(datas
     (root / "notes").mkdir()
     (root / "broken" / "checkpoints").mkdir(parents=True)  # a run whose config.yaml is damaged
     (root / "broken" / "config.yaml").write_text("train: [unclosed\n")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(root / "ae" / "tensorboard")) as tb:  # a diverged score: NaN at every step
+        for step in (1, 2):
+            tb.add_scalar("val/diverged", float("nan"), step)
     pages = write_page(root, max_volumes=1)
     assert pages == [root / "ae" / "index.html", root / "dataset" / "index.html", root / "index.html"]
     index = page_data(root / "index.html")["index"]["pages"]
@@ -129,6 +140,7 @@ def test_a_folder_of_outputs_gets_an_index_and_anything_else_a_clear_error(datas
     assert "medldm view" in index[1]["summary"]  # the one that failed says so; the others are written
     run = page_data(root / "ae" / "index.html")["run"]
     assert "train/loss" in run["scalars"] and any(t.startswith("val/") for t in run["scalars"])
+    assert "val/diverged" not in run["scalars"], "a tag with no finite value has no curve"
     steps = [s for s, _ in run["scalars"]["train/loss"]]
     assert steps == sorted(steps) and steps[-1] == 6
     frames = next(iter(run["previews"].values()))
@@ -155,11 +167,16 @@ def test_samples_page_lists_conditions_and_real_comparisons(dataset, ldm_run, tm
     out = tmp_path / "samples"
     sample_run(ldm_run, out, num=2, steps=2, conditions={"age": f"{age}", "sex": "F"})
     sample_run(ldm_run, out / "older", num=1, steps=2, conditions={"age": f"{age + 1}"})
+    sample_run(ldm_run, out / "dicom", num=1, steps=2, fmt="dicom")  # no NIfTI: the page reads the series
     assert folder_kind(out) == "samples"
     (page,) = write_page(out)
     groups = page_data(page)["samples"]["groups"]
-    assert [g["folder"] for g in groups] == ["samples", "samples/older"]
-    first, later = groups[0]["samples"][0], groups[1]["samples"][0]
+    assert [g["folder"] for g in groups] == ["samples", "samples/dicom", "samples/older"]
+    (dicom,) = groups[1]["samples"]
+    assert dicom["volume"]["key"] and dicom["volume"]["name"].endswith("_dicom")
+    assert copy_volume(page.parent / "view", dicom["volume"]["key"]).shape == nib.load(
+        out / "sample_0000.nii.gz").shape
+    first, later = groups[0]["samples"][0], groups[2]["samples"][0]
     assert first["conditions"] == {"age": age, "sex": "F"} and later["name"] == "older/sample_0000"
     from medldm.data.dataset import read_manifest
 

@@ -8,6 +8,8 @@ import io
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -231,7 +233,10 @@ def test_served_page_reads_volumes_from_their_files(browser, pipeline):
             if line.startswith("serving"):
                 url = line.split(" at ")[1].split()[0]
                 break
-        assert url.startswith("http://127.0.0.1:")
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/")
+        root_url = url[:url.index("/", len("http://"))] + "/index.html"  # another user of the node, without the path
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(root_url, timeout=10)
         p = Page(browser, url + "index.html")
         notes = p.page.locator(".warning").all_inner_texts()
         assert any("--max-volumes 0" in n for n in notes)  # nothing embedded ...
@@ -240,6 +245,11 @@ def test_served_page_reads_volumes_from_their_files(browser, pipeline):
         assert all(drawn(c) for c in p.canvases())
         assert any(u.endswith(".nii.gz") for u in p.requests)
         p.close(allowed=url)
+        local = Page(browser, (root / "dataset" / "index.html").as_uri())  # the same page from file://
+        local.page.locator("tbody tr").first.click()  # nothing embedded: a row is no link to a viewer that fails
+        assert local.page.evaluate("getComputedStyle(document.querySelector('tbody tr')).cursor") != "pointer"
+        assert local.page.locator("#viewer canvas").count() == 0
+        local.close(allowed=root.as_uri() + "/")
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -28,6 +28,8 @@ QC_COLUMNS = (("image", "scan"), ("subject_id", "subject"), ("session", None), (
               ("input_shape", "input shape"), ("input_spacing", "input mm"), ("input_axcodes", "input axes"),
               ("flags", None))
 STATUS_ORDER = {"fail": 0, "warn": 1, "pass": 2}
+# the columns that are measurements: only these become numbers ("001", a subject ID, stays the text it is)
+QC_NUMERIC = ("age", "registration_correlation", "registration_dice", "tiv_ml", "foreground_ml", "foreground_mean")
 
 
 def _number(value: Any) -> Any:
@@ -47,10 +49,13 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def _rel(path: Path, folder: Path) -> str | None:
-    """``path`` relative to the page's folder (a link that works wherever the folder goes), None outside it."""
-    rel = os.path.relpath(path.resolve(), folder.resolve())
+    """``path`` relative to the page's folder (a link that works wherever the folder goes), None outside it.
+
+    Symbolic links are not followed: a dataset folder of links to scans elsewhere still links its own entries,
+    which the server (serving the folder) can reach; a file named ``..foo`` is inside."""
+    rel = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder)))
     # a URL: a file name with "#", "?" or "%" in it is still that file
-    return None if rel.startswith("..") else quote(Path(rel).as_posix())
+    return None if rel.parts[:1] == ("..",) else quote(rel.as_posix())
 
 
 def _volume(store: VolumeStore, path: Path, folder: Path, name: str | None = None) -> dict[str, Any]:
@@ -93,7 +98,7 @@ def dataset(folder: Path, max_volumes: int | None = None, **_: Any) -> dict[str,
     store = VolumeStore(folder / "view", max_volumes)
     out = []
     for r in rows:
-        row: dict[str, Any] = {k: _number(r.get(k, "")) for k, _ in QC_COLUMNS}
+        row: dict[str, Any] = {k: _number(r.get(k, "")) if k in QC_NUMERIC else r.get(k, "") for k, _ in QC_COLUMNS}
         row["volume"] = _volume(store, folder / r["image"], folder, r["image"])
         out.append(row)
     present = [(k, label) for k, label in QC_COLUMNS if any(r.get(k) not in ("", None) for r in out)]
@@ -151,7 +156,9 @@ def _events(folder: Path) -> tuple[dict[str, list[list[float]]], dict[str, list[
     scalars = {}
     for tag in events.Tags()["scalars"]:
         by_step = {e.step: e.value for e in events.Scalars(tag)}  # a resumed run may log a step twice: the latest
-        scalars[tag] = [[s, by_step[s]] for s in sorted(by_step) if math.isfinite(by_step[s])]
+        points = [[s, by_step[s]] for s in sorted(by_step) if math.isfinite(by_step[s])]
+        if points:  # a tag with no finite value (a diverged run logs NaN) has no curve to draw
+            scalars[tag] = points
     previews: dict[str, list[dict[str, Any]]] = {}
     out = folder / "view" / "previews"
     keep = set()
@@ -199,8 +206,7 @@ def samples(folder: Path, max_volumes: int | None = None, data_dir: str | Path |
             item: dict[str, Any] = {"name": stem if d == folder else f"{d.name}/{stem}",
                     "conditions": side.get("conditions") or {}, "seed": side.get("seed"),
                     "guidance": side.get("guidance"), "png": _rel(png, folder) if png.is_file() else None,
-                    "volume": _volume(store, nii, folder) if nii.is_file() else {"key": None, "url": None,
-                                                                                 "name": nii.name}}
+                    "volume": _sample_volume(store, nii, side, folder)}
             for k in ("nearest", "same_age"):
                 if extra.get(k):
                     real = {n: v for n, v in extra[k].items() if n != "path"}
@@ -220,6 +226,17 @@ def samples(folder: Path, max_volumes: int | None = None, data_dir: str | Path |
                   if any(c for c in compared) else "") + ". Every volume here is SYNTHETIC unless labelled real.")
     return _page(folder, "samples", f"medldm samples: {folder.resolve().name}", subtitle, store,
                  {"groups": out_groups, "summary": summary}, notes + _notes(store, "volumes"))
+
+
+def _sample_volume(store: VolumeStore, nii: Path, side: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A sample's volume: its NIfTI, or its DICOM series where ``sample --format dicom`` wrote only that (embedded
+    only: a served page cannot hand NiiVue a folder of slices)."""
+    if nii.is_file():
+        return _volume(store, nii, folder)
+    series = nii.parent / str((side.get("dicom") or {}).get("folder") or "")
+    if side.get("dicom") and series.is_dir():
+        return {"key": store.add(series), "url": None, "name": series.name}
+    return {"key": None, "url": None, "name": nii.name}
 
 
 def _samples_dataset(sides: list[dict[str, Any]]) -> Path | None:
@@ -261,6 +278,10 @@ def _comparisons(files: list[Path], sides: list[dict[str, Any]], data_dir: Path 
         nearest = _nearest(files, train, data_dir, read_dataset_info(data_dir)["reference"])
     except Exception as e:  # a sample off the dataset's grid, an unreadable scan: the rest of the page stands
         notes.append(f"nearest training volumes not found ({type(e).__name__}: {e})")
+        return out
+    except KeyboardInterrupt:  # the search reads the training split (minutes on a large cohort): Ctrl-C skips it
+        log.warning("view: nearest training search interrupted; the page shows the samples without it")
+        notes.append("the nearest-training search was interrupted: run `medldm view` on this folder to add it")
         return out
     for i, (j, ssim) in enumerate(nearest):
         if j is not None:
@@ -304,7 +325,10 @@ def _nearest(files: list[Path], train: list[dict[str, Any]], data_dir: Path,
 
     search = NearestTraining(load, len(train), metrics, cfg.prefilter_factor, cfg.nearest_candidates)
     out: list[tuple[int | None, float | None]] = []
-    for f in files:
+    from tqdm.auto import tqdm
+
+    log.info("view: finding each sample's nearest training volume among %d (Ctrl-C skips it)", len(train))
+    for f in tqdm(files, desc="page: nearest training", unit="sample"):
         if f not in usable:
             out.append((None, None))
             continue
@@ -375,10 +399,11 @@ def evaluation(folder: Path, max_volumes: int | None = None, **_: Any) -> dict[s
     n = gen.get("num_samples")
     subtitle = "Evaluation" + (f" of {n} samples" if n else "") + (" and the autoencoder" if rec else "") \
         + f" against {report.get('test_volumes')} real test volumes" + (f"; {len(flagged)} flagged" if gen else "")
-    summary = (f"Dataset: {report.get('data_dir')}. The full report: report.md and report.json in this folder. "
-               "Click a sample to see it beside its nearest training volume.")
+    summary = (f"Dataset: {report.get('data_dir')}. The full report: report.md and report.json in this folder."
+               + (" Click a sample to see it beside its nearest training volume." if every else ""))
     return _page(folder, "evaluation", f"medldm evaluation: {folder.resolve().name}", subtitle, store,
-                 {"summary": summary, "verdicts": verdicts, "flagged": flagged, "tables": tables,
+                 {"summary": summary, "verdicts": verdicts, "has_samples": bool(every), "flagged": flagged,
+                  "tables": tables,
                   "figures": figures}, _notes(store, "volumes"))
 
 

@@ -63,7 +63,7 @@ class VolumeStore:
         previous = read_json(self.index_path) if self.index_path.is_file() else {}
         self.previous: dict[str, Any] = previous if isinstance(previous, dict) else {}
         self.entries: dict[str, Any] = {}
-        self.skipped = 0
+        self.skipped_keys: set[str] = set()
 
     def add(self, source: Path) -> str | None:
         """The key of ``source``'s copy, made now unless an unchanged one exists; None past the limit (counted in
@@ -73,7 +73,7 @@ class VolumeStore:
         if key in self.entries:
             return key
         if self.limit is not None and len(self.entries) >= self.limit:
-            self.skipped += 1
+            self.skipped_keys.add(key)  # a volume listed twice (a sample and its nearest) is one left out
             return None
         try:
             stat = source.stat()
@@ -94,6 +94,11 @@ class VolumeStore:
         write_text(self.dir / f"{key}.js", f"medldmVolume({json.dumps(key)},\n{json.dumps(encoded)});\n")
         self.entries[key] = {**stamp, **info, "copy_bytes": len(blob)}
         return key
+
+    @property
+    def skipped(self) -> int:
+        """How many distinct volumes the cap left out."""
+        return len(self.skipped_keys)
 
     def info(self, key: str | None) -> dict[str, Any] | None:
         return self.entries.get(key) if key else None

@@ -9,7 +9,7 @@ const $ = (tag, attrs = {}, ...children) => {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
     if (k === "class") el.className = v;
-    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k.startsWith("on")) { if (v) el.addEventListener(k.slice(2), v); }
     else if (v !== null && v !== undefined && v !== false) el.setAttribute(k, v === true ? "" : v);
   }
   for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c instanceof Node ? c : String(c));
@@ -38,7 +38,8 @@ async function loadImage(layer) {
   const opts = { name: `${layer.name || layer.key}.nii.gz`, colormap: layer.colormap || "gray",
                  opacity: layer.opacity ?? 1 };
   if (served && layer.url) return niivue.NVImage.loadFromUrl({ ...opts, url: layer.url });
-  if (!layer.key) throw new Error(`${layer.name} is not in this page (see the note at the top)`);
+  if (!layer.key) throw new Error(`${layer.name} is not embedded in this page`
+                                  + ((DATA.notes || []).length ? " (see the note at the top)" : ""));
   return niivue.NVImage.loadFromBase64({ ...opts, base64: await volumeBase64(layer.key) });
 }
 
@@ -113,6 +114,8 @@ window.medldmViewer = {
                                                         affine: v.hdr.affine.map((r) => Array.from(r)),
                                                         opacity: v.opacity })) })) }),
 };
+// whether a volume can open here: embedded, or served and inside the served folder
+const viewable = (v) => !!(v && (v.key || (served && v.url)));
 const layer = (v, extra) => ({ key: v.key, url: v.url, name: v.name, info: DATA.volumes[v.key], ...extra });
 
 // ---- a sortable table -------------------------------------------------------------------------------------------
@@ -212,7 +215,7 @@ function datasetPage() {
   const d = DATA.dataset;
   const open = (r) => () => openViewer(`${r.image} (${r.split}, QC ${r.qc_status})`,
                                        [{ label: r.image, layers: [layer(r.volume)] }]);
-  const rows = d.rows.map((r) => ({ ...r, _class: r.qc_status, _open: r.volume ? open(r) : null }));
+  const rows = d.rows.map((r) => ({ ...r, _class: r.qc_status, _open: viewable(r.volume) ? open(r) : null }));
   const order = { fail: 0, warn: 1, pass: 2 };
   main.append($("p", { class: "note" }, `${d.rows.length} scans: ${d.counts.pass || 0} pass, ${d.counts.warn || 0} `
     + `warn, ${d.counts.fail || 0} fail. Flagged scans first; click a column to sort by it, a row to scroll through `
@@ -256,10 +259,10 @@ function sampleViews(s) {
   const choices = [];
   const where = (c) => (c.same_space ? "" : " (not on the sample's grid in world space: the dataset is not registered, "
                                              + "each scan keeps its own position)");
-  if (s.nearest && s.nearest.volume) choices.push({ what: "nearest training volume", v: s.nearest.volume,
+  if (s.nearest && viewable(s.nearest.volume)) choices.push({ what: "nearest training volume", v: s.nearest.volume,
     same: s.nearest.same_space, label: `nearest training volume: ${s.nearest.name}`
       + (s.nearest.ssim !== undefined ? ` (SSIM ${fmt(s.nearest.ssim)})` : "") + where(s.nearest) });
-  if (s.same_age && s.same_age.volume) choices.push({ what: `real ${s.same_age.split} scan`, v: s.same_age.volume,
+  if (s.same_age && viewable(s.same_age.volume)) choices.push({ what: `real ${s.same_age.split} scan`, v: s.same_age.volume,
     same: s.same_age.same_space, label: `real ${s.same_age.split} scan like it: ${s.same_age.name} `
       + `(${s.same_age.description})${where(s.same_age)}` });
   return { panels, choices };
@@ -286,8 +289,8 @@ function samplesPage() {
   const groups = DATA.samples.groups;
   main.append($("p", { class: "note" }, DATA.samples.summary));
   for (const g of groups) {
-    const cards = g.samples.map((s) => $("div", { class: `card${s.flagged ? " flagged" : ""}`, "data-name": s.name,
-                                                  onclick: () => openSample(s) },
+    const cards = g.samples.map((s) => $("div", { class: `card${s.flagged ? " flagged" : ""}${viewable(s.volume) ? "" : " inert"}`, "data-name": s.name,
+                                                  onclick: viewable(s.volume) ? () => openSample(s) : null },
       s.png ? $("img", { src: s.png, alt: s.name, loading: "lazy" }) : null,
       $("div", { class: "name" }, s.name),
       $("div", { class: "cond" }, conditionText(s.conditions)),
@@ -306,11 +309,11 @@ function evaluationPage() {
     section(`Flagged samples (${e.flagged.length}): click to see each beside its nearest training volume`,
       table([{ key: "name" }, { key: "why" }, { key: "nearest" }, { key: "ssim", numeric: true }],
             e.flagged.map((s) => ({ ...s, nearest: s.nearest ? s.nearest.name : "", ssim: s.nearest ? s.nearest.ssim : "",
-                                    _class: "flagged", _open: s.volume ? () => openSample(s, "beside") : null }))));
-  } else section("Flagged samples", $("p", {}, "none"));
+                                    _class: "flagged", _open: viewable(s.volume) ? () => openSample(s, "beside") : null }))));
+  } else if (e.has_samples) section("Flagged samples", $("p", {}, "none"));
   for (const t of e.tables) {
     section(t.title, table(t.columns, t.rows.map((r) => ({ ...r, _class: r._flag ? "flagged" : null,
-                                                          _open: r.volume ? () => openSample(r, "beside") : null }))));
+                                                          _open: viewable(r.volume) ? () => openSample(r, "beside") : null }))));
   }
   section("Plots", figures(e.figures));
 }
