@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from medldm.data.dataset import read_manifest
 from medldm.view import write_page
 
 from .conftest import train_age_range
@@ -152,7 +154,13 @@ def test_dataset_page_sorts_flags_first_and_draws_a_scan(browser, pipeline):
     expected = nib.load(root / "dataset" / image)
     assert volume["dims"] == list(expected.shape)
     np.testing.assert_allclose(volume["affine"], expected.affine, atol=1e-3)  # NiiVue reads the file's geometry
+    assert p.page.url.endswith("#open=" + urllib.parse.quote(image, safe="")), "the address bar links to the scan"
     p.close(allowed=(root / "dataset").as_uri() + "/")
+    wanted = next(r["image"] for r in read_manifest(root / "dataset") if r["image"] != image)
+    linked = Page(browser, (root / "dataset" / "index.html").as_uri() + "#open=" + urllib.parse.quote(wanted, safe=""))
+    state = linked.wait_for_viewer()  # a shared link opens that scan, with no click
+    assert state["panels"][0]["label"] == wanted
+    linked.close(allowed=(root / "dataset").as_uri() + "/")
 
 
 def test_samples_page_lists_conditions_and_shows_a_sample_beside_and_over_real_scans(browser, pipeline):

@@ -76,7 +76,9 @@ async function openViewer(title, panels, extra) {
   const status = $("span", { class: "status" }, "loading…");
   const row = $("div", { class: "panels" });
   box.replaceChildren($("div", { class: "bar" }, $("span", { class: "title" }, title), extra || null, status,
-                        $("button", { onclick: () => { box.className = ""; } }, "close")), row);
+                        $("button", { onclick: () => { box.className = "";
+                                                         history.replaceState(null, "", location.pathname + location.search); } },
+                          "close")), row);
   try {
     for (let i = 0; i < panels.length; i++) {
       const p = panel(i);
@@ -203,6 +205,21 @@ function curve(tag, points) {
            svg);
 }
 
+// ---- links to one volume: index.html#open=NAME opens it (the address bar shows it for whatever is open) ----------
+const openers = {};
+const linkTo = (name) => `#open=${encodeURIComponent(name)}`;
+function opener(name, fn) {
+  openers[name] = () => { history.replaceState(null, "", linkTo(name)); return fn(); };
+  return openers[name];
+}
+function openFromLink() {
+  if (!location.hash.startsWith("#open=")) return;
+  const name = decodeURIComponent(location.hash.slice("#open=".length));
+  if (openers[name]) openers[name]();
+  else document.querySelector(".sub").after($("p", { class: "warning" },
+    `${name} (named in this address) is not a volume this page can open`));
+}
+
 // ---- page kinds ---------------------------------------------------------------------------------------------
 const main = document.getElementById("main");
 const section = (title, ...children) => main.append($("h2", {}, title), ...children);
@@ -215,7 +232,7 @@ function datasetPage() {
   const d = DATA.dataset;
   const open = (r) => () => openViewer(`${r.image} (${r.split}, QC ${r.qc_status})`,
                                        [{ label: r.image, layers: [layer(r.volume)] }]);
-  const rows = d.rows.map((r) => ({ ...r, _class: r.qc_status, _open: viewable(r.volume) ? open(r) : null }));
+  const rows = d.rows.map((r) => ({ ...r, _class: r.qc_status, _open: viewable(r.volume) ? opener(r.image, open(r)) : null }));
   const order = { fail: 0, warn: 1, pass: 2 };
   main.append($("p", { class: "note" }, `${d.rows.length} scans: ${d.counts.pass || 0} pass, ${d.counts.warn || 0} `
     + `warn, ${d.counts.fail || 0} fail. Flagged scans first; click a column to sort by it, a row to scroll through `
@@ -290,7 +307,7 @@ function samplesPage() {
   main.append($("p", { class: "note" }, DATA.samples.summary));
   for (const g of groups) {
     const cards = g.samples.map((s) => $("div", { class: `card${s.flagged ? " flagged" : ""}${viewable(s.volume) ? "" : " inert"}`, "data-name": s.name,
-                                                  onclick: viewable(s.volume) ? () => openSample(s) : null },
+                                                  onclick: viewable(s.volume) ? opener(s.name, () => openSample(s)) : null },
       s.png ? $("img", { src: s.png, alt: s.name, loading: "lazy" }) : null,
       $("div", { class: "name" }, s.name),
       $("div", { class: "cond" }, conditionText(s.conditions)),
@@ -309,11 +326,11 @@ function evaluationPage() {
     section(`Flagged samples (${e.flagged.length}): click to see each beside its nearest training volume`,
       table([{ key: "name" }, { key: "why" }, { key: "nearest" }, { key: "ssim", numeric: true }],
             e.flagged.map((s) => ({ ...s, nearest: s.nearest ? s.nearest.name : "", ssim: s.nearest ? s.nearest.ssim : "",
-                                    _class: "flagged", _open: viewable(s.volume) ? () => openSample(s, "beside") : null }))));
+                                    _class: "flagged", _open: viewable(s.volume) ? opener(s.name, () => openSample(s, "beside")) : null }))));
   } else if (e.has_samples) section("Flagged samples", $("p", {}, "none"));
   for (const t of e.tables) {
     section(t.title, table(t.columns, t.rows.map((r) => ({ ...r, _class: r._flag ? "flagged" : null,
-                                                          _open: viewable(r.volume) ? () => openSample(r, "beside") : null }))));
+                                                          _open: viewable(r.volume) ? opener(r.name, () => openSample(r, "beside")) : null }))));
   }
   section("Plots", figures(e.figures));
 }
@@ -326,3 +343,5 @@ function indexPage() {
 document.title = DATA.title;
 ({ dataset: datasetPage, run: runPage, samples: samplesPage, evaluation: evaluationPage, index: indexPage })[DATA.kind]();
 for (const n of DATA.notes || []) document.querySelector(".sub").after($("p", { class: "warning" }, n));
+openFromLink();
+window.addEventListener("hashchange", openFromLink);  // a link pasted into the address bar of the open page
