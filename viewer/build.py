@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -18,6 +18,13 @@ PACKAGE = "node_modules/@niivue/niivue"
 BUILD = "dist/niivue.umd.js"
 
 
+def _write(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (an interrupted build leaves the committed asset as it was)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     lock = json.loads((HERE / "package-lock.json").read_text())["packages"]
     pinned = lock[PACKAGE]
@@ -25,8 +32,8 @@ def main() -> None:
     if installed != pinned["version"]:
         raise SystemExit(f"viewer/{PACKAGE} is {installed}, the lockfile pins {pinned['version']}: run npm ci")
     ASSETS.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(HERE / PACKAGE / BUILD, ASSETS / "niivue.umd.js")
-    data = (ASSETS / "niivue.umd.js").read_bytes()
+    data = (HERE / PACKAGE / BUILD).read_bytes()
+    _write(ASSETS / "niivue.umd.js", data)
     # NiiVue ships no licence file in its package: its BSD-2-Clause text is kept here, and the licences of the
     # packages its build bundles (the lockfile's runtime dependencies) follow it
     notices = [(HERE / "LICENSE-niivue.txt").read_text()]
@@ -39,11 +46,11 @@ def main() -> None:
                                                      f"{entry.get('license')})\n"
         notices.append(f"{'=' * 78}\n{key.removeprefix('node_modules/')} {entry['version']} "
                        f"({entry.get('license')}), bundled in NiiVue's build\n{'=' * 78}\n{body}")
-    (ASSETS / "LICENSE-niivue.txt").write_text("\n".join(notices))
+    _write(ASSETS / "LICENSE-niivue.txt", "\n".join(notices).encode())
     record = {"package": "@niivue/niivue", "version": pinned["version"], "license": pinned.get("license"),
               "file": BUILD, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
               "lockfile_integrity": pinned["integrity"]}
-    (ASSETS / "NIIVUE.json").write_text(json.dumps(record, indent=2) + "\n")
+    _write(ASSETS / "NIIVUE.json", (json.dumps(record, indent=2) + "\n").encode())
     print(f"medldm/view/assets: NiiVue {record['version']} ({len(data) / 1e6:.1f} MB, sha256 {record['sha256'][:12]})")
 
 
