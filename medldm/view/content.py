@@ -233,9 +233,9 @@ def _sample_volume(store: VolumeStore, nii: Path, side: dict[str, Any], folder: 
     only: a served page cannot hand NiiVue a folder of slices)."""
     if nii.is_file():
         return _volume(store, nii, folder)
-    series = nii.parent / str((side.get("dicom") or {}).get("folder") or "")
-    if side.get("dicom") and series.is_dir():
-        return {"key": store.add(series), "url": None, "name": series.name}
+    series = (side.get("dicom") or {}).get("folder")
+    if series and (nii.parent / series).is_dir():
+        return {"key": store.add(nii.parent / series), "url": None, "name": str(series)}
     return {"key": None, "url": None, "name": nii.name}
 
 
@@ -309,6 +309,7 @@ def _nearest(files: list[Path], train: list[dict[str, Any]], data_dir: Path,
              reference: dict[str, Any]) -> list[tuple[int | None, float | None]]:
     """The nearest training volume by SSIM of each sample (medldm evaluate's search and settings)."""
     import torch
+    from tqdm.auto import tqdm
 
     from medldm.config import EvaluateConfig
     from medldm.data.io import load_volume
@@ -325,8 +326,6 @@ def _nearest(files: list[Path], train: list[dict[str, Any]], data_dir: Path,
 
     search = NearestTraining(load, len(train), metrics, cfg.prefilter_factor, cfg.nearest_candidates)
     out: list[tuple[int | None, float | None]] = []
-    from tqdm.auto import tqdm
-
     log.info("view: finding each sample's nearest training volume among %d (Ctrl-C skips it)", len(train))
     for f in tqdm(files, desc="page: nearest training", unit="sample"):
         if f not in usable:

@@ -11,17 +11,24 @@ from __future__ import annotations
 import functools
 import http.server
 import secrets
+from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    token = ""
+    def __init__(self, *args: Any, token: str, **kwargs: Any) -> None:
+        self.prefix = f"/{token}/"  # set before the base class, which handles the request in __init__
+        super().__init__(*args, **kwargs)
+
+    def send_head(self) -> Any:  # GET and HEAD: a path without the token is not found, whatever it names
+        if not self.path.startswith(self.prefix):
+            self.send_error(HTTPStatus.NOT_FOUND)
+            return None
+        return super().send_head()
 
     def translate_path(self, path: str) -> str:
-        prefix = f"/{self.token}/"
-        if not path.startswith(prefix):
-            return str(Path(self.directory) / f".medldm-not-served-{secrets.token_hex(8)}")  # 404: not a file
-        return super().translate_path("/" + path[len(prefix):])
+        return super().translate_path(path.removeprefix(self.prefix[:-1]))
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
         pass  # one line per volume request is noise; errors still reach the browser
@@ -31,7 +38,7 @@ def serve(folder: str | Path, port: int = 8765) -> None:
     """Serve ``folder`` on 127.0.0.1:``port`` (0: a free port) under a random path until Ctrl-C; nothing outside
     the folder, and nothing without the path, is reachable."""
     token = secrets.token_urlsafe(18)
-    handler = functools.partial(type("Handler", (_Handler,), {"token": token}), directory=str(Path(folder).resolve()))
+    handler = functools.partial(_Handler, token=token, directory=str(Path(folder).resolve()))
     with http.server.ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
         port = server.server_address[1]
         print(f"serving {folder} at http://127.0.0.1:{port}/{token}/ (from another machine: ssh -L "
